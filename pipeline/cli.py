@@ -1,0 +1,88 @@
+"""The `distill` command: one subcommand per stage, plus `all` for the four in order.
+
+    distill generate --config configs/demo.yaml --run demo [section.key=value ...]
+    distill filter   --config configs/demo.yaml --run demo filter.min_steps=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+STAGES = ["generate", "filter", "train", "eval"]
+
+
+def _stage_main(name: str):
+    if name == "generate":
+        from stages.generate import main
+    elif name == "filter":
+        from stages.filter import main
+    elif name == "train":
+        from stages.train import main
+    else:
+        from stages.eval import main
+    return main
+
+
+def run_stages(names: list[str], cfg: Config, run_dir: Path, force: bool = False) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for name in names:
+        t0 = time.time()
+        print(f"==> {name} ({run_dir})", file=sys.stderr, flush=True)
+        _stage_main(name)(cfg, run_dir, force=force)
+        print(f"==> {name} finished in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=(
+        "Distil a teacher LLM into a small student: generate -> filter -> train -> eval."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES + ["all"]:
+        p = sub.add_parser(name, help="run all four stages" if name == "all" else
+                           f"run the {name} stage")
+        p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
+        p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+        p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                       help="where run folders live")
+        p.add_argument("--force", action="store_true",
+                       help="discard this stage's previous output and redo it")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="settings that override the config file")
+    p = sub.add_parser("config", help="print the resolved config (after overrides)")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        names = STAGES if args.command == "all" else [args.command]
+        run_stages(names, cfg, Path(args.runs_dir) / args.run, force=args.force)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

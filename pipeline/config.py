@@ -1,0 +1,351 @@
+"""Run configuration: one YAML file per run, a section per stage, `key=value` overrides.
+
+Every field carries its help text and its allowed range; `load_config` checks the whole file
+and the overrides and raises one `ConfigError` that lists every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All the problems found in a configuration, reported together."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = list(errors)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"{len(self.errors)} problem(s){where}:\n{lines}")
+
+
+def opt(default: Any, help: str, *, choices: list | None = None, ge: float | None = None,
+        le: float | None = None, gt: float | None = None, lt: float | None = None):
+    """A config field with its help text and range. Lists and dicts are copied per instance."""
+    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class TaskConfig:
+    kind: str = opt("demo", "Where task rows come from: the built-in arithmetic generator, a "
+                    "GSM8K-format file or hub dataset, or any file / hub dataset with a field "
+                    "mapping.", choices=["demo", "gsm8k", "file", "hub"])
+    n_train: int | None = opt(1000, "Train rows to use (demo: rows to generate); null = all.", ge=1)
+    n_test: int | None = opt(200, "Held-out rows to use (demo: rows to generate); null = all.",
+                             ge=1)
+    seed: int = opt(0, "Seed of the demo generator.", ge=0)
+    step_weights: list[float] = opt([1.0, 1.0, 1.0], "Demo: relative frequency of problems with "
+                                    "1, 2 and 3 arithmetic steps (one to three numbers).")
+    max_number: int = opt(40, "Demo: the largest starting number (added numbers go up to half "
+                          "of it).", ge=3, le=10000)
+    operations: list[str] = opt(["add", "subtract", "multiply"], "Demo: the operations used.")
+    train_path: str | None = opt(None, "gsm8k/file: the train file (JSONL, JSON or Parquet).")
+    test_path: str | None = opt(None, "gsm8k/file: the held-out file (JSONL, JSON or Parquet).")
+    dataset: str | None = opt(None, "hub: the dataset id (needs network to the hub).")
+    dataset_config: str | None = opt(None, "hub: the dataset configuration name.")
+    train_split: str = opt("train", "hub: the train split.")
+    test_split: str = opt("test", "hub: the held-out split.")
+    question: str = opt("{question}", "file/hub: the question, as a template over the row's "
+                        "fields, e.g. '{premise} Hypothesis: {hypothesis}'.")
+    answer_field: str = opt("answer", "file/hub: the field holding the gold answer.")
+    answer_type: str = opt("numeric", "file/hub: how gold answers compare.",
+                           choices=["numeric", "string"])
+    id_field: str | None = opt(None, "file/hub: a field with a stable row id (default: position).")
+
+
+@dataclass
+class GenerateConfig:
+    backend: str = opt("hf", "Teacher backend: transformers `generate` on this machine.",
+                       choices=["hf"])
+    model: str = opt(EMBEDDED_MODEL, "Teacher: a local checkpoint folder, a hub id, or "
+                     f"'{EMBEDDED_MODEL}' (the embedded default).")
+    prompt_template: str = opt("data/prompts/arithmetic_cot.txt", "Few-shot chain-of-thought "
+                               "prompt file; `{question}` marks where the question goes.")
+    chat_template: bool = opt(False, "Wrap the prompt as one user turn of the model's chat "
+                              "template.")
+    n_samples: int = opt(1, "Traces sampled per row.", ge=1, le=64)
+    temperature: float = opt(0.7, "Sampling temperature; 0 = greedy.", ge=0.0, le=5.0)
+    top_p: float = opt(0.95, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    max_new_tokens: int = opt(160, "Tokens generated at most per trace.", ge=1, le=32768)
+    stop: list[str] = opt(["\n\nQuestion:", "\nQuestion:"], "Strings that end a trace (cut "
+                          "off with what follows).")
+    top_k: int = opt(20, "Top-k log-probabilities kept per generated token.", ge=1, le=1000)
+    seed: int = opt(0, "Sampling seed (each shard derives its own from it).", ge=0)
+    batch_size: int = opt(64, "Prompts per forward batch.", ge=1, le=4096)
+    rows_per_shard: int = opt(64, "Task rows per output shard (the unit of resume).", ge=1)
+    dtype: str = opt("bfloat16", "Teacher weights' dtype (log-probabilities are computed in "
+                     "float32 from its logits).", choices=["bfloat16", "float32", "float16"])
+
+
+@dataclass
+class FilterConfig:
+    extractors: list[str] = opt(["answer_is", "hash", "boxed", "last_number"],
+                                "Answer extractors, tried in order; the first match wins.")
+    min_steps: int = opt(1, "Reasoning steps required (lines or sentences that carry a "
+                         "calculation).", ge=0)
+    require_answer_marker: bool = opt(True, "Drop traces with no explicit final-answer marker "
+                                      "('The answer is', '####', \\boxed).")
+    min_tokens: int = opt(4, "Fewest generated tokens in a kept trace.", ge=0)
+    max_tokens: int = opt(256, "Most generated tokens in a kept trace.", ge=1)
+    drop_truncated: bool = opt(True, "Drop traces cut off by the length limit.")
+    tolerance: float = opt(1e-6, "Relative tolerance when comparing numeric answers.", ge=0.0)
+
+
+@dataclass
+class TrainConfig:
+    student: str = opt(EMBEDDED_MODEL, "Student: a local checkpoint folder, a hub id, or "
+                       f"'{EMBEDDED_MODEL}'.")
+    alpha: float = opt(0.5, "Weight of the predict loss: alpha*L_predict + (1-alpha)*L_explain.",
+                       ge=0.0, le=1.0)
+    epochs: float = opt(2.0, "Passes over the kept traces.", gt=0.0)
+    max_steps: int = opt(-1, "Optimizer steps (overrides epochs when > 0).", ge=-1)
+    learning_rate: float = opt(5e-4, "Peak learning rate.", gt=0.0, le=1.0)
+    warmup_ratio: float = opt(0.05, "Share of steps spent warming up.", ge=0.0, le=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0.0)
+    batch_size: int = opt(8, "Traces per device batch (each gives a predict and an explain "
+                          "example).", ge=1)
+    grad_accum: int = opt(1, "Gradient accumulation steps.", ge=1)
+    max_length: int = opt(320, "Tokens per example at most (prompt + target).", ge=16)
+    dtype: str = opt("bfloat16", "Dtype of the frozen student weights while training (the LoRA "
+                     "adapters stay float32).", choices=["bfloat16", "float32", "float16"])
+    lora_r: int = opt(16, "LoRA rank.", ge=1)
+    lora_alpha: int = opt(32, "LoRA scaling numerator.", ge=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0.0, lt=1.0)
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                   "up_proj", "down_proj"], "Module names that get adapters.")
+    seed: int = opt(0, "Training seed.", ge=0)
+    logging_steps: int = opt(5, "Log every N steps.", ge=1)
+    save_steps: int = opt(50, "Checkpoint every N steps (the unit of resume).", ge=1)
+    save_total_limit: int = opt(2, "Checkpoints kept.", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    systems: list[str] = opt(["teacher", "base", "predict", "explain"], "What to evaluate: the "
+                             "teacher (few-shot CoT), the base student (predict:), the distilled "
+                             "student in predict: and explain: modes.")
+    n: int | None = opt(200, "Held-out rows to evaluate; null = all.", ge=1)
+    batch_size: int = opt(64, "Prompts per generation batch.", ge=1)
+    max_new_tokens: int = opt(160, "Generation budget in the reasoning modes (teacher, "
+                              "explain:).", ge=1)
+    predict_max_new_tokens: int = opt(16, "Generation budget in predict: mode.", ge=1)
+    dtype: str = opt("bfloat16", "Weights' dtype at evaluation.",
+                     choices=["bfloat16", "float32", "float16"])
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def section(self, name: str) -> dict:
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "filter": FilterConfig,
+                  "train": TrainConfig, "eval": EvalConfig}
+VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number"]
+VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}available: {', '.join(options)}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, errors)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if meta.get("choices") and v not in meta["choices"]:
+            errors.append(f"{where}: {v!r} is not allowed; {_did_you_mean(str(v), meta['choices'])}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        for key, ok, text in (("ge", lambda a, b: a >= b, ">="), ("le", lambda a, b: a <= b, "<="),
+                              ("gt", lambda a, b: a > b, ">"), ("lt", lambda a, b: a < b, "<")):
+            bound = meta.get(key)
+            if bound is not None and not ok(v, bound):
+                errors.append(f"{where}: {v!r} is out of range, it must be {text} {bound}")
+
+
+def _build_section(name: str, raw: dict, errors: list[str]):
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            errors.append(f"unknown key '{name}.{key}'; {_did_you_mean(key, list(known))}")
+            continue
+        where = f"{name}.{key}"
+        n_before = len(errors)
+        value = _coerce(value, hints[key], where, errors)
+        if len(errors) == n_before:
+            _check_range(value, known[key].metadata, where, errors)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return cls()
+
+
+def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    for name in cfg.filter.extractors:
+        if name not in VALID_EXTRACTORS:
+            errors.append(f"filter.extractors: unknown extractor '{name}'; "
+                          f"{_did_you_mean(name, VALID_EXTRACTORS)}")
+    if not cfg.filter.extractors:
+        errors.append("filter.extractors: give at least one extractor")
+    for name in cfg.eval.systems:
+        if name not in VALID_SYSTEMS:
+            errors.append(f"eval.systems: unknown system '{name}'; "
+                          f"{_did_you_mean(name, VALID_SYSTEMS)}")
+    if cfg.filter.min_tokens > cfg.filter.max_tokens:
+        errors.append(f"filter.min_tokens ({cfg.filter.min_tokens}) is above filter.max_tokens "
+                      f"({cfg.filter.max_tokens})")
+    t = cfg.task
+    if t.kind == "demo":
+        w = t.step_weights
+        if not 1 <= len(w) <= 3 or any(x < 0 for x in w) or sum(w) <= 0:
+            errors.append(f"task.step_weights: {w!r} must hold 1 to 3 non-negative weights "
+                          "(for 1, 2 and 3 steps) with a positive sum")
+        for op in t.operations:
+            if op not in ("add", "subtract", "multiply"):
+                errors.append(f"task.operations: unknown operation '{op}'; "
+                              f"{_did_you_mean(op, ['add', 'subtract', 'multiply'])}")
+        if t.n_train is None or t.n_test is None:
+            errors.append("task.n_train and task.n_test must be numbers for the demo task")
+    elif t.kind in ("gsm8k", "file"):
+        if not t.train_path and not t.test_path:
+            errors.append(f"task.kind={t.kind} needs task.train_path and/or task.test_path")
+    elif t.kind == "hub" and not t.dataset:
+        errors.append("task.kind=hub needs task.dataset (a hub dataset id)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError([f"override '{text}' is not of the form section.key=value"])
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run config, apply `section.key=value` overrides, validate everything."""
+    errors: list[str] = []
+    raw: dict = {}
+    source = str(path) if path else None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file '{path}' does not exist; the shipped ones are in "
+                               "configs/ (e.g. configs/demo.yaml)"])
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(["the file must hold a mapping of sections"], source)
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides or []:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        if len(keys) != 2:
+            errors.append(f"override '{text}': the key must be section.key, e.g. "
+                          "filter.min_steps=2")
+            continue
+        raw.setdefault(keys[0], {})
+        if isinstance(raw[keys[0]], dict):
+            raw[keys[0]][keys[1]] = value
+    sections = {}
+    for name, body in raw.items():
+        if name not in _SECTION_TYPES:
+            errors.append(f"unknown section '{name}'; {_did_you_mean(name, list(_SECTION_TYPES))}")
+            continue
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            errors.append(f"section '{name}' must be a mapping of keys, got {body!r}")
+            continue
+        sections[name] = _build_section(name, body, errors)
+    cfg = Config(**sections)
+    _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def describe(cls: type) -> str:
+    """Every key of a section with its default and help text (for `distill config`)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

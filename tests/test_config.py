@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.generate.top_k == 20
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_say_how_to_run(path):
+    load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# make ") and path.name in first
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = load_config(None, ["filter.min_steps=3", "generate.temperature=0",
+                             "eval.systems=[teacher,base]"])
+    assert cfg.filter.min_steps == 3
+    assert cfg.generate.temperature == 0.0
+    assert cfg.eval.systems == ["teacher", "base"]
+    with pytest.raises(ConfigError, match="must be numbers for the demo task"):
+        load_config(None, ["task.n_train=null"])
+
+
+def test_unknown_keys_suggest_and_all_errors_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("generate:\n  temprature: 0.5\n  top_p: 1.5\nfilter:\n  min_step: 2\n"
+                    "trian:\n  alpha: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.alpha=1.5", "eval.systems=[teacher,bse]"])
+    text = str(err.value)
+    assert "did you mean 'temperature'" in text
+    assert "did you mean 'min_steps'" in text
+    assert "did you mean 'train'" in text
+    assert "generate.top_p: 1.5 is out of range" in text
+    assert "train.alpha: 1.5 is out of range" in text
+    assert "did you mean 'base'" in text
+    assert len(err.value.errors) == 6
+
+
+def test_type_errors_and_bad_override_syntax():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["generate.n_samples=two", "nodot=3", "generate.backend=vlm"])
+    text = str(err.value)
+    assert "generate.n_samples: expected int, got 'two'" in text
+    assert "section.key" in text
+    assert "did you mean 'hf'" not in text or "generate.backend" in text
+
+
+def test_missing_file_says_where_configs_are():
+    with pytest.raises(ConfigError, match="configs/"):
+        load_config("configs/nope.yaml")

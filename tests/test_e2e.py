@@ -1,0 +1,138 @@
+"""End to end on the real embedded model, kept small (marked slow; CI runs them)."""
+
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.cli import STAGES, run_stages
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["task.n_train=12", "task.n_test=8", "generate.rows_per_shard=4", "generate.n_samples=1",
+         "generate.max_new_tokens=32", "generate.batch_size=8", "train.max_steps=2",
+         "train.batch_size=4", "train.save_steps=1", "eval.n=8", "eval.max_new_tokens=24",
+         "eval.batch_size=8"]
+
+
+def _traces(run_dir):
+    m = store.read_manifest(run_dir / "generate")
+    return m, store.read_shards(run_dir / "generate", [f["file"] for f in m["files"]])
+
+
+def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, monkeypatch,
+                                                    capsys):
+    import stages.generate as generate
+    import stages.filter as filter_stage
+    from stages.backends import HFBackend
+
+    cfg = load_config("configs/demo.yaml", SMALL)
+    run_dir = tmp_path / "run"
+    run_stages(STAGES, cfg, run_dir)
+
+    # generate: shards with top-k rows for every generated token, self-describing facts
+    manifest, traces = _traces(run_dir)
+    facts = manifest["facts"]
+    assert facts["k"] == 20 and facts["vocab_size"] == 49152
+    assert facts["logprob_source"] == "raw_logits" and len(facts["tokenizer_fingerprint"]) == 16
+    assert traces.num_rows == 12 and len(manifest["files"]) == 3
+    for row in traces.to_pylist():
+        n = len(row["token_ids"])
+        assert n > 0 and len(row["topk_ids"]) == n == len(row["token_logprobs"])
+        lp = np.array(row["topk_logprobs"])
+        assert lp.shape == (n, 20) and (np.diff(lp, axis=1) <= 1e-6).all() and (lp <= 0).all()
+        # the sampled token's log-probability is consistent with its rank in the top-k
+        for t, tok in enumerate(row["token_ids"]):
+            if tok in row["topk_ids"][t]:
+                j = row["topk_ids"][t].index(tok)
+                assert abs(row["token_logprobs"][t] - lp[t, j]) < 1e-4
+            else:
+                assert row["token_logprobs"][t] <= lp[t, -1] + 1e-4
+    # filter, train, eval outputs
+    assert (run_dir / "filter" / "funnel.json").is_file()
+    assert (run_dir / "train" / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "train" / "log.jsonl").is_file()
+    report = store.read_manifest(run_dir / "eval")
+    assert [r["system"] for r in report["results"]] == ["teacher", "base", "predict", "explain"]
+    assert all(r["n"] == 8 for r in report["results"])
+
+    # up to date: nothing is loaded, and it says so
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not be loaded")
+
+    monkeypatch.setattr(generate, "make_backend", no_teacher)
+    capsys.readouterr()
+    generate.main(cfg, run_dir)
+    assert "up to date" in capsys.readouterr().err
+
+    # a changed filter setting re-filters the cached shards, still without the teacher
+    before = store.read_manifest(run_dir / "filter")["fingerprint"]
+    cfg2 = load_config("configs/demo.yaml", SMALL + ["filter.min_steps=0"])
+    after = filter_stage.main(cfg2, run_dir)
+    assert after["fingerprint"] != before and after["shards_written"] == 3
+    assert store.read_manifest(run_dir / "generate")["fingerprint"] == manifest["fingerprint"]
+
+    # deleting one generate shard regenerates that shard alone
+    monkeypatch.undo()
+    prompts = []
+    real = HFBackend.generate
+
+    def counting(self, batch, settings):
+        prompts.extend(batch)
+        return real(self, batch, settings)
+
+    monkeypatch.setattr(HFBackend, "generate", counting)
+    (run_dir / "generate" / "traces-00001.parquet").unlink()
+    m2 = generate.main(cfg, run_dir)
+    assert len(prompts) == 4 and m2["shards_written"] == 1 and m2["shards_reused"] == 2
+    assert _traces(run_dir)[1].column("id").to_pylist() == traces.column("id").to_pylist()
+
+
+def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, embedded_path,
+                                                           monkeypatch):
+    import stages.generate as generate
+    from stages.backends import HFBackend
+
+    cfg = load_config("configs/demo.yaml", SMALL + ["generate.batch_size=2"])
+    run_dir = tmp_path / "run"
+    real, calls = HFBackend.generate, []
+
+    def crash_on_fifth(self, batch, settings):
+        calls.append(len(batch))
+        if len(calls) == 5:  # the third shard's first batch
+            raise KeyboardInterrupt("simulated stop")
+        return real(self, batch, settings)
+
+    monkeypatch.setattr(HFBackend, "generate", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(cfg, run_dir)
+    done = sorted(p.name for p in (run_dir / "generate").glob("traces-*.parquet"))
+    assert done == ["traces-00000.parquet", "traces-00001.parquet"]
+    assert store.read_manifest(run_dir / "generate") is None
+
+    monkeypatch.setattr(HFBackend, "generate", real)
+    manifest = generate.main(cfg, run_dir)
+    assert manifest["shards_reused"] == 2 and manifest["shards_written"] == 1
+    ids = _traces(run_dir)[1].column("id").to_pylist()
+    assert sorted(ids) == [f"demo-train-{i:06d}" for i in range(12)]
+
+
+def test_topk_capture_sees_the_raw_logits(embedded_path):
+    """The captured top-k equals log_softmax of transformers' own raw `output_logits`."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from stages.backends import HFBackend, _TopKCapture
+
+    be = HFBackend("smollm2-135m-instruct", dtype="float32")
+    enc = be.tokenizer(["Question: 2 + 2 = ?\nAnswer:"], return_tensors="pt")
+    cap = _TopKCapture(5)
+    torch.manual_seed(0)
+    out = be.model.generate(**enc, max_new_tokens=6, do_sample=True, temperature=0.5,
+                            top_p=0.9, top_k=0, output_logits=True, return_dict_in_generate=True,
+                            logits_processor=LogitsProcessorList([cap]),
+                            pad_token_id=be.tokenizer.pad_token_id)
+    for step, logits in enumerate(out.logits):
+        ref = torch.log_softmax(logits.float(), -1).topk(5)
+        assert torch.allclose(cap.topk_logprobs[step], ref.values, atol=1e-5)
+        assert torch.equal(cap.topk_ids[step].long(), ref.indices)

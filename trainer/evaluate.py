@@ -1,0 +1,49 @@
+"""Held-out evaluation: generate with a system, extract the answer, compare with the gold one."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from stages.answers import answers_match, extract_answer
+from stages.backends import HFBackend, SamplingSettings
+
+# The student is scored with the flexible order: an explicit marker first, else the last number.
+EVAL_EXTRACTORS = ["answer_is", "hash", "boxed", "last_number"]
+PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
+                               ("output", pa.string()), ("gold", pa.string()),
+                               ("pred_answer", pa.string()), ("extractor", pa.string()),
+                               ("correct", pa.bool_()), ("n_tokens", pa.int32()),
+                               ("finish_reason", pa.string())])
+
+
+def run_system(name: str, backend: HFBackend, prompts: list[str], rows: list[dict],
+               max_new_tokens: int, stop: list[str], batch_size: int,
+               numeric: bool) -> tuple[pa.Table, dict]:
+    """Greedy generations for every prompt; returns the predictions and the summary."""
+    settings = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                top_k=0, seed=0, stop=stop)
+    records = []
+    t0 = time.time()
+    with tqdm(total=len(prompts), desc=f"eval {name}", unit="row", dynamic_ncols=True,
+              mininterval=1.0) as bar:
+        for start in range(0, len(prompts), batch_size):
+            outs = backend.generate(prompts[start:start + batch_size], settings)
+            for prompt, row, out in zip(prompts[start:], rows[start:], outs):
+                gen = out[0]
+                found = extract_answer(gen.text, EVAL_EXTRACTORS)
+                records.append({"id": row["id"], "prompt": prompt, "output": gen.text,
+                                "gold": row["gold"], "pred_answer": found.answer,
+                                "extractor": found.extractor,
+                                "correct": answers_match(found.answer, row["gold"], numeric),
+                                "n_tokens": int(gen.token_ids.shape[0]),
+                                "finish_reason": gen.finish_reason})
+            bar.update(len(outs))
+    n = max(len(records), 1)
+    summary = {"system": name, "n": len(records),
+               "accuracy": round(sum(r["correct"] for r in records) / n, 4),
+               "mean_tokens": round(sum(r["n_tokens"] for r in records) / n, 2),
+               "seconds": round(time.time() - t0, 1)}
+    return pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA), summary
