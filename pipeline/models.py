@@ -127,6 +127,19 @@ def load_tokenizer(resolved: str, padding_side: str = "left"):
     return tok
 
 
+def contiguous_head(model) -> None:
+    """Feed the output projection a contiguous input.
+
+    At prefill, generate projects only the last position (`hidden[:, -1:, :]`, a strided view).
+    On CPU with bfloat16 weights, torch's linear on such a view can take seconds instead of
+    milliseconds for some weight tensors (measured 7.4 s vs 0.65 s for a 64-prompt batch of a
+    LoRA-merged SmolLM2); a contiguous copy of the one row per prompt costs nothing.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
+
+
 def load_causal_lm(resolved: str, dtype: str):
     from transformers import AutoModelForCausalLM
 

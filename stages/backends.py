@@ -107,8 +107,8 @@ class HFBackend:
                  loaded: tuple | None = None):
         """`loaded` = (model, tokenizer) reuses weights already in memory (the evaluation's
         merged student); otherwise `model` is resolved and loaded."""
-        from pipeline.models import (load_causal_lm, load_tokenizer, model_revision,
-                                     resolve_model, tokenizer_fingerprint)
+        from pipeline.models import (contiguous_head, load_causal_lm, load_tokenizer,
+                                     model_revision, resolve_model, tokenizer_fingerprint)
 
         self.model_spec = model
         if loaded is None:
@@ -120,6 +120,7 @@ class HFBackend:
             self.model, self.tokenizer = loaded
             self.tokenizer.padding_side = "left"
             self.path, revision = model, "in-memory"
+        contiguous_head(self.model)
         self.dtype = dtype
         self.chat_template = chat_template
         self._facts = {"backend": self.name, "teacher": model, "teacher_revision": revision,

@@ -66,8 +66,10 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     specs = {
         "teacher": {"model": g.model, "template": template.sha256, "chat": g.chat_template,
                     "stop": g.stop, "max_new_tokens": e.max_new_tokens},
-        "base": {"model": t.student, "max_new_tokens": e.predict_max_new_tokens},
-        "predict": {"adapter": adapter, "max_new_tokens": e.predict_max_new_tokens},
+        "base": {"model": t.student, "max_new_tokens": e.predict_max_new_tokens,
+                 "first_line": True},
+        "predict": {"adapter": adapter, "max_new_tokens": e.predict_max_new_tokens,
+                    "first_line": True},
         "explain": {"adapter": adapter, "max_new_tokens": e.max_new_tokens},
     }
     results, computed = [], 0
@@ -88,7 +90,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 e.max_new_tokens
         elif system == "base":
             backend = HFBackend(t.student, e.dtype)
-            prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], ["\n"], \
+            prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], [], \
                 e.predict_max_new_tokens
         else:
             if distilled is None:
@@ -98,13 +100,14 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                                       loaded=(model, load_tokenizer(str(adapter_dir))))
             backend = distilled
             if system == "predict":
-                prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], ["\n"], \
+                prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], [], \
                     e.predict_max_new_tokens
             else:
                 prompts, stop, budget = [task_prompt(EXPLAIN, q) for q in questions], [], \
                     e.max_new_tokens
         table, summary = run_system(system, backend, prompts, rows, budget, stop,
-                                    e.batch_size, numeric)
+                                    e.batch_size, numeric,
+                                    first_line=specs[system].get("first_line", False))
         store.write_shard(path, table, {"stage": "eval", "fingerprint": fp, "spec": spec,
                                         "summary": summary})
         results.append(summary)

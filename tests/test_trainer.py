@@ -98,7 +98,7 @@ def test_training_moves_lora_weights_only(tiny_lora_model, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                              remove_unused_columns=False, max_steps=3,
                              per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="no", disable_tqdm=True)
+                             save_strategy="no", disable_tqdm=True, logging_steps=1)
     trainer = DSSTrainer(model=tiny_lora_model, args=args, alpha=0.5,
                          train_dataset=Dataset.from_list(feats), data_collator=PairCollator(0))
     trainer.train()

@@ -20,9 +20,13 @@ PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
 
 
 def run_system(name: str, backend: HFBackend, prompts: list[str], rows: list[dict],
-               max_new_tokens: int, stop: list[str], batch_size: int,
-               numeric: bool) -> tuple[pa.Table, dict]:
-    """Greedy generations for every prompt; returns the predictions and the summary."""
+               max_new_tokens: int, stop: list[str], batch_size: int, numeric: bool,
+               first_line: bool = False) -> tuple[pa.Table, dict]:
+    """Greedy generations for every prompt; returns the predictions and the summary.
+
+    `first_line` scores only the first non-empty line of the output (the `predict:` mode, where
+    the answer is the whole reply); the token count is still everything that was generated.
+    """
     settings = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                 top_k=0, seed=0, stop=stop)
     records = []
@@ -33,8 +37,11 @@ def run_system(name: str, backend: HFBackend, prompts: list[str], rows: list[dic
             outs = backend.generate(prompts[start:start + batch_size], settings)
             for prompt, row, out in zip(prompts[start:], rows[start:], outs):
                 gen = out[0]
-                found = extract_answer(gen.text, EVAL_EXTRACTORS)
-                records.append({"id": row["id"], "prompt": prompt, "output": gen.text,
+                text = gen.text
+                if first_line:
+                    text = next((ln for ln in text.splitlines() if ln.strip()), "")
+                found = extract_answer(text, EVAL_EXTRACTORS)
+                records.append({"id": row["id"], "prompt": prompt, "output": text,
                                 "gold": row["gold"], "pred_answer": found.answer,
                                 "extractor": found.extractor,
                                 "correct": answers_match(found.answer, row["gold"], numeric),
