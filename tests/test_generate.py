@@ -1,0 +1,94 @@
+"""The generate stage's own logic, with a scripted teacher at the backend boundary."""
+
+import numpy as np
+import pytest
+
+import stages.generate as generate
+from pipeline import store
+from pipeline.config import load_config
+from stages.backends import Generation
+
+
+class ScriptedTeacher:
+    """Answers every prompt with a fixed trace; fails on questions that contain 'Farid'."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.prompts = []
+
+    def facts(self):
+        return {"backend": "scripted", "teacher": "scripted", "vocab_size": 10,
+                "tokenizer_fingerprint": "0" * 16, "logprob_source": "raw_logits"}
+
+    def generate(self, prompts, settings):
+        if any("Farid" in p for p in prompts):
+            raise RuntimeError("teacher fell over on Farid")
+        self.prompts.extend(prompts)
+        k = settings.top_k
+        out = []
+        for _ in prompts:
+            n = 3
+            out.append([Generation(" 1 + 1 = 2. The answer is 2.", "stop",
+                                   np.arange(n, dtype=np.int32), np.full(n, -0.1, np.float32),
+                                   np.tile(np.arange(k, dtype=np.int32), (n, 1)),
+                                   np.full((n, k), -1.0, np.float32))
+                        for _ in range(settings.n)])
+        return out
+
+
+@pytest.fixture
+def teacher(monkeypatch):
+    t = ScriptedTeacher()
+    monkeypatch.setattr(generate, "make_backend", lambda cfg: t)
+    return t
+
+
+def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, teacher):
+    cfg = load_config("configs/demo.yaml", ["task.n_train=40", "generate.rows_per_shard=16",
+                                            "generate.n_samples=2", "generate.top_k=4"])
+    manifest = generate.main(cfg, tmp_path)
+    table = store.read_shards(tmp_path / "generate", [f["file"] for f in manifest["files"]])
+    rows = table.to_pylist()
+    assert len(rows) == 80 and len({(r["id"], r["sample"]) for r in rows}) == 80
+    failed = [r for r in rows if r["error"]]
+    assert failed and all("Farid" in r["question"] for r in failed)
+    assert all("teacher fell over" in r["error"] and r["finish_reason"] == "error"
+               and r["token_ids"] == [] for r in failed)
+    ok = [r for r in rows if not r["error"]]
+    assert all(len(r["topk_ids"]) == 3 and len(r["topk_ids"][0]) == 4 for r in ok)
+    c = manifest["counters"]
+    assert c["errors"] == len(failed) and c["traces"] == len(ok) and c["rows"] == 40
+    assert manifest["facts"]["k"] == 4 and manifest["facts"]["backend"] == "scripted"
+    assert manifest["facts"]["sampling"]["n"] == 2
+
+
+def test_batch_size_is_not_part_of_the_fingerprint_but_sampling_is(tmp_path, teacher):
+    base = ["task.n_train=8", "generate.rows_per_shard=4"]
+    first = generate.main(load_config("configs/demo.yaml", base), tmp_path)
+    n = len(teacher.prompts)
+    again = generate.main(load_config("configs/demo.yaml", base + ["generate.batch_size=2"]),
+                          tmp_path)
+    assert len(teacher.prompts) == n and again["fingerprint"] == first["fingerprint"]
+    changed = generate.main(load_config("configs/demo.yaml", base + ["generate.temperature=0.9"]),
+                            tmp_path)
+    assert changed["fingerprint"] != first["fingerprint"] and len(teacher.prompts) == 2 * n
+
+
+def test_growing_the_task_generates_only_the_new_shards(tmp_path, teacher):
+    generate.main(load_config("configs/demo.yaml", ["task.n_train=8",
+                                                    "generate.rows_per_shard=4"]), tmp_path)
+    before = len(teacher.prompts)
+    m = generate.main(load_config("configs/demo.yaml", ["task.n_train=12",
+                                                        "generate.rows_per_shard=4"]), tmp_path)
+    assert m["shards_reused"] == 2 and m["shards_written"] == 1
+    assert len(teacher.prompts) - before == 4
+
+
+def test_prompt_template_errors_are_clear(tmp_path):
+    bad = tmp_path / "t.txt"
+    bad.write_text("no placeholder")
+    with pytest.raises(ValueError, match="placeholder"):
+        generate.PromptTemplate(str(bad))
+    with pytest.raises(FileNotFoundError, match="data/prompts"):
+        generate.PromptTemplate(str(tmp_path / "missing.txt"))
