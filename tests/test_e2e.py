@@ -136,3 +136,35 @@ def test_topk_capture_sees_the_raw_logits(embedded_path):
         ref = torch.log_softmax(logits.float(), -1).topk(5)
         assert torch.allclose(cap.topk_logprobs[step], ref.values, atol=1e-5)
         assert torch.equal(cap.topk_ids[step].long(), ref.indices)
+
+
+def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeypatch):
+    import json
+
+    import stages.train as train
+    from trainer.dss import JsonlLogCallback
+
+    cfg = load_config("configs/demo.yaml", SMALL + ["train.max_steps=4", "train.save_steps=2",
+                                                    "train.batch_size=2",
+                                                    "train.logging_steps=1"])
+    run_dir = tmp_path / "run"
+    run_stages(["generate", "filter"], cfg, run_dir)
+
+    def stop_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # checkpoint-2 exists, step 3 is lost
+            raise KeyboardInterrupt("simulated stop")
+
+    monkeypatch.setattr(JsonlLogCallback, "on_step_end", stop_at_step_3, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg, run_dir)
+    assert (run_dir / "train" / "checkpoints" / "checkpoint-2").is_dir()
+    assert store.read_manifest(run_dir / "train") is None
+    monkeypatch.undo()
+
+    manifest = train.main(cfg, run_dir)
+    assert manifest["counters"]["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run_dir / "train" / "log.jsonl").open()]
+    assert steps.count(1) == 1 and 4 in steps  # steps 1-2 were not trained twice
+    assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    again = train.main(cfg, run_dir)
+    assert again["fingerprint"] == manifest["fingerprint"]
