@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
 
 STAGES = ["generate", "filter", "train", "eval"]
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings that override the config file")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--keys", action="store_true",
+                   help="list every key of every section with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            if args.keys:
+                for name, section in SECTION_TYPES.items():
+                    print(f"{name}:\n{describe(section)}\n")
+            else:
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         names = STAGES if args.command == "all" else [args.command]
         run_stages(names, cfg, Path(args.runs_dir) / args.run, force=args.force)

@@ -162,7 +162,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "filter": FilterConfig,
+SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "filter": FilterConfig,
                   "train": TrainConfig, "eval": EvalConfig}
 VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number"]
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
@@ -232,7 +232,7 @@ def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
 
 
 def _build_section(name: str, raw: dict, errors: list[str]):
-    cls = _SECTION_TYPES[name]
+    cls = SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -326,8 +326,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw[keys[0]][keys[1]] = value
     sections = {}
     for name, body in raw.items():
-        if name not in _SECTION_TYPES:
-            errors.append(f"unknown section '{name}'; {_did_you_mean(name, list(_SECTION_TYPES))}")
+        if name not in SECTION_TYPES:
+            errors.append(f"unknown section '{name}'; {_did_you_mean(name, list(SECTION_TYPES))}")
             continue
         if body is None:
             body = {}

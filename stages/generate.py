@@ -182,13 +182,13 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                     gens.append(gen)
                     if gen is None:
                         counters["errors"] += 1
-                    else:
-                        counters["traces"] += 1
-                        counters["tokens"] += int(gen.token_ids.shape[0])
-                        counters["truncated"] += gen.finish_reason == "length"
-            state["tokens"] += sum(int(x.token_ids.shape[0]) for x in gens[-len(batch) *
-                                                                         g.n_samples:] if x)
-            state["errors"] = state["errors"] + sum(1 for x in outs if not isinstance(x, list))
+                        state["errors"] += 1
+                        continue
+                    n_tokens = int(gen.token_ids.shape[0])
+                    counters["traces"] += 1
+                    counters["tokens"] += n_tokens
+                    counters["truncated"] += gen.finish_reason == "length"
+                    state["tokens"] += n_tokens
             elapsed = max(time.time() - state["t0"], 1e-9)
             bar().update(len(batch))
             bar().set_postfix_str(f"{state['tokens'] / elapsed:.0f} tok/s, "
