@@ -69,8 +69,8 @@ class TaskConfig:
 
 @dataclass
 class GenerateConfig:
-    backend: str = opt("hf", "Teacher backend: transformers `generate` on this machine.",
-                       choices=["hf"])
+    backend: str = opt("hf", "Teacher backend: `hf` (transformers `generate` on this machine) "
+                       "or `openai` (any OpenAI-compatible server).", choices=["hf", "openai"])
     model: str = opt(EMBEDDED_MODEL, "Teacher: a local checkpoint folder, a hub id, or "
                      f"'{EMBEDDED_MODEL}' (the embedded default).")
     prompt_template: str = opt("data/prompts/arithmetic_cot.txt", "Few-shot chain-of-thought "
@@ -89,6 +89,20 @@ class GenerateConfig:
     rows_per_shard: int = opt(64, "Task rows per output shard (the unit of resume).", ge=1)
     dtype: str = opt("bfloat16", "Teacher weights' dtype (log-probabilities are computed in "
                      "float32 from its logits).", choices=["bfloat16", "float32", "float16"])
+    base_url: str | None = opt(None, "openai: the server's base URL, e.g. "
+                               "http://127.0.0.1:8000/v1 (null = the OpenAI API).")
+    api_key_env: str = opt("OPENAI_API_KEY", "openai: the environment variable holding the API "
+                           "key (the key itself is never written anywhere).")
+    concurrency: int = opt(16, "openai: requests in flight at once.", ge=1, le=4096)
+    max_retries: int = opt(6, "openai: retries of a request on 429, 5xx, timeouts, dropped "
+                           "connections and malformed bodies.", ge=0, le=100)
+    request_timeout: float = opt(120.0, "openai: seconds before a request times out.", gt=0.0)
+    backoff_max: float = opt(30.0, "openai: the longest wait between retries, in seconds.",
+                             gt=0.0)
+    server_token_ids: bool = opt(False, "openai: ask the server for token ids "
+                                 "(vLLM's `return_tokens_as_token_ids`).")
+    tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
+                                "map token strings to ids when the server cannot send ids.")
 
 
 @dataclass
@@ -266,6 +280,10 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     if cfg.filter.min_tokens > cfg.filter.max_tokens:
         errors.append(f"filter.min_tokens ({cfg.filter.min_tokens}) is above filter.max_tokens "
                       f"({cfg.filter.max_tokens})")
+    g = cfg.generate
+    if g.backend == "openai" and g.top_k > 20:
+        errors.append(f"generate.top_k: {g.top_k} is out of range for the openai backend, it "
+                      "must be <= 20 (the API's limit for top_logprobs)")
     t = cfg.task
     if t.kind == "demo":
         w = t.step_weights

@@ -197,8 +197,14 @@ class HFBackend:
         return results
 
 
-def make_backend(cfg) -> TeacherBackend:
-    """The backend named in a GenerateConfig."""
+def make_backend(cfg, work_dir=None) -> TeacherBackend:
+    """The backend named in a GenerateConfig; `work_dir` holds the openai request cache."""
     if cfg.backend == "hf":
         return HFBackend(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template)
+    if cfg.backend == "openai":
+        from pathlib import Path
+
+        from stages.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(cfg, Path(work_dir or ".") / "requests.sqlite")
     raise ValueError(f"unknown backend {cfg.backend!r}")

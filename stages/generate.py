@@ -33,7 +33,8 @@ TRACE_SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 # Settings that do not change what is asked of the teacher, so changing them keeps the shards.
-_NOT_FINGERPRINTED = {"batch_size"}
+_NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
+                      "backoff_max", "api_key_env"}
 
 
 class PromptTemplate:
@@ -145,7 +146,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     def process(inp: ShardInput, rows: pa.Table) -> ShardOutput:
         if state["backend"] is None:
             log("generate", f"loading teacher {g.model} ({g.backend}, {g.dtype})")
-            state["backend"] = make_backend(g)
+            state["backend"] = make_backend(g, run_dir / "generate")
             facts.update(state["backend"].facts())
             state["t0"] = time.time()
         backend = state["backend"]
@@ -178,7 +179,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                                     "gold": row["gold"], "prompt": prompt,
                                     "completion": gen.text if gen else "",
                                     "finish_reason": gen.finish_reason if gen else "error",
-                                    "error": None if gen else out})
+                                    "error": None if gen else str(out)})
                     gens.append(gen)
                     if gen is None:
                         counters["errors"] += 1
@@ -193,6 +194,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             bar().update(len(batch))
             bar().set_postfix_str(f"{state['tokens'] / elapsed:.0f} tok/s, "
                                 f"errors {state['errors']}", refresh=False)
+        facts.update(backend.facts())  # e.g. whether an API's log-probabilities are usable
         return ShardOutput({"traces": traces_table(records, gens, g.top_k)}, counters)
 
     def progress(inp: ShardInput, result: ShardOutput | None) -> None:

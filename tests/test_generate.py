@@ -40,7 +40,7 @@ class ScriptedTeacher:
 @pytest.fixture
 def teacher(monkeypatch):
     t = ScriptedTeacher()
-    monkeypatch.setattr(generate, "make_backend", lambda cfg: t)
+    monkeypatch.setattr(generate, "make_backend", lambda cfg, work_dir=None: t)
     return t
 
 

@@ -1,0 +1,107 @@
+"""A small OpenAI-compatible chat server for tests: real HTTP on 127.0.0.1, scripted failures.
+
+Each request's user message selects its script (`SCRIPTS`), a list of what to do on the first,
+second, ... attempt: "ok", "429" (with Retry-After), "500", "400" (permanent), "stall" (answer
+after the client's timeout), "malformed" (200 with a body that is not JSON) or "truncated"
+(200 whose body stops short of its Content-Length). Unscripted prompts always get "ok".
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+VOCAB = 100
+
+
+def completion(prompt: str, n: int, k: int, max_tokens: int) -> dict:
+    """A deterministic answer: token ids 10..14, top-k with the sampled token placed last."""
+    choices = []
+    for i in range(n):
+        content = []
+        for t in range(min(5, max_tokens)):
+            tok = 10 + t
+            tops = [{"token": f"token_id:{50 + j}", "logprob": -1.0 - j, "bytes": None}
+                    for j in range(k - 1)]
+            tops.append({"token": f"token_id:{tok}", "logprob": -0.5, "bytes": None})
+            content.append({"token": f"token_id:{tok}", "logprob": -0.5, "bytes": None,
+                            "top_logprobs": tops})
+        choices.append({"index": i, "finish_reason": "stop", "logprobs": {"content": content},
+                        "message": {"role": "assistant", "content": f"answer {i} to {prompt}"}})
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+            "choices": choices}
+
+
+class FakeServer:
+    def __init__(self, scripts: dict[str, list[str]] | None = None, stall_seconds: float = 2.0,
+                 delay: float = 0.0):
+        self.scripts = scripts or {}
+        self.delay = delay
+        self.stall_seconds = stall_seconds
+        self.attempts: Counter = Counter()
+        self.successes: Counter = Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._send(200, json.dumps({"data": [{"id": "fake"}]}).encode())
+
+            def _send(self, status, body, headers=None, length=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(length or len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with server.lock:
+                    attempt = server.attempts[prompt]
+                    server.attempts[prompt] += 1
+                script = server.scripts.get(prompt, [])
+                action = script[attempt] if attempt < len(script) else "ok"
+                if action == "429":
+                    self._send(429, b'{"error": {"message": "slow down"}}',
+                               {"Retry-After": "0.2"})
+                elif action == "500":
+                    self._send(500, b'{"error": {"message": "boom"}}')
+                elif action == "400":
+                    self._send(400, b'{"error": {"message": "bad request"}}')
+                elif action == "stall":
+                    time.sleep(server.stall_seconds)
+                    self._send(200, json.dumps(completion(prompt, body.get("n", 1),
+                                                          body["top_logprobs"], 5)).encode())
+                elif action == "malformed":
+                    self._send(200, b"{this is not json")
+                elif action == "truncated":
+                    self._send(200, b'{"id": "x", "choi', length=500)
+                    self.close_connection = True
+                else:
+                    time.sleep(server.delay)
+                    payload = completion(prompt, body.get("n", 1), body["top_logprobs"],
+                                         body.get("max_tokens") or 16)
+                    with server.lock:
+                        server.successes[prompt] += 1
+                    self._send(200, json.dumps(payload).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,139 @@
+"""The openai backend against a real local HTTP server that injects failures."""
+
+import numpy as np
+import pytest
+
+from fake_openai import FakeServer
+from pipeline.config import load_config
+from stages.backends import SamplingSettings
+from stages.openai_backend import OpenAIBackend, TokenMapper, parse_chat_choice
+
+SETTINGS = SamplingSettings(n=2, temperature=0.7, top_p=1.0, max_new_tokens=8, top_k=4,
+                            seed=0, stop=[])
+
+
+def backend(tmp_path, url, **over):
+    extra = [f"generate.{k}={v}" for k, v in over.items()]
+    cfg = load_config(None, ["generate.backend=openai", f"generate.base_url={url}",
+                             "generate.server_token_ids=true", "generate.request_timeout=0.5",
+                             "generate.backoff_max=0.05", "generate.max_retries=3",
+                             "generate.model=fake"] + extra)
+    return OpenAIBackend(cfg.generate, tmp_path / "requests.sqlite")
+
+
+def test_failures_are_retried_or_recorded_and_nothing_is_generated_twice(tmp_path):
+    scripts = {"rate": ["429", "ok"], "flaky": ["500", "500", "ok"], "slow": ["stall", "ok"],
+               "garbled": ["malformed", "ok"], "cut": ["truncated", "ok"], "bad": ["400"],
+               "down": ["500"] * 10}
+    prompts = list(scripts) + ["fine"]
+    with FakeServer(scripts, stall_seconds=1.5) as server:
+        be = backend(tmp_path, server.base_url)
+        out = be.generate(prompts, SETTINGS)
+        by_prompt = dict(zip(prompts, out))
+        for p in ["rate", "flaky", "slow", "garbled", "cut", "fine"]:
+            gens = by_prompt[p]
+            assert isinstance(gens, list) and len(gens) == 2, (p, gens)
+            assert gens[0].text == f"answer 0 to {p}"
+        assert "BadRequestError" in str(by_prompt["bad"]) and server.attempts["bad"] == 1
+        assert "InternalServerError" in str(by_prompt["down"]) and server.attempts["down"] == 4
+        assert max(server.successes.values()) == 1
+        # a rerun (after a crash, say) is served from the cache for every finished request
+        again = backend(tmp_path, server.base_url)
+        before = dict(server.successes)
+        out2 = again.generate(prompts, SETTINGS)
+        assert all(server.successes[p] == n for p, n in before.items())
+        assert again.stats["cache_hits"] == 6
+        assert server.successes["bad"] == 1  # a request that never succeeded is sent again
+        for first, second in zip(out, out2):
+            if isinstance(first, list):
+                assert [g.text for g in second] == [g.text for g in first]
+
+
+def test_top_logprobs_are_sorted_and_ids_parsed():
+    from fake_openai import completion
+
+    choice = completion("q", 1, 4, 3)["choices"][0]
+    gen, usable = parse_chat_choice(choice, 4, TokenMapper())
+    assert usable and gen.token_ids.tolist() == [10, 11, 12]
+    # the server put the sampled token last; sorted by log-probability it comes first
+    assert gen.topk_ids[0].tolist() == [10, 50, 51, 52]
+    assert (np.diff(gen.topk_logprobs, axis=1) <= 0).all()
+
+
+def test_strings_without_a_tokenizer_are_not_usable_for_kd():
+    choice = {"index": 0, "finish_reason": "length", "message": {"content": "hi"},
+              "logprobs": {"content": [{"token": "hi", "logprob": -0.1,
+                                        "top_logprobs": [{"token": "hi", "logprob": -0.1}]}]}}
+    gen, usable = parse_chat_choice(choice, 1, TokenMapper())
+    assert not usable and gen.finish_reason == "length" and gen.token_ids.tolist() == [-1]
+
+
+def test_key_and_k_limits(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    cfg = load_config(None, ["generate.backend=openai", "generate.api_key_env=NO_SUCH_KEY"])
+    with pytest.raises(ValueError, match="NO_SUCH_KEY is not set"):
+        OpenAIBackend(cfg.generate, tmp_path / "c.sqlite")
+    with pytest.raises(Exception, match="<= 20"):
+        load_config(None, ["generate.backend=openai", "generate.top_k=50"])
+
+
+def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import store
+
+    args = [sys.executable, "-m", "pipeline.cli", "generate", "--config", "configs/demo.yaml",
+            "--run", "r", "--runs-dir", str(tmp_path), "task.n_train=48",
+            "generate.rows_per_shard=8", "generate.batch_size=8", "generate.n_samples=1",
+            "generate.backend=openai", "generate.server_token_ids=true",
+            "generate.concurrency=2", "generate.model=fake"]
+    with FakeServer(delay=0.1) as server:
+        args.append(f"generate.base_url={server.base_url}")
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while sum(server.successes.values()) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.5)  # requests in flight at the kill are still answered (into a dead pipe)
+        served = sum(server.successes.values())
+        assert 20 <= served < 48
+        assert store.read_manifest(tmp_path / "r" / "generate") is None
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "r" / "generate" / "requests.sqlite")
+        finished = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        db.close()
+        # at most the requests in flight at the kill were answered but never stored
+        assert served - 2 <= finished <= served
+
+        rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+    manifest = store.read_manifest(tmp_path / "r" / "generate")
+    table = store.read_shards(tmp_path / "r" / "generate", [f["file"] for f in manifest["files"]])
+    assert sorted(table.column("id").to_pylist()) == [f"demo-train-{i:06d}" for i in range(48)]
+    # the rerun sent exactly the requests that had not finished: none was paid for twice
+    assert sum(server.successes.values()) - served == 48 - finished
+    assert manifest["facts"]["usable_for_kd"] is True
+
+
+def test_token_strings_map_to_ids_with_the_teachers_tokenizer(embedded_path):
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_path)
+    mapper = TokenMapper(tok)
+    text = "Anna has 5 + 3 = 8 apples."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    content = [{"token": tok.decode([i]), "logprob": -0.1,
+                "top_logprobs": [{"token": tok.decode([i]), "logprob": -0.1}]} for i in ids]
+    choice = {"index": 0, "finish_reason": "stop", "message": {"content": text},
+              "logprobs": {"content": content}}
+    gen, usable = parse_chat_choice(choice, 1, mapper)
+    assert usable and gen.token_ids.tolist() == ids
+    # a text that does not round-trip (the server's tokens disagree with it) is not usable
+    choice["message"]["content"] = text + "!"
+    assert parse_chat_choice(choice, 1, mapper)[1] is False
