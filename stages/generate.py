@@ -192,8 +192,12 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                     state["tokens"] += n_tokens
             elapsed = max(time.time() - state["t0"], 1e-9)
             bar().update(len(batch))
-            bar().set_postfix_str(f"{state['tokens'] / elapsed:.0f} tok/s, "
-                                f"errors {state['errors']}", refresh=False)
+            postfix = f"{state['tokens'] / elapsed:.0f} tok/s, errors {state['errors']}"
+            stats = getattr(backend, "stats", None)  # API backends count their requests
+            if stats:
+                postfix += (f", {stats['requests'] / elapsed:.1f} req/s, "
+                            f"{stats['retries']} retries, {stats['cache_hits']} cached")
+            bar().set_postfix_str(postfix, refresh=False)
         facts.update(backend.facts())  # e.g. whether an API's log-probabilities are usable
         return ShardOutput({"traces": traces_table(records, gens, g.top_k)}, counters)
 
