@@ -43,19 +43,14 @@ class RequestCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
         self.db.commit()
-        self.hits = self.stores = 0
 
     def get(self, key: str) -> dict | None:
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
-        if row:
-            self.hits += 1
-            return json.loads(row[0])
-        return None
+        return json.loads(row[0]) if row else None
 
     def put(self, key: str, body: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(body)))
         self.db.commit()
-        self.stores += 1
 
 
 def _retry_after(error) -> float | None:

@@ -42,6 +42,7 @@ class FakeServer:
         self.delay = delay
         self.stall_seconds = stall_seconds
         self.attempts: Counter = Counter()
+        self.times: dict[str, list[float]] = {}
         self.successes: Counter = Counter()
         self.lock = threading.Lock()
         server = self
@@ -68,6 +69,7 @@ class FakeServer:
                 with server.lock:
                     attempt = server.attempts[prompt]
                     server.attempts[prompt] += 1
+                    server.times.setdefault(prompt, []).append(time.monotonic())
                 script = server.scripts.get(prompt, [])
                 action = script[attempt] if attempt < len(script) else "ok"
                 if action == "429":

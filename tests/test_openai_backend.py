@@ -37,6 +37,9 @@ def test_failures_are_retried_or_recorded_and_nothing_is_generated_twice(tmp_pat
         assert "BadRequestError" in str(by_prompt["bad"]) and server.attempts["bad"] == 1
         assert "InternalServerError" in str(by_prompt["down"]) and server.attempts["down"] == 4
         assert max(server.successes.values()) == 1
+        # the 429 said Retry-After: 0.2, longer than any backoff of this config (0.05 s)
+        first, second = server.times["rate"][:2]
+        assert second - first >= 0.2
         # a rerun (after a crash, say) is served from the cache for every finished request
         again = backend(tmp_path, server.base_url)
         before = dict(server.successes)
