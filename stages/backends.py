@@ -7,6 +7,7 @@ processor as they are produced, so no full-vocabulary tensor is kept for the who
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,6 +111,7 @@ class HFBackend:
         from pipeline.models import (contiguous_head, load_causal_lm, load_tokenizer,
                                      model_revision, resolve_model, tokenizer_fingerprint)
 
+        t0 = time.time()
         self.model_spec = model
         if loaded is None:
             self.path = resolve_model(model)
@@ -121,6 +123,8 @@ class HFBackend:
             self.tokenizer.padding_side = "left"
             self.path, revision = model, "in-memory"
         contiguous_head(self.model)
+        self.startup_s = time.time() - t0
+        self.stats = {"engine_s": 0.0}
         self.dtype = dtype
         self.chat_template = chat_template
         self._facts = {"backend": self.name, "teacher": model, "teacher_revision": revision,
@@ -156,8 +160,10 @@ class HFBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=tok)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
+        self.stats["engine_s"] += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1]:]
         steps = new.shape[1]
         if capture is not None:
@@ -197,10 +203,19 @@ class HFBackend:
         return results
 
 
-def make_backend(cfg, work_dir=None) -> TeacherBackend:
-    """The backend named in a GenerateConfig; `work_dir` holds the openai request cache."""
+def make_backend(cfg, work_dir=None, vllm_cfg=None) -> TeacherBackend:
+    """The backend named in a GenerateConfig; `work_dir` holds the openai request cache,
+    `vllm_cfg` is the `vllm` section (engine settings)."""
     if cfg.backend == "hf":
         return HFBackend(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template)
+    if cfg.backend == "vllm":
+        from stages.vllm_backend import VLLMBackend
+
+        if vllm_cfg is None:
+            from pipeline.config import VLLMConfig
+
+            vllm_cfg = VLLMConfig()
+        return VLLMBackend(cfg, vllm_cfg, cfg.top_k)
     if cfg.backend == "openai":
         from pathlib import Path
 

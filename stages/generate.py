@@ -35,6 +35,10 @@ TRACE_SCHEMA = pa.schema([
 # Settings that do not change what is asked of the teacher, so changing them keeps the shards.
 _NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
                       "backoff_max", "api_key_env"}
+_OPENAI_ONLY = {"base_url", "endpoint", "server_token_ids", "tokenizer"}
+# vLLM engine settings that change speed or memory, not the distribution sampled from.
+_VLLM_NOT_FINGERPRINTED = {"tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
+                           "max_num_seqs", "in_process", "cpu_kvcache_gb", "cpu_threads"}
 
 
 class PromptTemplate:
@@ -56,10 +60,19 @@ class PromptTemplate:
 
 
 def generate_settings(cfg: Config) -> dict:
-    section = {k: v for k, v in cfg.section("generate").items() if k not in _NOT_FINGERPRINTED}
+    """What decides the traces: the settings that go into the fingerprint."""
+    backend = cfg.generate.backend
+    skip = _NOT_FINGERPRINTED | (set() if backend == "openai" else _OPENAI_ONLY)
+    if backend == "openai":
+        skip = skip | {"dtype"}  # the server decides
+    section = {k: v for k, v in cfg.section("generate").items() if k not in skip}
     template = PromptTemplate(cfg.generate.prompt_template)
-    return {"generate": section, "template_sha256": template.sha256,
-            "schema_version": SCHEMA_VERSION}
+    settings = {"generate": section, "template_sha256": template.sha256,
+                "schema_version": SCHEMA_VERSION}
+    if backend == "vllm":
+        settings["vllm"] = {k: v for k, v in cfg.section("vllm").items()
+                            if k not in _VLLM_NOT_FINGERPRINTED}
+    return settings
 
 
 def task_shards(cfg: Config) -> list[ShardInput]:
@@ -146,18 +159,24 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     def process(inp: ShardInput, rows: pa.Table) -> ShardOutput:
         if state["backend"] is None:
             log("generate", f"loading teacher {g.model} ({g.backend}, {g.dtype})")
-            state["backend"] = make_backend(g, run_dir / "generate")
+            state["backend"] = make_backend(g, run_dir / "generate", cfg.vllm)
             facts.update(state["backend"].facts())
+            if getattr(state["backend"], "startup_s", None):
+                log("generate", f"teacher ready in {state['backend'].startup_s:.0f}s")
             state["t0"] = time.time()
+            bar()
         backend = state["backend"]
         sampling = SamplingSettings(n=g.n_samples, temperature=g.temperature, top_p=g.top_p,
                                     max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=0,
                                     stop=list(g.stop))
-        per_batch = max(1, g.batch_size // g.n_samples)
+        # Engines that schedule requests themselves get the whole shard at once.
         data = rows.to_pylist()
+        per_batch = (len(data) if getattr(backend, "whole_shards", False)
+                     else max(1, g.batch_size // g.n_samples))
         records: list[dict] = []
         gens: list[Generation | None] = []
         counters = {"rows": len(data), "traces": 0, "errors": 0, "tokens": 0, "truncated": 0}
+        kd_before = dict(getattr(backend, "kd_check", {}))
         for b, start in enumerate(range(0, len(data), per_batch)):
             batch = data[start:start + per_batch]
             prompts = [template.render(r["question"]) for r in batch]
@@ -193,13 +212,37 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             elapsed = max(time.time() - state["t0"], 1e-9)
             bar().update(len(batch))
             postfix = f"{state['tokens'] / elapsed:.0f} tok/s, errors {state['errors']}"
-            stats = getattr(backend, "stats", None)  # API backends count their requests
-            if stats:
+            stats = getattr(backend, "stats", None) or {}
+            if "retries" in stats:  # API backends count their requests
                 postfix += (f", {stats['requests'] / elapsed:.1f} req/s, "
                             f"{stats['retries']} retries, {stats['cache_hits']} cached")
             bar().set_postfix_str(postfix, refresh=False)
-        facts.update(backend.facts())  # e.g. whether an API's log-probabilities are usable
+        facts.update(backend.facts())
+        # API backends check every response's ids; the counts travel with the shard
+        for key, value in getattr(backend, "kd_check", {}).items():
+            counters[f"kd_{key}"] = value - kd_before.get(key, 0)
         return ShardOutput({"traces": traces_table(records, gens, g.top_k)}, counters)
+
+    def kd_usability(totals: dict, facts: dict) -> None:
+        """Whether the log-probabilities of all shards can be used for KD, and why not."""
+        if "kd_tokens" not in totals:  # local engines: ids straight from the model
+            facts["usable_for_kd"] = True
+            return
+        check = {k[3:]: v for k, v in totals.items() if k.startswith("kd_")}
+        problems = []
+        if check["sampled_unmapped"]:
+            problems.append(f"{check['sampled_unmapped']} sampled tokens have no id (set "
+                            "generate.tokenizer, or generate.server_token_ids with vLLM)")
+        if check["text_mismatch"]:
+            problems.append(f"{check['text_mismatch']} traces' ids do not spell their text")
+        if not check["tokens"]:
+            problems.append("no generated tokens")
+        facts["usable_for_kd"] = not problems
+        facts["kd_check"] = check
+        if problems:
+            facts["kd_unusable_because"] = "; ".join(problems)
+        else:
+            facts.pop("kd_unusable_because", None)
 
     def progress(inp: ShardInput, result: ShardOutput | None) -> None:
         if result is None:
@@ -209,12 +252,17 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         manifest = run_shard_stage(
             "generate", run_dir / "generate", fp, settings, inputs, process, ["traces"],
             facts=facts, upstream={"task": cfg.section("task")}, force=force,
-            on_progress=progress)
+            on_progress=progress, finalize=kd_usability)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
+        if hasattr(state["backend"], "close"):
+            state["backend"].close()
     c = manifest["counters"]
     log("generate", f"{c.get('rows', 0)} rows -> {c.get('traces', 0)} traces, "
         f"{c.get('tokens', 0)} tokens, {c.get('truncated', 0)} truncated, "
         f"{c.get('errors', 0)} errors")
+    if not manifest["facts"].get("usable_for_kd", True):
+        log("generate", "the log-probabilities are not usable for KD: "
+            + manifest["facts"].get("kd_unusable_because", ""))
     return manifest

@@ -97,38 +97,125 @@ class TokenMapper:
         return self.by_text.get(token, -1)
 
 
-def parse_chat_choice(choice: dict, k: int, mapper: TokenMapper) -> tuple[Generation, bool]:
-    """One chat choice -> a Generation, and whether its ids are trustworthy for KD."""
+def _kept(ends: np.ndarray | None, text_len: int, ids: np.ndarray, finish: str,
+          tokenizer) -> int:
+    """How many tokens lie wholly inside the returned text.
+
+    Servers stop on a stop string or the end-of-sequence token but still return that last
+    token's log-probabilities (vLLM does); the shard keeps only tokens before it, as the hf
+    and vllm backends do. `ends` are the tokens' end offsets in the text's units when the
+    response tells them; otherwise the teacher's tokenizer decides, or, with neither, a
+    stopped generation loses its last token.
+    """
+    n = ids.shape[0]
+    if ends is not None:
+        return int(np.searchsorted(ends, text_len, side="right"))
+    if tokenizer is not None and (ids >= 0).all():
+        lo, hi = 0, n
+        while lo < hi:  # the longest prefix whose text (special tokens spelled out) fits
+            mid = (lo + hi + 1) // 2
+            if len(tokenizer.decode(ids[:mid].tolist(), skip_special_tokens=False)) <= text_len:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    return n - 1 if finish == "stop" and n else n
+
+
+def _generation(text: str, finish: str, kept: int, ids, lps, topk_ids, topk_lps,
+                mapper: TokenMapper) -> tuple[Generation, dict]:
+    """Keep the first `kept` tokens, and check them for KD.
+
+    The check: every sampled token has its id and, with a tokenizer, the ids spell the text
+    (exactly, or up to a last token that straddles the stop string). A top-k entry without a
+    unique id (a string shared by several tokens, or lost to a clash) keeps id -1: its
+    probability belongs with the rest of the vocabulary, which KD's "outside the top k"
+    bucket holds anyway, so it is counted but does not make the row unusable.
+    """
+    ids, lps, topk_ids, topk_lps = ids, lps, topk_ids[:kept], topk_lps[:kept]
+    check = {"tokens": kept, "sampled_unmapped": int((ids[:kept] < 0).sum()),
+             "topk_unmapped": int((topk_ids < 0).sum()), "text_mismatch": 0}
+    if mapper.tokenizer is not None and not check["sampled_unmapped"]:
+        decoded = mapper.tokenizer.decode(ids[:kept].tolist())
+        ok = decoded == text or (
+            text.startswith(decoded) and kept < ids.shape[0]
+            and mapper.tokenizer.decode(ids[:kept + 1].tolist()).startswith(text))
+        check["text_mismatch"] = int(not ok)
+        text = decoded  # the text of the kept tokens, as the hf and vllm backends write it
+    return Generation(text, finish, ids[:kept], lps[:kept], topk_ids, topk_lps), check
+
+
+def parse_chat_choice(choice: dict, k: int, mapper: TokenMapper) -> tuple[Generation, dict]:
+    """One chat choice -> a Generation, and its KD check (see `_generation`)."""
     content = (choice.get("logprobs") or {}).get("content") or []
     n = len(content)
     ids = np.full(n, -1, np.int32)
     lps = np.zeros(n, np.float32)
     topk_ids = np.full((n, k), -1, np.int32)
     topk_lps = np.full((n, k), -np.inf, np.float32)
+    sizes = np.zeros(n, np.int64)
     for t, entry in enumerate(content):
         ids[t] = mapper.to_id(entry["token"])
         lps[t] = entry["logprob"]
+        raw = entry.get("bytes")
+        sizes[t] = len(raw) if raw is not None else -1
         # vLLM may return the sampled token plus k-1 others, unsorted: sort, never trust order
         tops = sorted(entry.get("top_logprobs") or [], key=lambda e: -e["logprob"])[:k]
         for j, top in enumerate(tops):
             topk_ids[t, j] = mapper.to_id(top["token"])
             topk_lps[t, j] = top["logprob"]
     text = (choice.get("message") or {}).get("content") or ""
-    usable = bool(n) and (ids >= 0).all() and (topk_ids[np.isfinite(topk_lps)] >= 0).all()
-    if usable and mapper.tokenizer is not None:
-        usable = mapper.tokenizer.decode(ids.tolist()) == text
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
-    return Generation(text, finish, ids, lps, topk_ids, topk_lps), bool(usable)
+    ends = np.cumsum(sizes) if (sizes >= 0).all() else None  # in UTF-8 bytes
+    kept = _kept(ends, len(text.encode()), ids, finish, mapper.tokenizer)
+    return _generation(text, finish, kept, ids, lps, topk_ids, topk_lps, mapper)
+
+
+def parse_completion_choice(choice: dict, k: int, mapper: TokenMapper
+                            ) -> tuple[Generation, dict]:
+    """One (legacy) completions choice -> a Generation, and its KD check.
+
+    Here `top_logprobs[t]` is a dict keyed by token string: two tokens with the same text
+    collide and one is lost, leaving an empty (-1) slot (with `server_token_ids` the keys are
+    ids and cannot collide).
+    """
+    lp = choice.get("logprobs") or {}
+    tokens = lp.get("tokens") or []
+    n = len(tokens)
+    ids = np.array([mapper.to_id(t) for t in tokens], np.int32).reshape(n)
+    lps = np.array([v if v is not None else 0.0 for v in (lp.get("token_logprobs") or [])],
+                   np.float32)
+    if lps.shape[0] != n:
+        raise ValueError(f"completions logprobs hold {n} tokens but {lps.shape[0]} values")
+    topk_ids = np.full((n, k), -1, np.int32)
+    topk_lps = np.full((n, k), -np.inf, np.float32)
+    for t, tops in enumerate(lp.get("top_logprobs") or []):
+        ranked = sorted((tops or {}).items(), key=lambda item: -item[1])[:k]
+        for j, (token, value) in enumerate(ranked):
+            topk_ids[t, j] = mapper.to_id(token)
+            topk_lps[t, j] = value
+    text = choice.get("text") or ""
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    offsets = lp.get("text_offset") or []
+    ends = None
+    if n and len(offsets) == n and not any(t.startswith("token_id:") for t in tokens):
+        # character offsets: a token ends where the next begins; the last by its own length
+        starts = np.asarray(offsets, np.int64) - offsets[0]
+        ends = np.append(starts[1:], starts[-1] + len(tokens[-1]))
+    kept = _kept(ends, len(text), ids, finish, mapper.tokenizer)
+    return _generation(text, finish, kept, ids, lps, topk_ids, topk_lps, mapper)
 
 
 class OpenAIBackend:
-    """Teacher behind an OpenAI-compatible chat completions endpoint."""
+    """Teacher behind an OpenAI-compatible chat completions or completions endpoint."""
 
     name = "openai"
+    whole_shards = True  # concurrency is bounded by a semaphore, not by our batches
 
     def __init__(self, cfg, cache_path: Path):
         import openai
 
+        t0 = time.time()
         if cfg.top_k > API_TOP_LOGPROBS_LIMIT:
             raise ValueError(f"generate.top_k={cfg.top_k} is above {API_TOP_LOGPROBS_LIMIT}, "
                              "the most top_logprobs an OpenAI-compatible API returns; lower it "
@@ -138,31 +225,52 @@ class OpenAIBackend:
             raise ValueError(f"environment variable {cfg.api_key_env} is not set; export the "
                              "API key there (it is never written to disk)")
         self.cfg = cfg
+        # One event loop for the backend's life: the client's pooled keep-alive connections
+        # belong to the loop they were opened on, so a fresh loop per shard would break them.
+        self.loop = asyncio.new_event_loop()
         self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key or "none",
                                          max_retries=0, timeout=cfg.request_timeout)
         self.cache = RequestCache(cache_path)
         tokenizer = None
-        if cfg.tokenizer and not cfg.server_token_ids:
+        if cfg.tokenizer:  # maps strings to ids, or checks the ids a server sends
             from pipeline.models import load_tokenizer, resolve_model
 
             tokenizer = load_tokenizer(resolve_model(cfg.tokenizer))
         self.mapper = TokenMapper(tokenizer)
-        self.usable_for_kd = True
-        self.stats = {"requests": 0, "retries": 0, "failed": 0, "cache_hits": 0}
+        if cfg.endpoint == "chat":
+            self.create, self.parse = self.client.chat.completions.create, parse_chat_choice
+        else:
+            self.create, self.parse = self.client.completions.create, parse_completion_choice
+        self.kd_check = {"tokens": 0, "sampled_unmapped": 0, "topk_unmapped": 0,
+                         "text_mismatch": 0}
+        self.stats = {"requests": 0, "retries": 0, "failed": 0, "cache_hits": 0,
+                      "engine_s": 0.0}  # engine_s: time spent waiting on the server
+        self.startup_s = time.time() - t0
+
+    @property
+    def usable_for_kd(self) -> bool:
+        """Every sampled token has its id, and the ids spell the text where that can be told."""
+        c = self.kd_check
+        return c["tokens"] > 0 and not c["sampled_unmapped"] and not c["text_mismatch"]
 
     def facts(self) -> dict:
         return {"backend": self.name, "teacher": self.cfg.model, "base_url": self.cfg.base_url,
+                "endpoint": self.cfg.endpoint,
                 "teacher_revision": "api:" + self.cfg.model,
                 "logprob_source": "server (vLLM: raw logits; hosted APIs: undocumented)",
                 "token_ids": "server" if self.cfg.server_token_ids else
                 ("tokenizer:" + self.cfg.tokenizer if self.cfg.tokenizer else "none"),
-                "usable_for_kd": self.usable_for_kd, "requests": dict(self.stats)}
+
+                "requests": {k: v for k, v in self.stats.items() if k != "engine_s"}}
 
     def request_body(self, prompt: str, s: SamplingSettings) -> dict:
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
-                "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
-                "max_tokens": s.max_new_tokens, "seed": s.seed, "logprobs": True,
-                "top_logprobs": s.top_k}
+        body = {"model": self.cfg.model, "n": s.n, "temperature": s.temperature,
+                "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
+        if self.cfg.endpoint == "chat":
+            body.update(messages=[{"role": "user", "content": prompt}], logprobs=True,
+                        top_logprobs=s.top_k)
+        else:
+            body.update(prompt=prompt, logprobs=s.top_k)
         if s.stop:
             body["stop"] = list(s.stop)
         if self.cfg.server_token_ids:
@@ -180,7 +288,7 @@ class OpenAIBackend:
             async with semaphore:
                 try:
                     self.stats["requests"] += 1
-                    response = await self.client.chat.completions.create(**body)
+                    response = await self.create(**body)
                     result = response.model_dump()
                     if not result.get("choices"):
                         raise json.JSONDecodeError("response has no choices", "", 0)
@@ -205,7 +313,9 @@ class OpenAIBackend:
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list:
         """One request per prompt; a failed prompt gives its error string instead of a list."""
         bodies = [self.request_body(p, settings) for p in prompts]
-        results = asyncio.run(self._all(bodies))
+        t0 = time.perf_counter()
+        results = self.loop.run_until_complete(self._all(bodies))
+        self.stats["engine_s"] += time.perf_counter() - t0
         out: list = []
         for result in results:
             if isinstance(result, str):
@@ -213,11 +323,20 @@ class OpenAIBackend:
                 continue
             gens = []
             for choice in sorted(result["choices"], key=lambda c: c.get("index", 0)):
-                gen, usable = parse_chat_choice(choice, settings.top_k, self.mapper)
-                self.usable_for_kd &= usable
+                gen, check = self.parse(choice, settings.top_k, self.mapper)
+                for key, value in check.items():
+                    self.kd_check[key] += value
                 gens.append(gen)
             out.append(gens)
         return out
+
+
+    def close(self) -> None:
+        """Close the client's connections and the event loop."""
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.client.close())
+            self.loop.close()
+        self.cache.db.close()
 
 
 def wait_for_server(base_url: str, timeout: float = 120.0) -> None:

