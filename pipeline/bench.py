@@ -122,6 +122,7 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
         results.append(_generate_in_child("vllm", rows))
         with local_vllm_server("smollm2-135m-instruct", kv_cache_gb=4) as server:
             results.append(_generate_in_child("openai", rows, server.base_url))
+        results[-1]["server_startup_s"] = server.startup_s
     out = []
     for r in results:
         name = {"hf": "generate hf (transformers, batch 64)", "vllm": "generate vllm (engine)",
@@ -132,7 +133,9 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
                     f"tokens/s, {100 * outside:.1f}% of the time outside the engine "
                     f"({100 * outside / (1 - outside):.1f}% of engine time), "
                     f"{r['bytes'] / max(r['tokens'], 1):.0f} bytes/token, start-up "
-                    f"{r['startup_s']:.0f}s"))
+                    f"{r['startup_s']:.0f}s"
+                    + (f" (+{r['server_startup_s']:.0f}s server)" if "server_startup_s" in r
+                       else "")))
     return out + notes
 
 

@@ -108,10 +108,10 @@ class HFBackend:
                  loaded: tuple | None = None):
         """`loaded` = (model, tokenizer) reuses weights already in memory (the evaluation's
         merged student); otherwise `model` is resolved and loaded."""
+        t0 = time.time()
         from pipeline.models import (contiguous_head, load_causal_lm, load_tokenizer,
                                      model_revision, resolve_model, tokenizer_fingerprint)
 
-        t0 = time.time()
         self.model_spec = model
         if loaded is None:
             self.path = resolve_model(model)

@@ -72,6 +72,8 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                     "first_line": True},
         "explain": {"adapter": adapter, "max_new_tokens": e.max_new_tokens},
     }
+    if g.backend == "openai":  # the teacher is only reachable through its API
+        specs["teacher"].update(base_url=g.base_url, endpoint=g.endpoint)
     results, computed = [], 0
     distilled = None
     for system in e.systems:
@@ -85,7 +87,12 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         questions = [r["question"] for r in rows]
         if system == "teacher":
             log("eval", f"teacher {g.model}: few-shot chain of thought")
-            backend = HFBackend(g.model, e.dtype, g.chat_template)
+            if g.backend == "openai":  # requests cached in eval/requests.sqlite
+                from stages.backends import make_backend
+
+                backend = make_backend(g, stage_dir)
+            else:  # vllm's teacher is local too: its weights run here through transformers
+                backend = HFBackend(g.model, e.dtype, g.chat_template)
             prompts, stop, budget = [template.render(q) for q in questions], g.stop, \
                 e.max_new_tokens
         elif system == "base":

@@ -213,9 +213,9 @@ class OpenAIBackend:
     whole_shards = True  # concurrency is bounded by a semaphore, not by our batches
 
     def __init__(self, cfg, cache_path: Path):
+        t0 = time.time()
         import openai
 
-        t0 = time.time()
         if cfg.top_k > API_TOP_LOGPROBS_LIMIT:
             raise ValueError(f"generate.top_k={cfg.top_k} is above {API_TOP_LOGPROBS_LIMIT}, "
                              "the most top_logprobs an OpenAI-compatible API returns; lower it "

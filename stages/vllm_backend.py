@@ -55,6 +55,7 @@ class VLLMBackend:
     whole_shards = True  # the engine schedules a whole shard better than our batches would
 
     def __init__(self, gcfg, vcfg, top_k: int):
+        t0 = time.time()  # start-up includes importing vllm (about 9 s here)
         import torch
 
         from pipeline.models import (load_tokenizer, model_revision, resolve_model,
@@ -72,7 +73,6 @@ class VLLMBackend:
         self.tokenizer = load_tokenizer(self.path, padding_side="left")
         self.chat_template = gcfg.chat_template
         dtype = vcfg.dtype or gcfg.dtype
-        t0 = time.time()
         kwargs = dict(model=str(self.path), dtype=dtype, seed=vcfg.seed,
                       tensor_parallel_size=vcfg.tensor_parallel_size,
                       gpu_memory_utilization=vcfg.gpu_memory_utilization,

@@ -47,10 +47,17 @@ class LocalVLLMServer:
         self.startup_s = 0.0
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.path), "--served-model-name", self.model,
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
                 "--enforce-eager", "--max-logprobs", str(self.max_logprobs)]
+        import torch
+
+        if not torch.cuda.is_available():
+            # On a CPU a request with a seed kills the engine when its prefill is split over
+            # two steps ("CPU Generator does not use offset"); whole prefills avoid it.
+            args.append("--no-enable-chunked-prefill")
+        return args
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

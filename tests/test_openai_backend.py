@@ -5,6 +5,7 @@ import pytest
 
 from fake_openai import FakeServer
 from pipeline.config import load_config
+from pipeline.tasks import load_split
 from stages.backends import SamplingSettings
 from stages.openai_backend import OpenAIBackend, TokenMapper, parse_chat_choice
 
@@ -194,3 +195,25 @@ def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_
     assert facts["usable_for_kd"] is False
     assert "generate.tokenizer" in facts["kd_unusable_because"]
     assert facts["kd_check"]["sampled_unmapped"] == facts["kd_check"]["tokens"] == 30
+
+
+def test_eval_scores_an_api_teacher_through_its_api_and_records_failed_requests(tmp_path):
+    from stages import eval as eval_stage
+    from stages.generate import PromptTemplate
+
+    with FakeServer(stop_token=True) as server:  # ids and the stop token, as vLLM sends them
+        cfg = load_config("configs/demo.yaml", [
+            "task.n_test=5", "eval.n=5", "eval.systems=[teacher]", "generate.backend=openai",
+            f"generate.base_url={server.base_url}", "generate.model=fake",
+            "generate.endpoint=completions", "generate.max_retries=0"])
+        server.scripts = {PromptTemplate(cfg.generate.prompt_template).render(
+            load_split(cfg.task, "test").column("question")[1].as_py()): ["400"]}
+        report = eval_stage.main(cfg, tmp_path)
+        assert sum(server.successes.values()) == 4
+    (teacher,) = report["results"]
+    assert teacher["system"] == "teacher" and teacher["n"] == 5
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "eval" / "teacher.parquet").to_pylist()
+    assert rows[1]["finish_reason"].startswith("error: ") and not rows[1]["correct"]
+    assert rows[0]["output"].startswith("answer 0 to ") and rows[0]["n_tokens"] == 5

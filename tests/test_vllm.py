@@ -112,7 +112,7 @@ def test_openai_backend_against_a_real_vllm_server(tmp_path, vllm_server, embedd
 
     over = ["generate.backend=openai", f"generate.base_url={vllm_server.base_url}",
             f"generate.model={vllm_server.model}", f"generate.endpoint={endpoint}",
-            "generate.tokenizer=smollm2-135m-instruct", "generate.concurrency=8"]
+            "generate.tokenizer=smollm2-135m-instruct", "generate.concurrency=16"]
     if ids == "server":
         over.append("generate.server_token_ids=true")
     manifest, table = distill(tmp_path, "o", *over)

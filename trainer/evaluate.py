@@ -7,8 +7,8 @@ import time
 import pyarrow as pa
 from tqdm import tqdm
 
-from stages.answers import answers_match, extract_answer
-from stages.backends import HFBackend, SamplingSettings
+from stages.answers import NO_ANSWER, answers_match, extract_answer
+from stages.backends import SamplingSettings, TeacherBackend
 
 # The student is scored with the flexible order: an explicit marker first, else the last number.
 EVAL_EXTRACTORS = ["answer_is", "hash", "boxed", "last_number"]
@@ -19,7 +19,7 @@ PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                                ("finish_reason", pa.string())])
 
 
-def run_system(name: str, backend: HFBackend, prompts: list[str], rows: list[dict],
+def run_system(name: str, backend: TeacherBackend, prompts: list[str], rows: list[dict],
                max_new_tokens: int, stop: list[str], batch_size: int, numeric: bool,
                first_line: bool = False) -> tuple[pa.Table, dict]:
     """Greedy generations for every prompt; returns the predictions and the summary.
@@ -36,6 +36,12 @@ def run_system(name: str, backend: HFBackend, prompts: list[str], rows: list[dic
         for start in range(0, len(prompts), batch_size):
             outs = backend.generate(prompts[start:start + batch_size], settings)
             for prompt, row, out in zip(prompts[start:], rows[start:], outs):
+                if not isinstance(out, list):  # an API request that failed for good
+                    records.append({"id": row["id"], "prompt": prompt, "output": "",
+                                    "gold": row["gold"], "pred_answer": NO_ANSWER,
+                                    "extractor": None, "correct": False, "n_tokens": 0,
+                                    "finish_reason": f"error: {out}"[:500]})
+                    continue
                 gen = out[0]
                 text = gen.text
                 if first_line:
