@@ -118,3 +118,36 @@ class LocalVLLMServer:
 
 def local_vllm_server(model: str, **kwargs) -> LocalVLLMServer:
     return LocalVLLMServer(model, **kwargs)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve a teacher with vLLM's OpenAI-compatible "
+                                     "server on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="a local checkpoint folder, a hub id, or smollm2-135m-instruct; "
+                        "also the served model name")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-gb", type=int, default=4, help="CPU: KV-cache GiB")
+    parser.add_argument("--max-logprobs", type=int, default=20)
+    args = parser.parse_args()
+    server = LocalVLLMServer(args.model, port=args.port, dtype=args.dtype,
+                             kv_cache_gb=args.kv_cache_gb, max_logprobs=args.max_logprobs)
+    print(f"starting vLLM for {args.model} (log: {server.log_path})", flush=True)
+    with server:
+        print(f"serving {args.model} at {server.base_url} (ready in {server.startup_s:.0f}s); "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    if server.proc.returncode not in (0, None, -15):
+        raise SystemExit(f"the server exited with code {server.proc.returncode}; its log:\n"
+                         f"{server.tail()}")
+
+
+if __name__ == "__main__":
+    main()
