@@ -110,7 +110,11 @@ class LocalVLLMServer:
             self.proc.wait()
 
     def __enter__(self) -> "LocalVLLMServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # Ctrl-C while it starts: no server left behind
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -135,10 +139,13 @@ def main() -> None:
     args = parser.parse_args()
     server = LocalVLLMServer(args.model, port=args.port, dtype=args.dtype,
                              kv_cache_gb=args.kv_cache_gb, max_logprobs=args.max_logprobs)
+    # Ctrl-C, and SIGINT or SIGTERM from a script (where SIGINT may arrive ignored), stop it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"starting vLLM for {args.model} (log: {server.log_path})", flush=True)
     with server:
         print(f"serving {args.model} at {server.base_url} (ready in {server.startup_s:.0f}s); "
-              "Ctrl-C stops it", flush=True)
+      "Ctrl-C stops it", flush=True)
         try:
             while server.proc.poll() is None:
                 time.sleep(1)
