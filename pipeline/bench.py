@@ -207,9 +207,13 @@ def bench_train(steps: int = 4) -> list[tuple[str, str]]:
                 times.append(time.perf_counter() - t)
                 return out
 
-        Clock(model=model, args=args, alpha=0.5, train_dataset=Dataset.from_list(
+        from transformers.trainer_callback import PrinterCallback
+
+        clock = Clock(model=model, args=args, alpha=0.5, train_dataset=Dataset.from_list(
             build_examples(rows, tok, cfg.max_length)),
-            data_collator=PairCollator(tok.pad_token_id)).train()
+            data_collator=PairCollator(tok.pad_token_id))
+        clock.remove_callback(PrinterCallback)  # keep the table the only output
+        clock.train()
     per_step = float(np.median(times[1:]))
     return [(f"train DSS step, batch {cfg.batch_size} (x2 tasks), LoRA r={cfg.lora_r}",
              f"{per_step:.2f} s/step, {torch.get_num_threads()} threads")]
