@@ -172,6 +172,19 @@ class TrainConfig:
     max_length: int = opt(320, "Tokens per example at most (prompt + target).", ge=16)
     dtype: str = opt("bfloat16", "Dtype of the frozen student weights while training (the LoRA "
                      "adapters stay float32).", choices=["bfloat16", "float32", "float16"])
+    kd_lam: float = opt(0.0, "Weight of the KD term in the explain loss: L_explain = (1 - lam) "
+                        "* CE + lam * T^2 * D(teacher_T || student_T), from the stored top-k; "
+                        "0 = text only. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
+    kd_temperature: float = opt(1.0, "KD temperature T (softens both distributions).", gt=0.0,
+                                le=20.0)
+    kd_beta: float = opt(0.0, "KD divergence: 0 = forward KL(teacher || student), 1 = reverse "
+                         "KL, in between a mix of the two.", ge=0.0, le=1.0)
+    kd_tail: str = opt("bucket", "Probability outside the teacher's top k: one extra `bucket` "
+                       "category, or `renormalize` both distributions over the top k.",
+                       choices=["bucket", "renormalize"])
+    explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
+                                    "first N optimizer steps (the student first learns to "
+                                    "answer).", ge=0)
     lora_r: int = opt(16, "LoRA rank.", ge=1)
     lora_alpha: int = opt(32, "LoRA scaling numerator.", ge=1)
     lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0.0, lt=1.0)

@@ -16,8 +16,47 @@ from pipeline.config import Config
 from pipeline.runner import log, prepare_stage_dir
 
 
+_KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
+
+
 def train_settings(cfg: Config, upstream: dict) -> dict:
-    return {"train": cfg.section("train"), "filter_digest": store.manifest_digest(upstream)}
+    """What decides the adapter; the KD knobs only count when KD is on."""
+    section = cfg.section("train")
+    if section["kd_lam"] <= 0:
+        section = {k: v for k, v in section.items() if k not in _KD_KNOBS}
+    return {"train": section, "filter_digest": store.manifest_digest(upstream)}
+
+
+def kd_weight(cfg: Config, run_dir: Path, tokenizer) -> float:
+    """train.kd_lam when the traces can be used for KD with this student; 0.0 (text-only
+    training, said in the log) when their log-probabilities are not usable; an error when
+    the student's tokenizer is not the teacher's."""
+    from pipeline.models import tokenizer_fingerprint
+
+    t = cfg.train
+    if t.kd_lam <= 0:
+        return 0.0
+    facts = (store.read_manifest(run_dir / "generate") or {}).get("facts", {})
+    if not facts.get("k"):
+        log("train", "train.kd_lam > 0 but the traces hold no top-k log-probabilities "
+            "(generate.top_k): training on the text only")
+        return 0.0
+    if not facts.get("usable_for_kd", True):
+        log("train", "train.kd_lam > 0 but the teacher's log-probabilities are not usable for "
+            f"KD ({facts.get('kd_unusable_because', 'see generate/manifest.json')}): "
+            "training on the text only")
+        return 0.0
+    mine = tokenizer_fingerprint(tokenizer)
+    teacher_vocab, student_vocab = facts.get("vocab_size"), len(tokenizer)
+    if facts.get("tokenizer_fingerprint") != mine or (
+            teacher_vocab is not None and teacher_vocab < student_vocab):
+        raise ValueError(
+            f"KD needs the student to share the teacher's tokenizer: the traces come from "
+            f"{facts.get('teacher')} (tokenizer {facts.get('tokenizer_fingerprint')}, "
+            f"vocabulary {teacher_vocab}) and the student {t.student} has tokenizer {mine} "
+            f"(vocabulary {student_vocab}). Use a student of the teacher's family, or set "
+            "train.kd_lam=0 to train on the text only")
+    return t.kd_lam
 
 
 def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
@@ -29,7 +68,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     from pipeline.models import load_tokenizer, model_revision, resolve_model, \
         tokenizer_fingerprint
     from trainer.dss import DSSTrainer, JsonlLogCallback
-    from trainer.examples import PairCollator, build_examples
+    from trainer.examples import PairCollator, build_examples, build_kd_examples
     from trainer.model import lora_student
 
     t = cfg.train
@@ -47,16 +86,24 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         log("train", f"up to date (fingerprint {fp}): nothing to do")
         return manifest
 
+    student_path = resolve_model(t.student)
+    tokenizer = load_tokenizer(student_path, padding_side="right")
+    kd_lam = kd_weight(cfg, run_dir, tokenizer)
     kept_files = [s["outputs"]["kept"]["file"] for s in upstream["shards"]]
-    rows = store.read_shards(filter_dir, kept_files, columns=[
-        "id", "question", "gold", "pred_answer", "rationale"]).to_pylist()
+    columns = ["id", "question", "gold", "pred_answer", "rationale"]
+    if kd_lam > 0:
+        columns += ["completion", "token_ids", "topk_ids", "topk_logprobs"]
+    rows = store.read_shards(filter_dir, kept_files, columns=columns).to_pylist()
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{filter_dir / 'funnel.json'} for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
-    student_path = resolve_model(t.student)
-    tokenizer = load_tokenizer(student_path, padding_side="right")
-    examples = build_examples(rows, tokenizer, t.max_length)
+    if kd_lam > 0:
+        examples = build_kd_examples(rows, tokenizer, t.max_length)
+        log("train", f"KD on the explain targets: lam={kd_lam}, T={t.kd_temperature}, "
+            f"beta={t.kd_beta}, tail={t.kd_tail}; targets are the teacher's own tokens")
+    else:
+        examples = build_examples(rows, tokenizer, t.max_length)
     log("train", f"{len(rows)} kept traces -> {len(rows)} predict + {len(rows)} explain "
         f"examples; student {t.student}")
 
@@ -78,6 +125,8 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         logging_first_step=True, disable_tqdm=False)
     trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          data_collator=PairCollator(tokenizer.pad_token_id), alpha=t.alpha,
+                         kd_lam=kd_lam, kd_temperature=t.kd_temperature, kd_beta=t.kd_beta,
+                         kd_tail=t.kd_tail, explain_warmup_steps=t.explain_warmup_steps,
                          callbacks=[JsonlLogCallback(stage_dir / "log.jsonl")])
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last:
@@ -96,7 +145,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                      "digest": store.manifest_digest(upstream)},
         "facts": {"student": t.student, "student_revision": model_revision(student_path),
                   "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                  "trainable_parameters": n_trainable},
+                  "trainable_parameters": n_trainable, "kd_lam_used": kd_lam},
         "counters": {"traces": len(rows), "steps": result.global_step,
                      "train_loss": round(result.training_loss, 4)},
         "files": [{"file": str(p.relative_to(stage_dir)), "bytes": p.stat().st_size,

@@ -169,3 +169,35 @@ def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeyp
     assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
     again = train.main(cfg, run_dir)
     assert again["fingerprint"] == manifest["fingerprint"]
+
+
+def test_kd_targets_are_the_teachers_tokens_and_train_with_kd(tmp_path, embedded_path):
+    """On real generated and filtered shards: every explain target token is the teacher's own
+    token with its top-k row, the rationale without its answer sentence; KD training runs."""
+    import json
+
+    from pipeline.models import load_tokenizer
+    from trainer.examples import build_kd_examples
+
+    cfg = load_config("configs/demo.yaml", SMALL + ["task.n_train=24", "generate.n_samples=2",
+                                                    "train.kd_lam=0.5", "filter.min_steps=0"])
+    run_dir = tmp_path / "run"
+    run_stages(["generate", "filter"], cfg, run_dir)
+    m = store.read_manifest(run_dir / "filter")
+    kept = store.read_shards(run_dir / "filter", [s["outputs"]["kept"]["file"]
+                                                  for s in m["shards"]]).to_pylist()
+    assert kept, "the teacher should get a few of these right"
+    tok = load_tokenizer(embedded_path, padding_side="right")
+    for row, ex in zip(kept, build_kd_examples(kept, tok, 160)):
+        labels = [x for x in ex["expl_labels"] if x != -100]
+        target = labels[:-1]
+        assert labels[-1] == tok.eos_token_id and len(ex["expl_kd_ids"]) == len(labels)
+        assert target == row["token_ids"][:len(target)]
+        assert tok.decode(target, skip_special_tokens=True).strip() == row["rationale"]
+        assert ex["expl_kd_ids"][:len(target)] == row["topk_ids"][:len(target)]
+        assert ex["expl_kd_ids"][-1] == [-1] * 20
+    run_stages(["train"], cfg, run_dir)
+    log = [json.loads(x) for x in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss_kd" in r]
+    assert steps and all(np.isfinite(r["loss_kd"]) and r["loss_kd"] > 0 for r in steps)
+    assert store.read_manifest(run_dir / "train")["facts"]["kd_lam_used"] == 0.5

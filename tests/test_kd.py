@@ -82,3 +82,33 @@ def test_bf16_logits_are_computed_in_float32():
     exact = topk_kd_loss(student, ids, values)
     half = topk_kd_loss(student.bfloat16(), ids, values)
     assert half.dtype == torch.float32 and abs(half.item() - exact.item()) < 0.05
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_gradients_stay_finite_when_the_top_k_holds_all_the_mass(tail):
+    """A confident student (its top k hold all but ~3e-8 of its mass) and a row without known
+    ids: finite loss and gradients."""
+    student = torch.full((3, 20), 10.0)   # 15 tokens outside the top k: ~3e-8 of the mass
+    student[:, 0] = 30.0
+    student[:, 1:5] = -30.0
+    student.requires_grad_(True)
+    teacher_ids = torch.arange(5).repeat(3, 1)
+    teacher_lps = torch.log_softmax(torch.tensor([[5.0, 1.0, 0.0, -1.0, -2.0]]), -1).repeat(3, 1)
+    teacher_ids[2] = -1  # a row without any known id
+    loss = topk_kd_loss(student, teacher_ids, teacher_lps, 2.0, 0.5, tail)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_log1mexp_has_finite_gradients_everywhere_it_is_used():
+    """Both branches of a `where` are differentiated; the unused one must not give NaN (it did
+    at x = -1e-12 before, and a training run's gradients went NaN at its second step)."""
+    from trainer.kd import _log1mexp
+
+    x = torch.tensor([0.0, -1e-13, -1e-12, -5.96e-8, -1.19e-7, -1e-6, -0.5, -0.7, -5.0, -100.0,
+                      -3e38], requires_grad=True)
+    y = _log1mexp(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = torch.log(-torch.expm1(torch.tensor([-0.5, -5.0], dtype=torch.float64)))
+    assert torch.allclose(y[[6, 8]].double(), ref, atol=1e-6)

@@ -117,3 +117,31 @@ def test_lora_targets_that_do_not_exist_are_named(embedded_path):
 
     with pytest.raises(ValueError, match="not modules of the student"):
         lora_student(embedded_path, TrainConfig(lora_targets=["qkv_proj"]))
+
+
+def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusable(
+        tmp_path, embedded_path, capsys):
+    from pipeline import store
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, tokenizer_fingerprint
+    from stages.train import kd_weight
+
+    tok = load_tokenizer(embedded_path)
+    cfg = load_config("configs/demo.yaml", ["train.kd_lam=0.3"])
+    facts = {"teacher": "big-teacher", "tokenizer_fingerprint": "0123456789abcdef",
+             "vocab_size": 151936, "k": 20, "usable_for_kd": True}
+    (tmp_path / "generate").mkdir()
+    store.write_manifest(tmp_path / "generate", {"facts": facts})
+    with pytest.raises(ValueError) as err:
+        kd_weight(cfg, tmp_path, tok)
+    text = str(err.value)
+    assert "big-teacher" in text and "0123456789abcdef" in text
+    assert tokenizer_fingerprint(tok) in text and "train.kd_lam=0" in text
+    # same tokenizer: KD on; not usable (an API without ids): text only, and it says why
+    facts["tokenizer_fingerprint"], facts["vocab_size"] = tokenizer_fingerprint(tok), len(tok)
+    store.write_manifest(tmp_path / "generate", {"facts": facts})
+    assert kd_weight(cfg, tmp_path, tok) == 0.3
+    facts.update(usable_for_kd=False, kd_unusable_because="40 sampled tokens have no id")
+    store.write_manifest(tmp_path / "generate", {"facts": facts})
+    assert kd_weight(cfg, tmp_path, tok) == 0.0
+    assert "40 sampled tokens have no id" in capsys.readouterr().err

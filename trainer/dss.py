@@ -41,22 +41,52 @@ def target_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 class DSSTrainer(Trainer):
-    """Trains on (predict, explain) pairs; `alpha` weighs the predict loss."""
+    """Trains on (predict, explain) pairs; `alpha` weighs the predict loss.
 
-    def __init__(self, *args, alpha: float = 0.5, **kwargs):
+    With `kd_lam` > 0 the explain loss is (1 - lam) * CE + lam * KD, KD from the teacher's
+    top-k rows in the batch (`trainer.kd.topk_kd_loss`); `explain_warmup_steps` ramps the
+    explain loss's weight linearly from 0 over the first steps.
+    """
+
+    def __init__(self, *args, alpha: float = 0.5, kd_lam: float = 0.0,
+                 kd_temperature: float = 1.0, kd_beta: float = 0.0, kd_tail: str = "bucket",
+                 explain_warmup_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
+        self.kd = {"lam": kd_lam, "temperature": kd_temperature, "beta": kd_beta,
+                   "tail": kd_tail}
+        self.explain_warmup_steps = explain_warmup_steps
         self._parts = {"loss_predict": [], "loss_explain": []}
+        if kd_lam > 0:
+            self._parts.update(loss_explain_ce=[], loss_kd=[])
+
+    def explain_weight(self) -> float:
+        if self.explain_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, self.state.global_step / self.explain_warmup_steps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from trainer.kd import topk_kd_loss
+
         losses = {}
         for part, name in (("pred", "loss_predict"), ("expl", "loss_explain")):
             logits, targets = target_logits(model, inputs[f"{part}_input_ids"],
                                             inputs[f"{part}_attention_mask"],
                                             inputs[f"{part}_labels"])
-            losses[name] = torch.nn.functional.cross_entropy(logits.float(), targets)
+            ce = torch.nn.functional.cross_entropy(logits.float(), targets)
+            if part == "expl" and self.kd["lam"] > 0:
+                ids, lps = inputs["expl_kd_ids"], inputs["expl_kd_logprobs"]
+                has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
+                kd = topk_kd_loss(logits[has], ids[has], lps[has], self.kd["temperature"],
+                                  self.kd["beta"], self.kd["tail"])
+                self._parts["loss_explain_ce"].append(ce.detach().item())
+                self._parts["loss_kd"].append(kd.detach().item())
+                losses[name] = (1 - self.kd["lam"]) * ce + self.kd["lam"] * kd
+            else:
+                losses[name] = ce
             self._parts[name].append(losses[name].detach().item())
-        loss = self.alpha * losses["loss_predict"] + (1 - self.alpha) * losses["loss_explain"]
+        loss = (self.alpha * losses["loss_predict"]
+                + (1 - self.alpha) * self.explain_weight() * losses["loss_explain"])
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

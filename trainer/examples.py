@@ -39,6 +39,46 @@ def build_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return out
 
 
+def rationale_tokens(tokenizer, token_ids: list[int], completion: str, rationale: str) -> int:
+    """How many of the teacher's tokens make up the rationale: those that end by the end of
+    `rationale` inside `completion` (the final-answer sentence after it is left out)."""
+    start = completion.find(rationale) if rationale else -1
+    if start < 0:
+        return 0
+    end = start + len(rationale)
+    lo, hi = 0, len(token_ids)
+    while lo < hi:  # the longest prefix whose text fits
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(token_ids[:mid], skip_special_tokens=True)) <= end:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def build_kd_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Like `build_examples`, but the explain target is the teacher's own rationale tokens, so
+    every target position has its top-k row: `expl_kd_ids` / `expl_kd_logprobs` hold one row
+    per target token (the end-of-sequence token gets an empty row of -1 / -inf)."""
+    out = []
+    for row, base in zip(rows, build_examples(rows, tokenizer, max_length)):
+        m = rationale_tokens(tokenizer, row["token_ids"], row["completion"], row["rationale"])
+        prompt = tokenizer(task_prompt(EXPLAIN, row["question"]),
+                           add_special_tokens=False)["input_ids"]
+        if len(prompt) >= max_length:
+            prompt = prompt[: max_length // 2]
+        target = (list(row["token_ids"][:m]) + [tokenizer.eos_token_id])[
+            : max_length - len(prompt)]
+        k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
+        kd_ids = [list(r) for r in row["topk_ids"][:m]] + [[-1] * k]
+        kd_lps = [list(r) for r in row["topk_logprobs"][:m]] + [[float("-inf")] * k]
+        base.update(expl_input_ids=prompt + target,
+                    expl_labels=[-100] * len(prompt) + target,
+                    expl_kd_ids=kd_ids[: len(target)], expl_kd_logprobs=kd_lps[: len(target)])
+        out.append(base)
+    return out
+
+
 class PairCollator:
     """Pads the predict and the explain halves of a batch separately (right padding)."""
 
@@ -58,4 +98,12 @@ class PairCollator:
             batch[f"{part}_input_ids"] = self._pad(ids, self.pad)
             batch[f"{part}_labels"] = self._pad([f[f"{part}_labels"] for f in features], -100)
             batch[f"{part}_attention_mask"] = self._pad([[1] * len(s) for s in ids], 0)
+        if "expl_kd_ids" in features[0]:
+            import torch
+
+            # one row per explain target token, in the order `target_logits` returns them
+            batch["expl_kd_ids"] = torch.tensor(
+                [r for f in features for r in f["expl_kd_ids"]], dtype=torch.long)
+            batch["expl_kd_logprobs"] = torch.tensor(
+                [r for f in features for r in f["expl_kd_logprobs"]], dtype=torch.float32)
         return batch

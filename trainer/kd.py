@@ -34,8 +34,12 @@ _TAIL_FLOOR = math.log(1e-6)
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurately (Mächler, 2012)."""
-    x = x.clamp(max=-1e-12)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    x = x.clamp(max=-1e-7)
+    near = x > -0.6931
+    # each branch gets inputs where it is finite, so the unused one passes no NaN gradient
+    x_near = torch.where(near, x, torch.full_like(x, -0.6931))
+    x_far = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
