@@ -10,7 +10,8 @@
 - generate: the hf backend on demo prompts, with and without top-k capture (its overhead);
 - filter: traces/s over GSM8K's human train solutions (../shared/datasets/gsm8k, when
   present) treated as teacher traces, else over synthetic demo traces;
-- train: seconds per DSS optimizer step (predict + explain) of the embedded student with LoRA.
+- train: seconds per DSS optimizer step (predict + explain) of the embedded student with LoRA,
+  without KD and with KD from stored top-20 rows (same batches).
 """
 
 from __future__ import annotations
@@ -173,50 +174,66 @@ def bench_filter() -> list[tuple[str, str]]:
 
 
 def bench_train(steps: int = 4) -> list[tuple[str, str]]:
+    """Seconds per DSS optimizer step without KD and with KD from stored top-20 rows, on the
+    same batches (the teacher's top-k here are random: only the cost is measured)."""
     import tempfile
 
     import torch
     from datasets import Dataset
     from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from pipeline.config import TrainConfig
     from pipeline.models import load_tokenizer, resolve_model
     from trainer.dss import DSSTrainer
-    from trainer.examples import PairCollator, build_examples
+    from trainer.examples import PairCollator, build_kd_examples
     from trainer.model import lora_student
 
     cfg = TrainConfig(batch_size=8)
     path = resolve_model(cfg.student)
     tok = load_tokenizer(path, padding_side="right")
-    rows = [{"question": f"Anna has {i} apples. She buys 3 more apples. How many apples does "
-             f"Anna have now?", "gold": str(i + 3), "pred_answer": str(i + 3),
-             "rationale": f"Anna starts with {i} apples. She buys 3 more, so {i} + 3 = {i + 3}."}
-            for i in range(cfg.batch_size * (steps + 1))]
-    model = lora_student(path, cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=True,
-                                 remove_unused_columns=False, max_steps=steps + 1,
-                                 per_device_train_batch_size=cfg.batch_size, save_strategy="no",
-                                 disable_tqdm=True, logging_steps=1000)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(cfg.batch_size * (steps + 1)):
+        rationale = f"Anna starts with {i} apples. She buys 3 more, so {i} + 3 = {i + 3}."
+        completion = f" {rationale} The answer is {i + 3}."
+        ids = tok(completion, add_special_tokens=False)["input_ids"]
+        lps = np.sort(rng.uniform(-12, 0, (len(ids), 20)), axis=1)[:, ::-1]
+        rows.append({"question": f"Anna has {i} apples. She buys 3 more apples. How many "
+                     "apples does Anna have now?", "gold": str(i + 3), "pred_answer": str(i + 3),
+                     "rationale": rationale, "completion": completion, "token_ids": ids,
+                     "topk_ids": rng.integers(0, len(tok), (len(ids), 20)).tolist(),
+                     "topk_logprobs": lps.tolist()})
+    examples = build_kd_examples(rows, tok, cfg.max_length)
+    out = []
+    for lam in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = lora_student(path, cfg)
         times = []
 
         class Clock(DSSTrainer):
             def training_step(self, *a, **k):
                 t = time.perf_counter()
-                out = super().training_step(*a, **k)
+                result = super().training_step(*a, **k)
                 times.append(time.perf_counter() - t)
-                return out
+                return result
 
-        from transformers.trainer_callback import PrinterCallback
-
-        clock = Clock(model=model, args=args, alpha=0.5, train_dataset=Dataset.from_list(
-            build_examples(rows, tok, cfg.max_length)),
-            data_collator=PairCollator(tok.pad_token_id))
-        clock.remove_callback(PrinterCallback)  # keep the table the only output
-        clock.train()
-    per_step = float(np.median(times[1:]))
-    return [(f"train DSS step, batch {cfg.batch_size} (x2 tasks), LoRA r={cfg.lora_r}",
-             f"{per_step:.2f} s/step, {torch.get_num_threads()} threads")]
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=True,
+                                     remove_unused_columns=False, max_steps=steps + 1,
+                                     per_device_train_batch_size=cfg.batch_size,
+                                     save_strategy="no", disable_tqdm=True, logging_steps=1000)
+            clock = Clock(model=model, args=args, alpha=0.5, kd_lam=lam,
+                          train_dataset=Dataset.from_list(examples),
+                          data_collator=PairCollator(tok.pad_token_id))
+            clock.remove_callback(PrinterCallback)  # keep the table the only output
+            clock.train()
+        out.append((lam, float(np.median(times[1:]))))
+    (_, plain), (_, kd) = out
+    name = f"train DSS step, batch {cfg.batch_size} (x2 tasks), LoRA r={cfg.lora_r}"
+    return [(name + ", no KD", f"{plain:.2f} s/step, {torch.get_num_threads()} threads"),
+            (name + ", KD top-20 (lam 0.5)", f"{kd:.2f} s/step, "
+             f"{100 * (kd / plain - 1):+.1f}% over no KD")]
 
 
 def main() -> None:
