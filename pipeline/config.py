@@ -124,7 +124,7 @@ class VLLMConfig:
     seed: int = opt(0, "Engine seed (every request also carries its own seed, derived from "
                     "generate.seed).", ge=0)
     enforce_eager: bool = opt(True, "Skip torch.compile / CUDA graphs: faster start-up (on a CPU "
-                              "compiling costs 90-125 s at every start), slower steps on a GPU.")
+                              "compiling costs minutes at every start), slower steps on a GPU.")
     max_num_seqs: int | None = opt(None, "Sequences in flight at most; null = vLLM's default.",
                                    ge=1)
     logprobs_mode: str = opt("raw_logprobs", "Where top-k log-probabilities come from: "
@@ -133,7 +133,7 @@ class VLLMConfig:
                              choices=["raw_logprobs", "processed_logprobs"])
     in_process: bool | None = opt(None, "Run the engine core in this process (vLLM's "
                                   "VLLM_ENABLE_V1_MULTIPROCESSING=0); null = on a CPU only, "
-                                  "where it starts 12 s sooner at the same speed.")
+                                  "where it starts sooner at the same speed.")
     cpu_kvcache_gb: int = opt(4, "CPU only: GiB reserved for the KV cache "
                               "(VLLM_CPU_KVCACHE_SPACE).", ge=1)
     cpu_threads: str = opt("all", "CPU only: the cores the engine binds its threads to "

@@ -89,6 +89,20 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
                                          add_generation_prompt=True)
 
 
+def tokens_within(tokenizer, ids: list[int], limit: int, skip_special_tokens: bool = False
+                  ) -> int:
+    """The longest prefix of `ids` whose decoded text has at most `limit` characters."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=skip_special_tokens)
+        if len(text) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, bool]:
     """How many of `ids` come wholly before the first stop string, and whether one was found."""
     if not stop:
@@ -97,14 +111,7 @@ def cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     if cut < 0:
         return len(ids), False
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer.decode(ids[:mid], skip_special_tokens=False)) <= cut:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, True
+    return tokens_within(tokenizer, ids, cut), True
 
 
 class HFBackend:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends import Generation, SamplingSettings
+from stages.backends import Generation, SamplingSettings, tokens_within
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -110,15 +110,8 @@ def _kept(ends: np.ndarray | None, text_len: int, ids: np.ndarray, finish: str,
     n = ids.shape[0]
     if ends is not None:
         return int(np.searchsorted(ends, text_len, side="right"))
-    if tokenizer is not None and (ids >= 0).all():
-        lo, hi = 0, n
-        while lo < hi:  # the longest prefix whose text (special tokens spelled out) fits
-            mid = (lo + hi + 1) // 2
-            if len(tokenizer.decode(ids[:mid].tolist(), skip_special_tokens=False)) <= text_len:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    if tokenizer is not None and (ids >= 0).all():  # special tokens spelled out: EOS is cut
+        return tokens_within(tokenizer, ids.tolist(), text_len)
     return n - 1 if finish == "stop" and n else n
 
 

@@ -56,7 +56,7 @@ class VLLMBackend:
     whole_shards = True  # the engine schedules a whole shard better than our batches would
 
     def __init__(self, gcfg, vcfg, top_k: int):
-        t0 = time.time()  # start-up includes importing vllm (about 9 s here)
+        t0 = time.time()  # start-up includes importing vllm (seconds of it)
         import torch
 
         from pipeline.models import (load_tokenizer, model_revision, resolve_model,

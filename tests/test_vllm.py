@@ -59,7 +59,7 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     from transformers import AutoModelForCausalLM
 
     from pipeline.cli import run_stages
-    from pipeline.models import load_tokenizer
+    from pipeline.models import load_tokenizer, tokenizer_fingerprint
 
     manifest, table = distill(tmp_path, "v", "generate.backend=vllm")
     facts = manifest["facts"]
@@ -67,8 +67,7 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     assert facts["vllm_logprobs_mode"] == "raw_logprobs" and facts["vocab_size"] == 49152
     assert table.num_rows == 32
     tok = load_tokenizer(embedded_path)
-    assert facts["tokenizer_fingerprint"] == __import__(
-        "pipeline.models", fromlist=["x"]).tokenizer_fingerprint(tok)
+    assert facts["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     check_traces(table, tok)
     # the stop string ("\n") is not in the ids: they end where the text ends
     assert not any(198 in ids for ids in table.column("token_ids").to_pylist())

@@ -45,15 +45,10 @@ def rationale_tokens(tokenizer, token_ids: list[int], completion: str, rationale
     start = completion.find(rationale) if rationale else -1
     if start < 0:
         return 0
-    end = start + len(rationale)
-    lo, hi = 0, len(token_ids)
-    while lo < hi:  # the longest prefix whose text fits
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer.decode(token_ids[:mid], skip_special_tokens=True)) <= end:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    from stages.backends import tokens_within
+
+    return tokens_within(tokenizer, list(token_ids), start + len(rationale),
+                         skip_special_tokens=True)
 
 
 def build_kd_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
