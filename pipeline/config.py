@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class FilterConfig:
 
 @dataclass
 class TrainConfig:
+    name: str = opt("", "Variant name: '' trains into the run's train/ folder, a name into "
+                    "train-<name>/ beside it, so several students (settings, seeds) share one "
+                    "run's traces; eval scores every finished one.")
     student: str = opt(EMBEDDED_MODEL, "Student: a local checkpoint folder, a hub id, or "
                        f"'{EMBEDDED_MODEL}'.")
     alpha: float = opt(0.5, "Weight of the predict loss: alpha*L_predict + (1-alpha)*L_explain.",
@@ -172,6 +176,11 @@ class TrainConfig:
     max_length: int = opt(320, "Tokens per example at most (prompt + target).", ge=16)
     dtype: str = opt("bfloat16", "Dtype of the frozen student weights while training (the LoRA "
                      "adapters stay float32).", choices=["bfloat16", "float32", "float16"])
+    explain_targets: str = opt("auto", "What the explain: target is: `tokens` = the teacher's "
+                               "own rationale tokens (exact; needs the teacher's tokenizer), "
+                               "`text` = the rationale re-tokenised by the student, `auto` = "
+                               "tokens when the traces allow it, else text.",
+                               choices=["auto", "tokens", "text"])
     kd_lam: float = opt(0.0, "Weight of the KD term in the explain loss: L_explain = (1 - lam) "
                         "* CE + lam * T^2 * D(teacher_T || student_T), from the stored top-k; "
                         "0 = text only. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
@@ -201,6 +210,8 @@ class EvalConfig:
     systems: list[str] = opt(["teacher", "base", "predict", "explain"], "What to evaluate: the "
                              "teacher (few-shot CoT), the base student (predict:), the distilled "
                              "student in predict: and explain: modes.")
+    variants: list[str] | None = opt(None, "Trained students to score (train.name values; '' "
+                                     "is the run's train/ folder); null = every finished one.")
     n: int | None = opt(200, "Held-out rows to evaluate; null = all.", ge=1)
     batch_size: int = opt(64, "Prompts per generation batch.", ge=1)
     max_new_tokens: int = opt(160, "Generation budget in the reasoning modes (teacher, "
@@ -328,6 +339,12 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         if name not in VALID_SYSTEMS:
             errors.append(f"eval.systems: unknown system '{name}'; "
                           f"{_did_you_mean(name, VALID_SYSTEMS)}")
+    if cfg.train.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.train.name):
+        errors.append(f"train.name: {cfg.train.name!r} must be 1-64 letters, digits, '.', '_' "
+                      "or '-' (it names the folder train-<name>)")
+    if cfg.train.kd_lam > 0 and cfg.train.explain_targets == "text":
+        errors.append("train.explain_targets=text cannot carry KD (train.kd_lam > 0): KD needs "
+                      "the teacher's own tokens as targets; use auto or tokens")
     if cfg.filter.min_tokens > cfg.filter.max_tokens:
         errors.append(f"filter.min_tokens ({cfg.filter.min_tokens}) is above filter.max_tokens "
                       f"({cfg.filter.max_tokens})")

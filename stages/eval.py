@@ -1,8 +1,10 @@
-"""Stage 4, eval: teacher, base student and distilled student on the held-out split.
+"""Stage 4, eval: teacher, base student and distilled students on the held-out split.
 
-Each system's predictions are cached in `eval/<system>.parquet` under a fingerprint of what
-produced them, so retraining the student does not re-run the teacher. Writes `report.json`
-and prints the table.
+Every finished student of the run is scored (train/ and each named variant's train-<name>/,
+or those in `eval.variants`), so variants trained on the same traces land in one table.
+Each system's predictions are cached in `eval/<system>[-<variant>].parquet` under a
+fingerprint of what produced them, so retraining a student does not re-run the teacher.
+Writes `report.json` and prints the table.
 """
 
 from __future__ import annotations
@@ -20,13 +22,45 @@ LABELS = {"teacher": "teacher (few-shot CoT)", "base": "base student (predict:)"
           "predict": "distilled student (predict:)", "explain": "distilled student (explain:)"}
 
 
+def label(result: dict) -> str:
+    variant = result.get("variant")
+    if variant:  # a named student: train-<name>/
+        return f"distilled {variant} ({result['system']}:)"
+    return LABELS.get(result["system"], result["system"])
+
+
 def report_table(results: list[dict]) -> str:
-    lines = [f"{'system':<32}{'n':>6}{'accuracy':>10}{'tokens/answer':>15}",
-             "-" * 63]
+    width = max([32] + [len(label(r)) + 2 for r in results])
+    lines = [f"{'system':<{width}}{'n':>6}{'accuracy':>10}{'tokens/answer':>15}",
+             "-" * (width + 31)]
     for r in results:
-        lines.append(f"{LABELS.get(r['system'], r['system']):<32}{r['n']:>6}"
+        lines.append(f"{label(r):<{width}}{r['n']:>6}"
                      f"{100 * r['accuracy']:>9.1f}%{r['mean_tokens']:>15.1f}")
     return "\n".join(lines)
+
+
+def trained_variants(run_dir: Path, wanted: list[str] | None) -> list[str]:
+    """train.name of every finished student in the run ('' = train/), or the `wanted` ones,
+    each checked to be there."""
+    from stages.train import train_dir
+
+    def finished(name: str) -> bool:
+        d = train_dir(run_dir, name)
+        return store.read_manifest(d) is not None and (d / "adapter").is_dir()
+
+    if wanted is None:
+        found = [""] if finished("") else []
+        found += sorted(d.name[len("train-"):] for d in run_dir.glob("train-*")
+                        if d.is_dir() and finished(d.name[len("train-"):]))
+        return found
+    missing = [n for n in wanted if not finished(n)]
+    if missing:
+        raise FileNotFoundError(
+            f"eval.variants names students that are not trained in {run_dir}: "
+            + ", ".join(repr(n) for n in missing) + "; train each with `make train "
+            "SET=\"train.name=<name> ...\"` first, or leave eval.variants unset to score every "
+            "finished one")
+    return list(wanted)
 
 
 def _rows_digest(rows: list[dict]) -> str:
@@ -40,6 +74,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     from pipeline.models import load_tokenizer, resolve_model
     from stages.backends import HFBackend
     from stages.generate import PromptTemplate
+    from stages.train import train_dir
     from trainer.evaluate import run_system
     from trainer.examples import EXPLAIN, PREDICT, task_prompt
     from trainer.model import load_distilled
@@ -56,30 +91,39 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     numeric = cfg.task.kind in ("demo", "gsm8k") or cfg.task.answer_type == "numeric"
     digest = _rows_digest(rows)
     common = {"test": digest, "numeric": numeric, "dtype": e.dtype}
-    train_manifest = store.read_manifest(run_dir / "train")
     wants_student = any(s in ("predict", "explain") for s in e.systems)
-    if wants_student and train_manifest is None:
-        raise FileNotFoundError(f"no finished train stage in {run_dir / 'train'}; run "
-                                "`make train` first, or set eval.systems=[teacher,base]")
+    variants = trained_variants(run_dir, e.variants) if wants_student else []
+    if wants_student and not variants:
+        raise FileNotFoundError(f"no finished train stage in {run_dir}; run `make train` "
+                                "first, or set eval.systems=[teacher,base]")
     template = PromptTemplate(g.prompt_template)
-    adapter = store.manifest_digest(train_manifest) if train_manifest else None
     specs = {
         "teacher": {"model": g.model, "template": template.sha256, "chat": g.chat_template,
                     "stop": g.stop, "max_new_tokens": e.max_new_tokens},
         "base": {"model": t.student, "max_new_tokens": e.predict_max_new_tokens,
                  "first_line": True},
-        "predict": {"adapter": adapter, "max_new_tokens": e.predict_max_new_tokens,
-                    "first_line": True},
-        "explain": {"adapter": adapter, "max_new_tokens": e.max_new_tokens},
     }
     if g.backend == "openai":  # the teacher is only reachable through its API
         specs["teacher"].update(base_url=g.base_url, endpoint=g.endpoint)
+    jobs = [(s, "") for s in e.systems if s in specs]
+    for variant in variants:
+        manifest = store.read_manifest(train_dir(run_dir, variant))
+        adapter = store.manifest_digest(manifest)
+        for s in ("predict", "explain"):
+            if s in e.systems:
+                key = f"{s}-{variant}" if variant else s
+                specs[key] = {"adapter": adapter, "first_line": s == "predict",
+                              "student": manifest["facts"]["student"],
+                              "max_new_tokens": e.predict_max_new_tokens if s == "predict"
+                              else e.max_new_tokens}
+                jobs.append((s, variant))
     results, computed = [], 0
-    distilled = None
-    for system in e.systems:
-        spec = {**specs[system], **common}
+    loaded: dict[str, HFBackend] = {}
+    for system, variant in jobs:
+        key = f"{system}-{variant}" if variant else system
+        spec = {**specs[key], **common}
         fp = store.fingerprint(system, spec)
-        path = stage_dir / f"{system}.parquet"
+        path = stage_dir / f"{key}.parquet"
         meta = store.shard_meta(path) if path.is_file() else None
         if meta and meta.get("fingerprint") == fp and not force:
             results.append(meta["summary"])
@@ -100,21 +144,22 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], [], \
                 e.predict_max_new_tokens
         else:
-            if distilled is None:
-                adapter_dir = run_dir / "train" / "adapter"
-                model = load_distilled(resolve_model(t.student), str(adapter_dir), e.dtype)
-                distilled = HFBackend(f"{t.student}+{adapter_dir.name}", e.dtype,
-                                      loaded=(model, load_tokenizer(str(adapter_dir))))
-            backend = distilled
-            if system == "predict":
-                prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], [], \
-                    e.predict_max_new_tokens
-            else:
-                prompts, stop, budget = [task_prompt(EXPLAIN, q) for q in questions], [], \
-                    e.max_new_tokens
+            if variant not in loaded:
+                loaded.clear()  # one distilled student in memory at a time
+                adapter_dir = train_dir(run_dir, variant) / "adapter"
+                student = specs[key]["student"]
+                model = load_distilled(resolve_model(student), str(adapter_dir), e.dtype)
+                loaded[variant] = HFBackend(f"{student}+{adapter_dir.parent.name}", e.dtype,
+                                            loaded=(model, load_tokenizer(str(adapter_dir))))
+            backend = loaded[variant]
+            prefix = PREDICT if system == "predict" else EXPLAIN
+            prompts, stop = [task_prompt(prefix, q) for q in questions], []
+            budget = specs[key]["max_new_tokens"]
         table, summary = run_system(system, backend, prompts, rows, budget, stop,
                                     e.batch_size, numeric,
-                                    first_line=specs[system].get("first_line", False))
+                                    first_line=specs[key].get("first_line", False))
+        if variant:
+            summary["variant"] = variant
         store.write_shard(path, table, {"stage": "eval", "fingerprint": fp, "spec": spec,
                                         "summary": summary})
         results.append(summary)
@@ -125,7 +170,8 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
               "task": cfg.section("task"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     store.write_json_atomic(stage_dir / "report.json", report)
     store.write_manifest(stage_dir, {"stage": "eval", "fingerprint": store.fingerprint(
-        [r["system"] for r in results], specs, common), "settings": cfg.section("eval"),
-        "results": results, "files": [{"file": f"{r['system']}.parquet"} for r in results]})
+        [(r["system"], r.get("variant", "")) for r in results], specs, common), "settings": cfg.section("eval"),
+        "results": results, "files": [{"file": f"{r['system']}-{r['variant']}.parquet" if r.get("variant")
+                   else f"{r['system']}.parquet"} for r in results]})
     print(report_table(results))
     return report

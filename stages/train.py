@@ -2,7 +2,8 @@
 
 Reads the filter stage's kept shards; writes `train/adapter/` (LoRA weights and tokenizer),
 `train/log.jsonl` and checkpoints under `train/checkpoints/` (a stopped run resumes from the
-last one).
+last one). A named variant (`train.name=kd`) writes the same into `train-kd/` instead, so
+students trained with other settings or seeds on the same traces sit side by side.
 """
 
 from __future__ import annotations
@@ -19,44 +20,61 @@ from pipeline.runner import log, prepare_stage_dir
 _KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
 
 
+def train_dir(run_dir: Path, name: str = "") -> Path:
+    """The stage folder of a trained variant: train/ for the unnamed one, train-<name>/ else."""
+    return run_dir / (f"train-{name}" if name else "train")
+
+
 def train_settings(cfg: Config, upstream: dict) -> dict:
-    """What decides the adapter; the KD knobs only count when KD is on."""
-    section = cfg.section("train")
+    """What decides the adapter; the KD knobs only count when KD is on, the name never."""
+    section = {k: v for k, v in cfg.section("train").items() if k != "name"}
     if section["kd_lam"] <= 0:
         section = {k: v for k, v in section.items() if k not in _KD_KNOBS}
     return {"train": section, "filter_digest": store.manifest_digest(upstream)}
 
 
-def kd_weight(cfg: Config, run_dir: Path, tokenizer) -> float:
-    """train.kd_lam when the traces can be used for KD with this student; 0.0 (text-only
-    training, said in the log) when their log-probabilities are not usable; an error when
-    the student's tokenizer is not the teacher's."""
+def target_plan(cfg: Config, run_dir: Path, tokenizer) -> tuple[bool, float]:
+    """(explain targets are the teacher's own tokens?, KD weight actually used).
+
+    Token targets need the student to share the teacher's tokenizer and token ids that spell
+    the text (`usable_for_kd`); KD needs both and stored top-k rows. Asking for either when the
+    tokenizers differ is an error naming both; `auto` and KD fall back to text-only training,
+    said in the log, when the ids or the log-probabilities are not usable.
+    """
     from pipeline.models import tokenizer_fingerprint
 
     t = cfg.train
-    if t.kd_lam <= 0:
-        return 0.0
     facts = (store.read_manifest(run_dir / "generate") or {}).get("facts", {})
-    if not facts.get("k"):
-        log("train", "train.kd_lam > 0 but the traces hold no top-k log-probabilities "
-            "(generate.top_k): training on the text only")
-        return 0.0
-    if not facts.get("usable_for_kd", True):
-        log("train", "train.kd_lam > 0 but the teacher's log-probabilities are not usable for "
-            f"KD ({facts.get('kd_unusable_because', 'see generate/manifest.json')}): "
-            "training on the text only")
-        return 0.0
     mine = tokenizer_fingerprint(tokenizer)
     teacher_vocab, student_vocab = facts.get("vocab_size"), len(tokenizer)
-    if facts.get("tokenizer_fingerprint") != mine or (
-            teacher_vocab is not None and teacher_vocab < student_vocab):
+    same = facts.get("tokenizer_fingerprint") == mine and (
+        teacher_vocab is None or teacher_vocab >= student_vocab)
+    usable = facts.get("usable_for_kd", True)
+    wants = "KD (train.kd_lam > 0)" if t.kd_lam > 0 else (
+        "train.explain_targets=tokens" if t.explain_targets == "tokens" else None)
+    if wants and not same:
         raise ValueError(
-            f"KD needs the student to share the teacher's tokenizer: the traces come from "
+            f"{wants} needs the student to share the teacher's tokenizer: the traces come from "
             f"{facts.get('teacher')} (tokenizer {facts.get('tokenizer_fingerprint')}, "
             f"vocabulary {teacher_vocab}) and the student {t.student} has tokenizer {mine} "
             f"(vocabulary {student_vocab}). Use a student of the teacher's family, or set "
-            "train.kd_lam=0 to train on the text only")
-    return t.kd_lam
+            "train.kd_lam=0 and train.explain_targets=auto to train on the text only")
+    if t.explain_targets == "text" or not same:
+        return False, 0.0
+    if not usable:
+        why = facts.get("kd_unusable_because", "see generate/manifest.json")
+        if t.explain_targets == "tokens":
+            raise ValueError(f"train.explain_targets=tokens, but the teacher's token ids do not "
+                             f"match its text ({why}); use train.explain_targets=auto")
+        if t.kd_lam > 0:
+            log("train", "train.kd_lam > 0 but the teacher's log-probabilities are not usable "
+                f"for KD ({why}): training on the text only")
+        return False, 0.0
+    if t.kd_lam > 0 and not facts.get("k"):
+        log("train", "train.kd_lam > 0 but the traces hold no top-k log-probabilities "
+            "(generate.top_k): training on the teacher's tokens without KD")
+        return True, 0.0
+    return True, t.kd_lam
 
 
 def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
@@ -68,7 +86,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     from pipeline.models import load_tokenizer, model_revision, resolve_model, \
         tokenizer_fingerprint
     from trainer.dss import DSSTrainer, JsonlLogCallback
-    from trainer.examples import PairCollator, build_examples, build_kd_examples
+    from trainer.examples import PairCollator, build_examples, build_token_examples
     from trainer.model import lora_student
 
     t = cfg.train
@@ -77,7 +95,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     if upstream is None:
         raise FileNotFoundError(f"no finished filter stage in {filter_dir}; run `make filter` "
                                 "for this run first")
-    stage_dir = run_dir / "train"
+    stage_dir = train_dir(run_dir, t.name)
     settings = train_settings(cfg, upstream)
     fp = store.fingerprint(settings)
     manifest = prepare_stage_dir("train", stage_dir, fp, settings, force)
@@ -88,22 +106,26 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
     student_path = resolve_model(t.student)
     tokenizer = load_tokenizer(student_path, padding_side="right")
-    kd_lam = kd_weight(cfg, run_dir, tokenizer)
+    token_targets, kd_lam = target_plan(cfg, run_dir, tokenizer)
     kept_files = [s["outputs"]["kept"]["file"] for s in upstream["shards"]]
     columns = ["id", "question", "gold", "pred_answer", "rationale"]
+    if token_targets:
+        columns += ["completion", "token_ids"]
     if kd_lam > 0:
-        columns += ["completion", "token_ids", "topk_ids", "topk_logprobs"]
+        columns += ["topk_ids", "topk_logprobs"]
     rows = store.read_shards(filter_dir, kept_files, columns=columns).to_pylist()
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{filter_dir / 'funnel.json'} for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
-    if kd_lam > 0:
-        examples = build_kd_examples(rows, tokenizer, t.max_length)
-        log("train", f"KD on the explain targets: lam={kd_lam}, T={t.kd_temperature}, "
-            f"beta={t.kd_beta}, tail={t.kd_tail}; targets are the teacher's own tokens")
+    if token_targets:
+        examples = build_token_examples(rows, tokenizer, t.max_length, with_topk=kd_lam > 0)
+        log("train", "explain targets: the teacher's own rationale tokens" + (
+            f"; KD on them: lam={kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
+            f"tail={t.kd_tail}" if kd_lam > 0 else ""))
     else:
         examples = build_examples(rows, tokenizer, t.max_length)
+        log("train", "explain targets: the rationale text, tokenised by the student")
     log("train", f"{len(rows)} kept traces -> {len(rows)} predict + {len(rows)} explain "
         f"examples; student {t.student}")
 
@@ -145,7 +167,9 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                      "digest": store.manifest_digest(upstream)},
         "facts": {"student": t.student, "student_revision": model_revision(student_path),
                   "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                  "trainable_parameters": n_trainable, "kd_lam_used": kd_lam},
+                  "trainable_parameters": n_trainable, "kd_lam_used": kd_lam,
+                  "explain_targets": "tokens" if token_targets else "text",
+                  "name": t.name},
         "counters": {"traces": len(rows), "steps": result.global_step,
                      "train_loss": round(result.training_loss, 4)},
         "files": [{"file": str(p.relative_to(stage_dir)), "bytes": p.stat().st_size,

@@ -171,16 +171,20 @@ def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeyp
     assert again["fingerprint"] == manifest["fingerprint"]
 
 
-def test_kd_targets_are_the_teachers_tokens_and_train_with_kd(tmp_path, embedded_path):
+def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
+                                                                      embedded_path):
     """On real generated and filtered shards: every explain target token is the teacher's own
-    token with its top-k row, the rationale without its answer sentence; KD training runs."""
+    token with its top-k row, the rationale without its answer sentence; three students
+    (answer-only, DSS, DSS + KD) train on the same traces into their own folders, and eval
+    scores all three in one table."""
     import json
 
     from pipeline.models import load_tokenizer
-    from trainer.examples import build_kd_examples
+    from stages import eval as eval_stage
+    from trainer.examples import build_examples, build_kd_examples, build_token_examples
 
-    cfg = load_config("configs/demo.yaml", SMALL + ["task.n_train=24", "generate.n_samples=2",
-                                                    "train.kd_lam=0.5", "filter.min_steps=0"])
+    base = SMALL + ["task.n_train=24", "generate.n_samples=2", "filter.min_steps=0"]
+    cfg = load_config("configs/demo.yaml", base + ["train.kd_lam=0.5", "train.name=kd"])
     run_dir = tmp_path / "run"
     run_stages(["generate", "filter"], cfg, run_dir)
     m = store.read_manifest(run_dir / "filter")
@@ -188,7 +192,8 @@ def test_kd_targets_are_the_teachers_tokens_and_train_with_kd(tmp_path, embedded
                                                   for s in m["shards"]]).to_pylist()
     assert kept, "the teacher should get a few of these right"
     tok = load_tokenizer(embedded_path, padding_side="right")
-    for row, ex in zip(kept, build_kd_examples(kept, tok, 160)):
+    plain = build_token_examples(kept, tok, 160)
+    for row, ex, ex0 in zip(kept, build_kd_examples(kept, tok, 160), plain):
         labels = [x for x in ex["expl_labels"] if x != -100]
         target = labels[:-1]
         assert labels[-1] == tok.eos_token_id and len(ex["expl_kd_ids"]) == len(labels)
@@ -196,8 +201,37 @@ def test_kd_targets_are_the_teachers_tokens_and_train_with_kd(tmp_path, embedded
         assert tok.decode(target, skip_special_tokens=True).strip() == row["rationale"]
         assert ex["expl_kd_ids"][:len(target)] == row["topk_ids"][:len(target)]
         assert ex["expl_kd_ids"][-1] == [-1] * 20
+        # DSS without KD trains on the very same tokens, just without the top-k rows
+        assert ex0["expl_labels"] == ex["expl_labels"] and "expl_kd_ids" not in ex0
+    # the re-tokenised text differs (the teacher's first token carries the leading space)
+    assert any(a["expl_labels"] != b["expl_labels"]
+               for a, b in zip(plain, build_examples(kept, tok, 160)))
+
     run_stages(["train"], cfg, run_dir)
-    log = [json.loads(x) for x in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (run_dir / "train-kd" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss_kd" in r]
     assert steps and all(np.isfinite(r["loss_kd"]) and r["loss_kd"] > 0 for r in steps)
-    assert store.read_manifest(run_dir / "train")["facts"]["kd_lam_used"] == 0.5
+    facts = store.read_manifest(run_dir / "train-kd")["facts"]
+    assert facts["kd_lam_used"] == 0.5 and facts["explain_targets"] == "tokens"
+    assert not (run_dir / "train").exists()
+
+    run_stages(["train"], load_config("configs/demo.yaml", base), run_dir)
+    sft = load_config("configs/demo.yaml", base + ["train.alpha=1.0", "train.name=sft"])
+    run_stages(["train"], sft, run_dir)
+    log = [json.loads(x) for x in (run_dir / "train-sft" / "log.jsonl").read_text().splitlines()]
+    assert any("loss_predict" in r for r in log)
+    assert not any("loss_explain" in r for r in log), "alpha=1 must skip the explain pass"
+    assert store.read_manifest(run_dir / "train")["facts"]["explain_targets"] == "tokens"
+
+    ev = load_config("configs/demo.yaml", base + ["eval.systems=[predict,explain]"])
+    report = eval_stage.main(ev, run_dir)
+    got = [(r["system"], r.get("variant", "")) for r in report["results"]]
+    assert got == [("predict", ""), ("explain", ""), ("predict", "kd"), ("explain", "kd"),
+                   ("predict", "sft"), ("explain", "sft")]
+    assert (run_dir / "eval" / "explain-kd.parquet").is_file()
+    only = load_config("configs/demo.yaml", base + ["eval.systems=[predict]",
+                                                    "eval.variants=[kd]"])
+    assert [r.get("variant") for r in eval_stage.main(only, run_dir)["results"]] == ["kd"]
+    with pytest.raises(FileNotFoundError, match="'nope'"):
+        eval_stage.main(load_config("configs/demo.yaml", base + ["eval.variants=[nope]"]),
+                        run_dir)

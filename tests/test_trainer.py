@@ -124,7 +124,7 @@ def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusabl
     from pipeline import store
     from pipeline.config import load_config
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
-    from stages.train import kd_weight
+    from stages.train import target_plan
 
     tok = load_tokenizer(embedded_path)
     cfg = load_config("configs/demo.yaml", ["train.kd_lam=0.3"])
@@ -133,15 +133,51 @@ def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusabl
     (tmp_path / "generate").mkdir()
     store.write_manifest(tmp_path / "generate", {"facts": facts})
     with pytest.raises(ValueError) as err:
-        kd_weight(cfg, tmp_path, tok)
+        target_plan(cfg, tmp_path, tok)
     text = str(err.value)
     assert "big-teacher" in text and "0123456789abcdef" in text
     assert tokenizer_fingerprint(tok) in text and "train.kd_lam=0" in text
     # same tokenizer: KD on; not usable (an API without ids): text only, and it says why
     facts["tokenizer_fingerprint"], facts["vocab_size"] = tokenizer_fingerprint(tok), len(tok)
     store.write_manifest(tmp_path / "generate", {"facts": facts})
-    assert kd_weight(cfg, tmp_path, tok) == 0.3
+    assert target_plan(cfg, tmp_path, tok) == (True, 0.3)
     facts.update(usable_for_kd=False, kd_unusable_because="40 sampled tokens have no id")
     store.write_manifest(tmp_path / "generate", {"facts": facts})
-    assert kd_weight(cfg, tmp_path, tok) == 0.0
+    assert target_plan(cfg, tmp_path, tok) == (False, 0.0)
     assert "40 sampled tokens have no id" in capsys.readouterr().err
+    # asking for the teacher's tokens when its ids do not spell its text is an error
+    tokens = load_config("configs/demo.yaml", ["train.explain_targets=tokens"])
+    with pytest.raises(ValueError, match="explain_targets=auto"):
+        target_plan(tokens, tmp_path, tok)
+
+
+def test_explain_targets_follow_the_tokenizer(tmp_path, embedded_path):
+    """auto: the teacher's tokens when the student shares its tokenizer, else the text (no
+    error: text-only training needs nothing of the teacher's); tokens with another tokenizer
+    is refused; text always text; KD with text targets is a config error."""
+    from pipeline import store
+    from pipeline.config import ConfigError, load_config
+    from pipeline.models import load_tokenizer, tokenizer_fingerprint
+    from stages.train import target_plan
+
+    tok = load_tokenizer(embedded_path)
+    facts = {"teacher": "t", "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+             "vocab_size": len(tok), "k": 0, "usable_for_kd": True}
+    (tmp_path / "generate").mkdir()
+    store.write_manifest(tmp_path / "generate", {"facts": facts})
+    auto = load_config("configs/demo.yaml", [])
+    text = load_config("configs/demo.yaml", ["train.explain_targets=text"])
+    tokens = load_config("configs/demo.yaml", ["train.explain_targets=tokens"])
+    assert target_plan(auto, tmp_path, tok) == (True, 0.0)
+    assert target_plan(text, tmp_path, tok) == (False, 0.0)
+    kd_without_topk = load_config("configs/demo.yaml", ["train.kd_lam=0.5"])
+    assert target_plan(kd_without_topk, tmp_path, tok) == (True, 0.0)
+    facts["tokenizer_fingerprint"] = "another"
+    store.write_manifest(tmp_path / "generate", {"facts": facts})
+    assert target_plan(auto, tmp_path, tok) == (False, 0.0)
+    with pytest.raises(ValueError, match="share the teacher's tokenizer"):
+        target_plan(tokens, tmp_path, tok)
+    with pytest.raises(ConfigError, match="explain_targets=text cannot carry KD"):
+        load_config("configs/demo.yaml", ["train.explain_targets=text", "train.kd_lam=0.5"])
+    with pytest.raises(ConfigError, match="train.name"):
+        load_config("configs/demo.yaml", ["train.name=../x"])

@@ -68,8 +68,11 @@ class DSSTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from trainer.kd import topk_kd_loss
 
-        losses = {}
+        weights = {"pred": self.alpha, "expl": (1 - self.alpha) * self.explain_weight()}
+        loss = 0.0
         for part, name in (("pred", "loss_predict"), ("expl", "loss_explain")):
+            if weights[part] == 0 and any(weights.values()):
+                continue  # answer-only (alpha=1), explain-only (alpha=0) or warming up
             logits, targets = target_logits(model, inputs[f"{part}_input_ids"],
                                             inputs[f"{part}_attention_mask"],
                                             inputs[f"{part}_labels"])
@@ -81,12 +84,11 @@ class DSSTrainer(Trainer):
                                   self.kd["beta"], self.kd["tail"])
                 self._parts["loss_explain_ce"].append(ce.detach().item())
                 self._parts["loss_kd"].append(kd.detach().item())
-                losses[name] = (1 - self.kd["lam"]) * ce + self.kd["lam"] * kd
+                part_loss = (1 - self.kd["lam"]) * ce + self.kd["lam"] * kd
             else:
-                losses[name] = ce
-            self._parts[name].append(losses[name].detach().item())
-        loss = (self.alpha * losses["loss_predict"]
-                + (1 - self.alpha) * self.explain_weight() * losses["loss_explain"])
+                part_loss = ce
+            self._parts[name].append(part_loss.detach().item())
+            loss = loss + weights[part] * part_loss
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

@@ -51,10 +51,13 @@ def rationale_tokens(tokenizer, token_ids: list[int], completion: str, rationale
                          skip_special_tokens=True)
 
 
-def build_kd_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Like `build_examples`, but the explain target is the teacher's own rationale tokens, so
-    every target position has its top-k row: `expl_kd_ids` / `expl_kd_logprobs` hold one row
-    per target token (the end-of-sequence token gets an empty row of -1 / -inf)."""
+def build_token_examples(rows: list[dict], tokenizer, max_length: int,
+                         with_topk: bool = False) -> list[dict]:
+    """Like `build_examples`, but the explain target is the teacher's own rationale tokens (its
+    stored `token_ids` up to the end of the rationale, then eos) instead of the re-tokenised
+    text: the exact sequence the teacher produced. With `with_topk` every target position also
+    gets its top-k row, `expl_kd_ids` / `expl_kd_logprobs` (the eos gets an empty row of -1 /
+    -inf), for KD."""
     out = []
     for row, base in zip(rows, build_examples(rows, tokenizer, max_length)):
         m = rationale_tokens(tokenizer, row["token_ids"], row["completion"], row["rationale"])
@@ -64,14 +67,20 @@ def build_kd_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict
             prompt = prompt[: max_length // 2]
         target = (list(row["token_ids"][:m]) + [tokenizer.eos_token_id])[
             : max_length - len(prompt)]
-        k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
-        kd_ids = [list(r) for r in row["topk_ids"][:m]] + [[-1] * k]
-        kd_lps = [list(r) for r in row["topk_logprobs"][:m]] + [[float("-inf")] * k]
-        base.update(expl_input_ids=prompt + target,
-                    expl_labels=[-100] * len(prompt) + target,
-                    expl_kd_ids=kd_ids[: len(target)], expl_kd_logprobs=kd_lps[: len(target)])
+        base.update(expl_input_ids=prompt + target, expl_labels=[-100] * len(prompt) + target)
+        if with_topk:
+            k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
+            kd_ids = [list(r) for r in row["topk_ids"][:m]] + [[-1] * k]
+            kd_lps = [list(r) for r in row["topk_logprobs"][:m]] + [[float("-inf")] * k]
+            base.update(expl_kd_ids=kd_ids[: len(target)],
+                        expl_kd_logprobs=kd_lps[: len(target)])
         out.append(base)
     return out
+
+
+def build_kd_examples(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Teacher-token explain targets with their top-k rows (see `build_token_examples`)."""
+    return build_token_examples(rows, tokenizer, max_length, with_topk=True)
 
 
 class PairCollator:
