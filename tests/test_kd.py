@@ -27,6 +27,10 @@ def test_with_the_whole_vocabulary_as_top_k_the_loss_is_the_dense_kl(tail, tempe
     got = topk_kd_loss(student, ids, values, temperature, beta, tail, chunk=3)
     want = dense_reference(student, teacher, temperature, beta)
     assert abs(got.item() - want.item()) < 1e-5 * max(1.0, want.item())
+    # the caller's log-sum-exp (the trainer shares the cross-entropy's) gives the same loss
+    shared = topk_kd_loss(student, ids, values, temperature, beta, tail,
+                          lse=torch.logsumexp(student, -1))
+    assert torch.allclose(shared, got, rtol=1e-6, atol=1e-7)
 
 
 def test_bucket_mode_is_the_kl_of_the_coarsened_distributions():

@@ -76,12 +76,15 @@ class DSSTrainer(Trainer):
             logits, targets = target_logits(model, inputs[f"{part}_input_ids"],
                                             inputs[f"{part}_attention_mask"],
                                             inputs[f"{part}_labels"])
-            ce = torch.nn.functional.cross_entropy(logits.float(), targets)
+            logits = logits.float()
+            # cross-entropy from the log-sum-exp, which KD then reuses (one pass over [N, V])
+            lse = torch.logsumexp(logits, -1)
+            ce = (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
             if part == "expl" and self.kd["lam"] > 0:
                 ids, lps = inputs["expl_kd_ids"], inputs["expl_kd_logprobs"]
                 has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
                 kd = topk_kd_loss(logits[has], ids[has], lps[has], self.kd["temperature"],
-                                  self.kd["beta"], self.kd["tail"])
+                                  self.kd["beta"], self.kd["tail"], lse=lse[has])
                 self._parts["loss_explain_ce"].append(ce.detach().item())
                 self._parts["loss_kd"].append(kd.detach().item())
                 part_loss = (1 - self.kd["lam"]) * ce + self.kd["lam"] * kd

@@ -48,15 +48,17 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def _categoricals(student_logits: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_logprobs: torch.Tensor, tail: str, chunk: int
+                  topk_logprobs: torch.Tensor, tail: str, chunk: int,
+                  lse: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student and teacher log-probabilities over the compared categories, and their mask."""
     valid = (topk_ids >= 0) & torch.isfinite(topk_logprobs)
     ids = topk_ids.clamp(min=0).long()
     picked = _wide(student_logits.gather(1, ids))                              # [N, k]
-    lse = torch.cat([torch.logsumexp(_wide(student_logits[i:i + chunk]), dim=-1)
-                     for i in range(0, student_logits.shape[0], chunk)]) \
-        if student_logits.shape[0] else picked.new_zeros(0)
+    if lse is None:
+        lse = torch.cat([torch.logsumexp(_wide(student_logits[i:i + chunk]), dim=-1)
+                         for i in range(0, student_logits.shape[0], chunk)]) \
+            if student_logits.shape[0] else picked.new_zeros(0)
     neg = torch.finfo(torch.float32).min
     s = torch.where(valid, picked - lse[:, None], neg)                        # log s_i
     t = torch.where(valid, topk_logprobs.to(picked.dtype), neg)               # log q_i
@@ -72,17 +74,20 @@ def _categoricals(student_logits: torch.Tensor, topk_ids: torch.Tensor,
 
 def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                  topk_logprobs: torch.Tensor, temperature: float = 1.0, beta: float = 0.0,
-                 tail: str = "bucket", chunk: int = 1024) -> torch.Tensor:
+                 tail: str = "bucket", chunk: int = 1024,
+                 lse: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of T^2 * D(teacher_T || student_T); see the module docstring.
 
     student_logits [N, V] (any float dtype), topk_ids [N, k] (int, -1 = unknown),
-    topk_logprobs [N, k] (the teacher's log-probabilities at T = 1). N may be 0.
+    topk_logprobs [N, k] (the teacher's log-probabilities at T = 1). N may be 0. `lse` [N]:
+    the student's log-sum-exp over the vocabulary when the caller has it already (the
+    cross-entropy needs it too), saving a pass over [N, V].
     """
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    s, t, mask = _categoricals(student_logits, topk_ids, topk_logprobs, tail, chunk)
+    s, t, mask = _categoricals(student_logits, topk_ids, topk_logprobs, tail, chunk, lse)
     if temperature != 1.0:  # soften both categoricals the same way: q_T ∝ q^(1/T)
         s = torch.log_softmax(torch.where(mask, s / temperature, s.new_tensor(-1e30)), -1)
         t = torch.log_softmax(torch.where(mask, t / temperature, t.new_tensor(-1e30)), -1)

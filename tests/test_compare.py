@@ -1,0 +1,34 @@
+"""The comparison table of `make compare`: per variant and mode, accuracy over the seeds."""
+
+import pytest
+
+from pipeline.compare import summarize, table, variant_name
+
+
+def _r(system, variant, acc, tokens=2.0):
+    return {"system": system, "variant": variant, "n": 200, "accuracy": acc,
+            "mean_tokens": tokens}
+
+
+def test_summary_has_mean_and_sd_over_seeds_and_no_explain_row_for_answer_only():
+    results = [{"system": "teacher", "n": 200, "accuracy": 0.4, "mean_tokens": 29.0}]
+    for seed, (a, b, c) in enumerate([(0.70, 0.60, 0.80), (0.74, 0.62, 0.90)]):
+        results += [_r("predict", variant_name("answer-only", seed), a),
+                    _r("predict", variant_name("dss", seed), b),
+                    _r("explain", variant_name("dss", seed), c, 24.0)]
+    rows = summarize(results, ["answer-only", "dss"], [0, 1])
+    assert [(r["variant"], r["mode"]) for r in rows] == [
+        ("answer-only", "predict"), ("dss", "predict"), ("dss", "explain")]
+    assert rows[0]["accuracy"] == [0.70, 0.74] and rows[0]["mean"] == pytest.approx(0.72)
+    assert rows[2]["sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert rows[2]["mean_tokens"] == 24.0
+    text = table(rows, results[:1], 200)
+    assert "72.0% ±  2.8" in text and "70.0 74.0" in text and "teacher" in text
+
+
+def test_variant_folders_are_valid_train_names():
+    from pipeline.config import load_config
+
+    name = variant_name("dss+kd", 2)
+    assert name == "dss-kd-s2"
+    assert load_config("configs/demo.yaml", [f"train.name={name}"]).train.name == name
