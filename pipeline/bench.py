@@ -1,6 +1,6 @@
 """`make bench`: throughput of each stage on this machine, printed as a table.
 
-    python -m pipeline.bench [--rows 64] [--gen-rows 128] [--skip-backends]
+    python -m pipeline.bench [--rows 64] [--gen-rows 128] [--skip-backends] [--only train]
 
 - generate backends: the demo's generate stage on the same prompts through the hf backend,
   the vLLM engine and the openai backend against a local vLLM server (each in its own
@@ -10,8 +10,10 @@
 - generate: the hf backend on demo prompts, with and without top-k capture (its overhead);
 - filter: traces/s over GSM8K's human train solutions (../shared/datasets/gsm8k, when
   present) treated as teacher traces, else over synthetic demo traces;
-- train: seconds per DSS optimizer step (predict + explain) of the embedded student with LoRA,
-  without KD and with KD from stored top-20 rows (same batches).
+- train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
+  traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
+  stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
+  path that stored log-probabilities replace). Each in its own process.
 """
 
 from __future__ import annotations
@@ -141,9 +143,13 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
 
 
 def bench_filter() -> list[tuple[str, str]]:
+    """The full default filter (answers, arithmetic, steps, length, repetition, duplicates) on
+    GSM8K's human train solutions taken as teacher traces with their gold answers; one
+    process, one thread. Prints the funnel too."""
     from pipeline.config import FilterConfig
+    from stages.answers import AnswerChecker
     from stages.backends import Generation
-    from stages.filter import filter_shard
+    from stages.filter import filter_shard, funnel_table
     from stages.generate import traces_table
 
     gsm = Path(__file__).resolve().parents[1].parent / "shared/datasets/gsm8k/train.jsonl"
@@ -153,87 +159,207 @@ def bench_filter() -> list[tuple[str, str]]:
         data = [json.loads(line) for line in gsm.open()]
         texts = [d["answer"] for d in data]
         golds = [gsm8k_gold(d["answer"]) for d in data]
+        questions = [d["question"] for d in data]
         source = f"GSM8K train solutions ({len(texts)})"
     else:
         texts = [f"She has {i} + 3 = {i + 3} apples. The answer is {i + 3}." for i in range(5000)]
         golds = [str(i + 3) for i in range(5000)]
+        questions = [f"She has {i} apples and gets 3 more. How many?" for i in range(5000)]
         source = "synthetic traces (5000)"
-    gens = [Generation(t, "stop", np.zeros(len(t) // 4, np.int32), np.zeros(len(t) // 4,
-                       np.float32), np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
-            for t in texts]
-    recs = [{"id": str(i), "sample": 0, "question": "", "gold": g, "prompt": "",
+    # token counts from the embedded model's tokenizer, as if it had written them
+    from pipeline.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    gens = [Generation(t, "stop", np.asarray(i, np.int32), np.zeros(len(i), np.float32),
+                       np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
+            for t, i in zip(texts, ids)]
+    recs = [{"id": str(i), "sample": 0, "question": q, "gold": g, "prompt": "",
              "completion": t, "finish_reason": "stop", "error": None}
-            for i, (t, g) in enumerate(zip(texts, golds))]
+            for i, (t, g, q) in enumerate(zip(texts, golds, questions))]
     table = traces_table(recs, gens, 0)
-    cfg = FilterConfig(max_tokens=100000)
-    t = time.perf_counter()
-    out = filter_shard(table, cfg, numeric=True)
-    dt = time.perf_counter() - t
+    cfg = FilterConfig()
+    checker = AnswerChecker("numeric", cfg.extractors, cfg.tolerance)
+    best = float("inf")
+    for _ in range(3):  # the best of three: the machine's other work only slows a run down
+        t = time.perf_counter()
+        out = filter_shard(table, cfg, checker)
+        best = min(best, time.perf_counter() - t)
     kept = out.counters["kept"]
-    return [(f"filter, {source}", f"{len(texts) / dt:,.0f} traces/s, kept {kept}/{len(texts)}")]
+    print(f"filter funnel, {source}, default settings:\n{funnel_table(out.counters)}\n")
+    return [(f"filter, {source}, default settings, 1 thread",
+             f"{len(texts) / best:,.0f} traces/s, kept {kept}/{len(texts)} "
+             f"({100 * (1 - kept / len(texts)):.2f}% rejected)")]
 
 
-def bench_train(steps: int = 4) -> list[tuple[str, str]]:
-    """Seconds per DSS optimizer step without KD and with KD from stored top-20 rows, on the
-    same batches (the teacher's top-k here are random: only the cost is measured)."""
+def _train_rows(tok, n: int, k: int = 20) -> list[dict]:
+    """Synthetic kept traces of the demo's shape with random top-k rows (only cost is measured)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        rationale = f"Anna starts with {i} apples. She buys 3 more, so {i} + 3 = {i + 3}."
+        completion = f" {rationale} The answer is {i + 3}."
+        ids = tok(completion, add_special_tokens=False)["input_ids"]
+        lps = np.sort(rng.uniform(-12, 0, (len(ids), k)), axis=1)[:, ::-1]
+        rows.append({"question": f"Anna has {i} apples. She buys 3 more apples. How many "
+                     "apples does Anna have now?", "gold": str(i + 3), "pred_answer": str(i + 3),
+                     "rationale": rationale, "completion": completion, "token_ids": ids,
+                     "topk_ids": rng.integers(0, len(tok), (len(ids), k)).tolist(),
+                     "topk_logprobs": lps.tolist()})
+    return rows
+
+
+def _peak_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB else
+
+
+def train_once(variant: str, steps: int) -> dict:
+    """One training variant in this process: median seconds per optimizer step after the first,
+    and peak memory (process RSS; on a GPU also torch's peak allocation).
+
+    `dss` and `dss-kd` are our trainer without KD and with KD from stored top-20 rows; `trl` is
+    TRL's GKDTrainer with lmbda=0 (the dataset's completions, no student sampling) and beta=0
+    (forward KL), whose teacher, the embedded model itself, runs at every step. All three see the
+    same 8 traces per step: 8 predict + 8 explain sequences (TRL: one batch of those 16).
+    """
     import tempfile
+    import warnings
 
     import torch
     from datasets import Dataset
-    from transformers import TrainingArguments
+    from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
 
     from pipeline.config import TrainConfig
     from pipeline.models import load_tokenizer, resolve_model
-    from trainer.dss import DSSTrainer
     from trainer.examples import PairCollator, build_kd_examples
     from trainer.model import lora_student
 
     cfg = TrainConfig(batch_size=8)
     path = resolve_model(cfg.student)
     tok = load_tokenizer(path, padding_side="right")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(cfg.batch_size * (steps + 1)):
-        rationale = f"Anna starts with {i} apples. She buys 3 more, so {i} + 3 = {i + 3}."
-        completion = f" {rationale} The answer is {i + 3}."
-        ids = tok(completion, add_special_tokens=False)["input_ids"]
-        lps = np.sort(rng.uniform(-12, 0, (len(ids), 20)), axis=1)[:, ::-1]
-        rows.append({"question": f"Anna has {i} apples. She buys 3 more apples. How many "
-                     "apples does Anna have now?", "gold": str(i + 3), "pred_answer": str(i + 3),
-                     "rationale": rationale, "completion": completion, "token_ids": ids,
-                     "topk_ids": rng.integers(0, len(tok), (len(ids), 20)).tolist(),
-                     "topk_logprobs": lps.tolist()})
-    examples = build_kd_examples(rows, tok, cfg.max_length)
-    out = []
-    for lam in (0.0, 0.5):
-        torch.manual_seed(0)
-        model = lora_student(path, cfg)
-        times = []
+    examples = build_kd_examples(_train_rows(tok, cfg.batch_size * (steps + 1)), tok,
+                                 cfg.max_length)
+    torch.manual_seed(0)
+    model = lora_student(path, cfg)
+    cuda = torch.cuda.is_available()
+    times: list[float] = []
 
-        class Clock(DSSTrainer):
+    def clocked(cls):
+        class Clock(cls):
             def training_step(self, *a, **k):
+                if cuda:
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 result = super().training_step(*a, **k)
+                if cuda:
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
                 return result
+        return Clock
 
-        with tempfile.TemporaryDirectory() as tmp:
-            args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=True,
-                                     remove_unused_columns=False, max_steps=steps + 1,
-                                     per_device_train_batch_size=cfg.batch_size,
-                                     save_strategy="no", disable_tqdm=True, logging_steps=1000)
-            clock = Clock(model=model, args=args, alpha=0.5, kd_lam=lam,
-                          train_dataset=Dataset.from_list(examples),
-                          data_collator=PairCollator(tok.pad_token_id))
-            clock.remove_callback(PrinterCallback)  # keep the table the only output
-            clock.train()
-        out.append((lam, float(np.median(times[1:]))))
-    (_, plain), (_, kd) = out
-    name = f"train DSS step, batch {cfg.batch_size} (x2 tasks), LoRA r={cfg.lora_r}"
-    return [(name + ", no KD", f"{plain:.2f} s/step, {torch.get_num_threads()} threads"),
-            (name + ", KD top-20 (lam 0.5)", f"{kd:.2f} s/step, "
-             f"{100 * (kd / plain - 1):+.1f}% over no KD")]
+    common = dict(report_to="none", use_cpu=not cuda, remove_unused_columns=False,
+                  max_steps=steps + 1, save_strategy="no", disable_tqdm=True,
+                  logging_steps=1000, dataloader_num_workers=0, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant in ("dss", "dss-kd"):
+            from transformers import TrainingArguments
+
+            from trainer.dss import DSSTrainer
+
+            if variant == "dss":
+                examples = [{k: v for k, v in ex.items() if not k.startswith("expl_kd")}
+                            for ex in examples]
+            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
+                                     **common)
+            trainer = clocked(DSSTrainer)(
+                model=model, args=args, alpha=0.5, kd_lam=0.5 if variant == "dss-kd" else 0.0,
+                train_dataset=Dataset.from_list(examples),
+                data_collator=PairCollator(tok.pad_token_id))
+        elif variant == "trl":
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+            flat = [{"input_ids": ex[f"{p}_input_ids"], "labels": ex[f"{p}_labels"]}
+                    for ex in examples for p in ("pred", "expl")]
+
+            def collate(features):
+                width = max(len(f["input_ids"]) for f in features)
+                pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+                return {"input_ids": torch.tensor([pad(f["input_ids"], tok.pad_token_id)
+                                                   for f in features]),
+                        "labels": torch.tensor([pad(f["labels"], -100) for f in features]),
+                        "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0)
+                                                        for f in features])}
+
+            args = GKDConfig(output_dir=tmp, per_device_train_batch_size=2 * cfg.batch_size,
+                             lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, bf16=False,
+                             gradient_checkpointing=False, max_length=cfg.max_length,
+                             learning_rate=cfg.learning_rate, shuffle_dataset=False, **common)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer = clocked(GKDTrainer)(model=model, teacher_model=teacher, args=args,
+                                              train_dataset=Dataset.from_list(flat),
+                                              data_collator=collate, processing_class=tok)
+        else:
+            raise ValueError(f"unknown training variant {variant!r}")
+        trainer.remove_callback(PrinterCallback)
+        loaded_mb = _peak_mb()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    out = {"variant": variant, "s_per_step": float(np.median(times[1:])), "steps": len(times),
+           "peak_rss_mb": _peak_mb(), "loaded_rss_mb": loaded_mb,
+           "threads": torch.get_num_threads()}
+    if cuda:
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _in_child(args: list[str], what: str) -> dict:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {what} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_train(steps: int = 8) -> list[tuple[str, str]]:
+    """Seconds per optimizer step and peak memory: DSS without KD, with KD from stored top-20
+    rows, and TRL's online distillation (teacher forward at every step); each in its own
+    process so that memory peaks do not mix."""
+    import importlib.util
+
+    variants = ["dss", "dss-kd"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    res = {v: _in_child(["--one-train", v, "--train-steps", str(steps)], f"{v} training")
+           for v in variants}
+    plain = res["dss"]["s_per_step"]
+
+    def mem(r: dict) -> str:
+        text = f"peak RSS {r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb'] - r['loaded_rss_mb']:+,.0f} " \
+               "MB in training)"
+        return text + (f", GPU peak {r['cuda_peak_mb']:,.0f} MB" if "cuda_peak_mb" in r else "")
+
+    name = "train step, 8 traces (8 predict + 8 explain sequences), LoRA r=16"
+    out = [(name + ": DSS, no KD", f"{plain:.2f} s/step, {mem(res['dss'])}, "
+            f"{res['dss']['threads']} threads"),
+           (name + ": DSS + KD from stored top-20", f"{res['dss-kd']['s_per_step']:.2f} s/step "
+            f"({100 * (res['dss-kd']['s_per_step'] / plain - 1):+.1f}%), {mem(res['dss-kd'])}")]
+    if "trl" in res:
+        out.append((name + ": TRL GKDTrainer, online teacher (lmbda=0)",
+                    f"{res['trl']['s_per_step']:.2f} s/step "
+                    f"({100 * (res['trl']['s_per_step'] / plain - 1):+.1f}%), {mem(res['trl'])}"))
+    else:
+        out.append((name + ": TRL GKDTrainer", "skipped: trl is not installed"))
+    return out
 
 
 def main() -> None:
@@ -245,17 +371,29 @@ def main() -> None:
                         help="leave out the backend comparison (it takes a few minutes)")
     parser.add_argument("--one", help=argparse.SUPPRESS)        # internal: one backend run
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--one-train", help=argparse.SUPPRESS)  # internal: one training run
+    parser.add_argument("--train-steps", type=int, default=8,
+                        help="timed optimizer steps per training variant (after one warm-up)")
+    parser.add_argument("--only", choices=["filter", "generate", "backends", "train"],
+                        help="run one part of the benchmark")
     args = parser.parse_args()
+    if args.one_train:
+        print(json.dumps(train_once(args.one_train, args.train_steps)))
+        return
     if args.one:
         print(json.dumps(generate_once(args.one, args.gen_rows, args.base_url)))
         return
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}")]
-    rows += bench_filter()
-    rows += bench_generate(args.rows)
-    if not args.skip_backends:
+    part = args.only
+    if part in (None, "filter"):
+        rows += bench_filter()
+    if part in (None, "generate"):
+        rows += bench_generate(args.rows)
+    if part == "backends" or (part is None and not args.skip_backends):
         rows += bench_backends(args.gen_rows)
-    rows += bench_train()
+    if part in (None, "train"):
+        rows += bench_train(args.train_steps)
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -63,8 +63,13 @@ class TaskConfig:
     question: str = opt("{question}", "file/hub: the question, as a template over the row's "
                         "fields, e.g. '{premise} Hypothesis: {hypothesis}'.")
     answer_field: str = opt("answer", "file/hub: the field holding the gold answer.")
-    answer_type: str = opt("numeric", "file/hub: how gold answers compare.",
-                           choices=["numeric", "string"])
+    answer_type: str = opt("numeric", "file/hub: what the answers are: `numeric` (numbers, with "
+                           "a tolerance), `math` (LaTeX / symbolic, via math-verify), `choice` "
+                           "(a multiple-choice letter or the option's text), `label` (one of "
+                           "task.labels), `string` (normalised text).",
+                           choices=["numeric", "math", "choice", "label", "string"])
+    labels: list[str] = opt(["entailment", "neutral", "contradiction"], "answer_type=label: the "
+                            "class labels (e-SNLI / ANLI by default).")
     id_field: str | None = opt(None, "file/hub: a field with a stable row id (default: position).")
 
 
@@ -144,16 +149,43 @@ class VLLMConfig:
 
 @dataclass
 class FilterConfig:
-    extractors: list[str] = opt(["answer_is", "hash", "boxed", "last_number"],
-                                "Answer extractors, tried in order; the first match wins.")
-    min_steps: int = opt(1, "Reasoning steps required (lines or sentences that carry a "
-                         "calculation).", ge=0)
+    extractors: list[str] | None = opt(None, "Where the final answer is read, tried in order (the "
+                                       "first match wins): answer_is, hash, boxed, "
+                                       "answer_colon, last_number, last_letter, last_line; null "
+                                       "= the answer type's default order.")
     require_answer_marker: bool = opt(True, "Drop traces with no explicit final-answer marker "
-                                      "('The answer is', '####', \\boxed).")
-    min_tokens: int = opt(4, "Fewest generated tokens in a kept trace.", ge=0)
-    max_tokens: int = opt(256, "Most generated tokens in a kept trace.", ge=1)
-    drop_truncated: bool = opt(True, "Drop traces cut off by the length limit.")
+                                      "('The answer is', '####', \\boxed, 'Answer:').")
     tolerance: float = opt(1e-6, "Relative tolerance when comparing numeric answers.", ge=0.0)
+    check_arithmetic: bool = opt(True, "Drop traces whose written arithmetic is wrong "
+                                 "(`a op b = c` in the text, GSM8K's <<a*b=c>>), even with a "
+                                 "right final answer.")
+    min_steps: int = opt(1, "Reasoning steps required (numbered lines, 'Step N', sentences or "
+                         "lines that carry a calculation).", ge=0)
+    min_tokens: int = opt(4, "Fewest generated tokens in a kept trace.", ge=0)
+    max_tokens: int | None = opt(None, "Most generated tokens in a kept trace; null = no bound "
+                                 "beyond generate.max_new_tokens (a trace that hits it is "
+                                 "truncated, and dropped as such).", ge=1)
+    min_words: int = opt(0, "Fewest words in a kept trace.", ge=0)
+    max_words: int = opt(1000, "Most words in a kept trace.", ge=1)
+    drop_truncated: bool = opt(True, "Drop traces cut off by the length limit.")
+    repeat_ngram: int = opt(4, "n of the word n-grams that measure repetition.", ge=1, le=16)
+    max_repeat_share: float = opt(0.5, "Drop traces whose share of repeated word n-grams is "
+                                  "above this (a looping trace); 1 = never.", ge=0.0, le=1.0)
+    dedup: str = opt("near", "Duplicate rationales for the same question: `near` (identical "
+                     "after normalising, or word-sequence similarity >= near_duplicate), "
+                     "`exact` (identical after normalising), `off`.",
+                     choices=["near", "exact", "off"])
+    near_duplicate: float = opt(0.9, "Word-sequence similarity (difflib ratio: 2 x matching "
+                                "words / all words) from which two rationales of a question "
+                                "count as duplicates.", gt=0.0, le=1.0)
+    max_per_question: int = opt(0, "Most traces kept per question (the first samples); 0 = no "
+                                "cap.", ge=0)
+    min_agreement: float = opt(0.5, "Rows without a gold answer: the majority answer of their "
+                               "samples is the pseudo-gold when at least this share of the "
+                               "samples give it.", gt=0.0, le=1.0)
+    min_votes: int = opt(2, "Rows without a gold answer: samples that must give the majority "
+                         "answer.", ge=1)
+    plot: bool = opt(True, "Also draw the funnel as funnel.png.")
 
 
 @dataclass
@@ -221,6 +253,11 @@ class EvalConfig:
                      choices=["bfloat16", "float32", "float16"])
 
 
+def answer_kind(task: "TaskConfig") -> str:
+    """How answers of this task are read and compared (see stages.answers)."""
+    return "numeric" if task.kind in ("demo", "gsm8k") else task.answer_type
+
+
 @dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -239,7 +276,8 @@ class Config:
 
 SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "vllm": VLLMConfig,
                  "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig}
-VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number"]
+VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number", "last_letter",
+                    "last_line"]
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
 
 
@@ -329,12 +367,18 @@ def _build_section(name: str, raw: dict, errors: list[str]):
 
 
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
-    for name in cfg.filter.extractors:
+    for name in cfg.filter.extractors or []:
         if name not in VALID_EXTRACTORS:
             errors.append(f"filter.extractors: unknown extractor '{name}'; "
                           f"{_did_you_mean(name, VALID_EXTRACTORS)}")
-    if not cfg.filter.extractors:
-        errors.append("filter.extractors: give at least one extractor")
+    if cfg.filter.extractors is not None and not cfg.filter.extractors:
+        errors.append("filter.extractors: give at least one extractor, or null for the "
+                      "answer type's default order")
+    if cfg.filter.min_words > cfg.filter.max_words:
+        errors.append(f"filter.min_words ({cfg.filter.min_words}) is above filter.max_words "
+                      f"({cfg.filter.max_words})")
+    if cfg.task.answer_type == "label" and len(set(cfg.task.labels)) < 2:
+        errors.append("task.labels: give at least two distinct labels for answer_type=label")
     for name in cfg.eval.systems:
         if name not in VALID_SYSTEMS:
             errors.append(f"eval.systems: unknown system '{name}'; "
@@ -345,7 +389,7 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     if cfg.train.kd_lam > 0 and cfg.train.explain_targets == "text":
         errors.append("train.explain_targets=text cannot carry KD (train.kd_lam > 0): KD needs "
                       "the teacher's own tokens as targets; use auto or tokens")
-    if cfg.filter.min_tokens > cfg.filter.max_tokens:
+    if cfg.filter.max_tokens is not None and cfg.filter.min_tokens > cfg.filter.max_tokens:
         errors.append(f"filter.min_tokens ({cfg.filter.min_tokens}) is above filter.max_tokens "
                       f"({cfg.filter.max_tokens})")
     g = cfg.generate

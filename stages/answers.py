@@ -1,16 +1,32 @@
 """Final-answer extraction and comparison, shared by the filter and the evaluation.
 
-Extractors are named and tried in a configured order, strict ones first; the first match wins
-and its name is recorded. No match gives the sentinel `NO_ANSWER`, never an empty label.
+A trace's answer is found in two steps: a *span* extractor finds where the final answer is
+written (`#### N`, `\\boxed{...}`, "The answer is ...", "Answer: ...", or a fallback such as
+the last number), tried in a configured order, strict ones first; then the answer kind reads
+the span:
+
+- `numeric`: a number, with commas, currency, units, percent signs, fractions (`3/4`,
+  `\\frac{3}{4}`, `1 1/2`) and decimals, compared with a relative tolerance;
+- `math`: LaTeX or symbolic answers, compared through `math-verify` (numbers first, fast);
+- `choice`: a multiple-choice letter, written as the letter (`(B)`, `B.`) or as the option's
+  text, which is mapped back to its letter through the options in the question;
+- `label`: one of a fixed set of class labels (e-SNLI/ANLI: entailment, neutral,
+  contradiction), also written as a verb form ("entails", "contradicts");
+- `string`: the normalised text.
+
+The extractor that matched is recorded (`hash`, `answer_is:option_text`, ...). No match gives
+the sentinel `NO_ANSWER`, never an empty label.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 NO_ANSWER = "[no answer]"
+ANSWER_KINDS = ["numeric", "math", "choice", "label", "string"]
+DEFAULT_LABELS = ["entailment", "neutral", "contradiction"]
 
 _NUM = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
 _NUMBER = re.compile(_NUM)
@@ -18,22 +34,30 @@ _NUMBER = re.compile(_NUM)
 
 @dataclass(frozen=True)
 class Extraction:
-    answer: str          # the raw extracted text, or NO_ANSWER
+    answer: str          # the extracted answer text, or NO_ANSWER
     extractor: str       # the extractor that matched, or "none"
     start: int           # where the final-answer marker begins (len(text) when there is none)
 
 
-def _answer_is(text: str):
+def _last(pattern: re.Pattern, text: str):
     m = None
-    for m in re.finditer(r"[Tt]he (?:final )?answer is\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)", text):
+    for m in pattern.finditer(text):
         pass
+    return m
+
+
+_ANSWER_IS = re.compile(r"[Tt]he (?:final |correct )?answer is\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)")
+_HASH = re.compile(r"####\s*([^\n]+)")
+_ANSWER_COLON = re.compile(r"(?im)^\s*(?:\**final answer\**|\**answer\**)\s*:\s*(.+?)\s*$")
+
+
+def _answer_is(text: str):
+    m = _last(_ANSWER_IS, text)
     return (m.group(1), m.start()) if m else None
 
 
 def _hash(text: str):
-    m = None
-    for m in re.finditer(r"####\s*([^\n]+)", text):
-        pass
+    m = _last(_HASH, text)
     return (m.group(1), m.start()) if m else None
 
 
@@ -52,26 +76,42 @@ def _boxed(text: str):
 
 
 def _answer_colon(text: str):
-    m = None
-    for m in re.finditer(r"(?im)^\s*(?:final )?answer\s*:\s*(.+?)\s*$", text):
-        pass
+    m = _last(_ANSWER_COLON, text)
     return (m.group(1), m.start()) if m else None
 
 
 def _last_number(text: str):
-    m = None
-    for m in _NUMBER.finditer(text):
-        pass
+    m = _last(_NUMBER, text)
     return (m.group(0), len(text)) if m else None
 
 
+_LETTER = re.compile(r"\(([A-J])\)|\b([A-J])\)")
+
+
+def _last_letter(text: str):
+    m = _last(_LETTER, text)
+    return (m.group(1) or m.group(2), len(text)) if m else None
+
+
+def _last_line(text: str):
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1], len(text)) if lines else None
+
+
 EXTRACTORS = {"answer_is": _answer_is, "hash": _hash, "boxed": _boxed,
-              "answer_colon": _answer_colon, "last_number": _last_number}
+              "answer_colon": _answer_colon, "last_number": _last_number,
+              "last_letter": _last_letter, "last_line": _last_line}
 MARKER_EXTRACTORS = {"answer_is", "hash", "boxed", "answer_colon"}
+# "####" and \boxed are only ever written as the final answer, so they go first
+DEFAULT_ORDER = {"numeric": ["hash", "boxed", "answer_is", "answer_colon", "last_number"],
+                 "math": ["boxed", "hash", "answer_is", "answer_colon", "last_number"],
+                 "choice": ["answer_is", "answer_colon", "hash", "boxed", "last_letter"],
+                 "label": ["answer_is", "answer_colon", "hash", "boxed", "last_line"],
+                 "string": ["answer_is", "answer_colon", "hash", "boxed", "last_line"]}
 
 
 def extract_answer(text: str, order: list[str]) -> Extraction:
-    """Try the extractors in `order`; the first that matches gives the answer."""
+    """Try the span extractors in `order`; the first that matches gives the answer text."""
     for name in order:
         found = EXTRACTORS[name](text)
         if found is not None and found[0].strip():
@@ -79,44 +119,221 @@ def extract_answer(text: str, order: list[str]) -> Extraction:
     return Extraction(NO_ANSWER, "none", len(text))
 
 
-def to_number(text: str) -> Decimal | None:
-    """A number from an answer string: commas, currency, units and a trailing period ignored."""
+# ---- numbers -------------------------------------------------------------------------------
+
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+(?:\.\d+)?)\s*\}\{\s*(-?\d+(?:\.\d+)?)\s*\}")
+_MIXED = re.compile(r"(-?\d+)\s+(\d+)\s*/\s*(\d+)")
+_SLASH = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)\s*/\s*(\d[\d,]*(?:\.\d+)?)")
+
+
+def to_number(text: str) -> Fraction | None:
+    """A number from an answer string: `$1,200.` -> 1200, `50%` -> 50, `3/4`, `\\frac{3}{4}`,
+    `1 1/2` -> 3/2, `-2.5 kg` -> -5/2. The first number in the string counts."""
+    if text is None:
+        return None
+    if text.isdigit():  # the common case, fast
+        return Fraction(int(text))
+    m = _FRAC.search(text) if "frac" in text else None
+    if m:
+        den = Fraction(m.group(2))
+        return Fraction(m.group(1)) / den if den else None
+    m = _MIXED.match(text.strip()) if "/" in text else None
+    if m:
+        whole, num, den = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if den and num < den:
+            frac = Fraction(num, den)
+            return whole - frac if text.strip().startswith("-") else whole + frac
     m = _NUMBER.search(text)
     if not m:
         return None
-    raw = m.group(0).replace(",", "").replace("$", "").replace(" ", "")
+    s = _SLASH.match(text, m.start()) if "/" in text else None
     try:
-        return Decimal(raw)
-    except InvalidOperation:
+        if s:
+            den = Fraction(s.group(2).replace(",", ""))
+            if den:
+                return Fraction(s.group(1).replace(",", "")) / den
+        raw = m.group(0).replace(",", "").replace("$", "").replace(" ", "")
+        return Fraction(raw)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
+def numbers_match(a: Fraction | None, b: Fraction | None, tolerance: float = 1e-6) -> bool:
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    scale = max(abs(a), abs(b), 1)
+    return abs(a - b) <= Fraction(tolerance) * scale
+
+
+def format_number(n: Fraction) -> str:
+    """1200 -> `1200`, 5/2 -> `2.5`, 1/3 -> `1/3` (exact; no rounding)."""
+    if n.denominator == 1:
+        return str(n.numerator)
+    d = n.denominator
+    while d % 2 == 0:
+        d //= 2
+    while d % 5 == 0:
+        d //= 5
+    if d != 1:
+        return f"{n.numerator}/{n.denominator}"
+    digits = 0
+    while (n * 10 ** digits).denominator != 1:
+        digits += 1
+    return f"{float(n):.{digits}f}"
+
+
+# ---- text, choices, labels -----------------------------------------------------------------
+
 def normalize_text(text: str) -> str:
     text = text.strip().lower()
-    text = re.sub(r"^[\"'(\[]+|[\"')\].!?,;:]+$", "", text)
+    text = re.sub(r"^[\"'(\[*]+|[\"')\].!?,;:*]+$", "", text)
     return re.sub(r"\s+", " ", text)
 
 
-def answers_match(pred: str, gold: str, numeric: bool = True, tolerance: float = 1e-6) -> bool:
-    """Compare an extracted answer with the gold one: `3.0` = `3`, `$1,200.` = `1200`."""
-    if pred == NO_ANSWER or gold is None:
-        return False
-    if numeric:
-        a, b = to_number(pred), to_number(gold)
-        if a is None or b is None:
+_OPTION = re.compile(r"(?:^|\s|\n)\(?([A-J])[).:]\s+(.+?)(?=\s+\(?[A-J][).:]\s|\n|$)")
+
+
+def parse_options(question: str) -> dict[str, str]:
+    """Multiple-choice options written in a question: `(A) text`, `A) text` or `A. text`."""
+    return {m.group(1): normalize_text(m.group(2)) for m in _OPTION.finditer(question or "")}
+
+
+_LETTER_ANSWER = re.compile(r"^\(?(?:option |choice )?\(?([A-J])\)?(?:$|[.):,\s])", re.I)
+
+
+def to_choice(span: str, options: dict[str, str]) -> tuple[str, str] | None:
+    """(letter, how): from a letter (`(B)`, `B.`, `option b`) or the text of one option."""
+    m = _LETTER_ANSWER.match(span.strip())
+    if m and (not options or m.group(1).upper() in options):
+        return m.group(1).upper(), "letter"
+    norm = normalize_text(span)
+    if not norm:
+        return None
+    exact = [k for k, v in options.items() if v == norm]
+    if len(exact) == 1:
+        return exact[0], "option_text"
+    inside = [k for k, v in options.items() if v and re.search(
+        rf"(?<!\w){re.escape(v)}(?!\w)", norm)]
+    if len(inside) == 1:
+        return inside[0], "option_text"
+    return None
+
+
+def _stem(label: str) -> str:
+    return label if len(label) <= 7 else label[:len(label) - 4]
+
+
+def to_label(span: str, labels: list[str]) -> str | None:
+    """The one label that `span` names (its word or a form of it: "entails" -> entailment);
+    None when it names none or several."""
+    words = re.findall(r"[a-z]+", span.lower())
+    hits = {lab for lab in labels for w in words if w.startswith(_stem(lab.lower()))}
+    return hits.pop() if len(hits) == 1 else None
+
+
+# ---- the checker ---------------------------------------------------------------------------
+
+class AnswerChecker:
+    """Extracts and compares answers of one kind (see the module docstring)."""
+
+    def __init__(self, kind: str = "numeric", extractors: list[str] | None = None,
+                 tolerance: float = 1e-6, labels: list[str] | None = None):
+        if kind not in ANSWER_KINDS:
+            raise ValueError(f"unknown answer kind {kind!r}; one of {ANSWER_KINDS}")
+        self.kind = kind
+        self.order = list(extractors or DEFAULT_ORDER[kind])
+        self.tolerance = tolerance
+        self.labels = list(labels or DEFAULT_LABELS)
+
+    def extract(self, text: str, question: str = "") -> Extraction:
+        """The answer as this kind reads it; the extractor is `span` or `span:how`."""
+        if self.kind in ("numeric", "math", "string"):
+            return extract_answer(text, self.order)
+        options = parse_options(question) if self.kind == "choice" else {}
+        for name in self.order:
+            found = EXTRACTORS[name](text)
+            if found is None or not found[0].strip():
+                continue
+            if self.kind == "choice":
+                got = to_choice(found[0], options)
+                if got:
+                    return Extraction(got[0], f"{name}:{got[1]}", found[1])
+            else:
+                label = to_label(found[0], self.labels)
+                if label:
+                    return Extraction(label, name, found[1])
+        return Extraction(NO_ANSWER, "none", len(text))
+
+    def gold(self, gold: str, question: str = "") -> str | None:
+        """The gold answer in this kind's terms (a letter for choice, a label for label)."""
+        if gold is None:
+            return None
+        if self.kind == "choice":
+            got = to_choice(str(gold), parse_options(question))
+            return got[0] if got else str(gold).strip().upper()
+        if self.kind == "label":
+            return to_label(str(gold), self.labels) or normalize_text(str(gold))
+        return str(gold)
+
+    def match(self, pred: str, gold: str, question: str = "") -> bool:
+        if pred == NO_ANSWER or gold is None:
             return False
-        if a == b:
-            return True
-        scale = max(abs(a), abs(b), Decimal(1))
-        return abs(a - b) <= Decimal(str(tolerance)) * scale
-    return normalize_text(pred) == normalize_text(gold)
+        if self.kind == "numeric":
+            return numbers_match(to_number(pred), to_number(gold), self.tolerance)
+        if self.kind == "math":
+            a, b = to_number(pred), to_number(gold)
+            if a is not None and b is not None and _plain_number(pred) and _plain_number(gold):
+                return numbers_match(a, b, self.tolerance)
+            return _math_verify(gold, pred)
+        if self.kind in ("choice", "label"):
+            return pred == self.gold(gold, question)
+        return normalize_text(pred) == normalize_text(str(gold))
+
+    def canonical(self, pred: str) -> str:
+        """The answer as the student is taught to write it: `1,200.0` -> `1200`."""
+        if self.kind == "numeric":
+            n = to_number(pred)
+            return format_number(n) if n is not None else pred.strip()
+        return pred.strip()
+
+    def key(self, pred: str) -> str:
+        """A key under which equal answers agree (for majority votes)."""
+        if pred == NO_ANSWER:
+            return pred
+        if self.kind in ("numeric", "math"):
+            n = to_number(pred)
+            if n is not None and (self.kind == "numeric" or _plain_number(pred)):
+                return format_number(n)
+        return normalize_text(pred)
+
+
+_PLAIN = re.compile(r"^\s*-?\$?\s*[\d,]*\.?\d+\s*%?\s*$")
+
+
+def _plain_number(text: str) -> bool:
+    return bool(_PLAIN.match(text))
+
+
+def _math_verify(gold: str, pred: str) -> bool:
+    from math_verify import parse, verify
+
+    def wrap(s: str) -> str:
+        s = s.strip()
+        return s if "$" in s or "\\(" in s or "\\[" in s else f"${s}$"
+
+    try:
+        return bool(verify(parse(wrap(gold)), parse(wrap(pred))))
+    except Exception:  # a parser failure on odd text is a non-match, not a crash
+        return False
+
+
+def answers_match(pred: str, gold: str, numeric: bool = True, tolerance: float = 1e-6) -> bool:
+    """Numeric or normalised-string comparison: `3.0` = `3`, `$1,200.` = `1200`."""
+    return AnswerChecker("numeric" if numeric else "string",
+                         tolerance=tolerance).match(pred, gold)
 
 
 def canonical_answer(text: str, numeric: bool = True) -> str:
-    """The answer as the student is taught to write it: `1,200.0` -> `1200`."""
-    if numeric:
-        n = to_number(text)
-        if n is not None:
-            n = n.normalize()
-            return format(n, "f") if n != n.to_integral() else str(int(n))
-    return text.strip()
+    return AnswerChecker("numeric" if numeric else "string").canonical(text)

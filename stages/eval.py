@@ -70,6 +70,16 @@ def _rows_digest(rows: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def eval_checker(cfg: Config):
+    """The task's answer kind with the flexible extractor order (a fallback is allowed)."""
+    from pipeline.config import answer_kind
+    from stages.answers import AnswerChecker
+
+    kind = answer_kind(cfg.task)
+    return AnswerChecker(kind, labels=cfg.task.labels if kind == "label" else None,
+                         tolerance=cfg.filter.tolerance)
+
+
 def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     from pipeline.models import load_tokenizer, resolve_model
     from stages.backends import HFBackend
@@ -88,9 +98,11 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     rows = test.to_pylist()
     if not rows:
         raise ValueError("the held-out split is empty; set task.n_test / task.test_path")
-    numeric = cfg.task.kind in ("demo", "gsm8k") or cfg.task.answer_type == "numeric"
+    checker = eval_checker(cfg)
     digest = _rows_digest(rows)
-    common = {"test": digest, "numeric": numeric, "dtype": e.dtype}
+    common = {"test": digest, "answer_kind": checker.kind, "dtype": e.dtype}
+    if checker.kind == "label":
+        common["labels"] = checker.labels
     wants_student = any(s in ("predict", "explain") for s in e.systems)
     variants = trained_variants(run_dir, e.variants) if wants_student else []
     if wants_student and not variants:
@@ -156,7 +168,7 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             prompts, stop = [task_prompt(prefix, q) for q in questions], []
             budget = specs[key]["max_new_tokens"]
         table, summary = run_system(system, backend, prompts, rows, budget, stop,
-                                    e.batch_size, numeric,
+                                    e.batch_size, checker,
                                     first_line=specs[key].get("first_line", False))
         if variant:
             summary["variant"] = variant

@@ -1,83 +1,193 @@
 """Stage 2, filter: keep traces with a correct answer, real steps and a sane length.
 
 Each generate shard gives a `kept-NNNNN.parquet` and a `rejected-NNNNN.parquet` (with the
-reason). Every check answers keep, or drop with a reason; the first failing check is the
-reason, and every reason is counted in the funnel (`funnel.json`, printed as a table). This
-stage reads only the generate shards: it never loads a model.
+reason and its detail). Every check answers keep, or drop with a reason; the first failing
+check is the reason, and every reason is counted in the funnel (`funnel.json`, printed as a
+table and drawn as `funnel.png`). The checks, in order:
+
+1. per trace: generation error, truncation, an answer found (and its marker), the answer right
+   (against the gold answer, or for unlabeled rows against the majority answer of the row's
+   samples), the written arithmetic right, enough reasoning steps, length in tokens and
+   words, no looping repetition;
+2. per question, among the traces still kept: duplicates dropped, at most
+   `max_per_question` kept.
+
+This stage reads only the generate shards: it never loads a model.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import store
-from pipeline.config import Config, FilterConfig
+from pipeline.config import Config, FilterConfig, answer_kind
 from pipeline.runner import ShardInput, ShardOutput, log, run_shard_stage
-from stages.answers import (MARKER_EXTRACTORS, NO_ANSWER, answers_match, canonical_answer,
-                            extract_answer)
+from stages.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker
+from stages.arith import check_arithmetic
 from stages.generate import TRACE_SCHEMA
 
 ADDED = [("pred_answer", pa.string()), ("extractor", pa.string()), ("rationale", pa.string()),
-         ("n_steps", pa.int32()), ("n_tokens", pa.int32())]
+         ("n_steps", pa.int32()), ("n_tokens", pa.int32()), ("n_words", pa.int32()),
+         ("n_equations", pa.int32()), ("repeat_share", pa.float32()),
+         ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string())]
 KEPT_SCHEMA = pa.schema(list(TRACE_SCHEMA) + [pa.field(n, t) for n, t in ADDED])
 REJECTED_SCHEMA = KEPT_SCHEMA.append(pa.field("reason", pa.string()))
 
 # The reasons, in the order the checks run.
-REASONS = ["generation_error", "truncated", "no_answer", "no_answer_marker", "no_gold",
-           "wrong_answer", "too_few_steps", "too_short", "too_long"]
+REASONS = ["generation_error", "truncated", "no_answer", "no_answer_marker", "no_consensus",
+           "wrong_answer", "wrong_arithmetic", "too_few_steps", "too_short", "too_long",
+           "repetitive", "duplicate", "over_cap"]
+EXPLAINED = {
+    "generation_error": "the teacher call failed for good (its error is in the trace)",
+    "truncated": "cut off by the generation length limit",
+    "no_answer": "no final answer could be read",
+    "no_answer_marker": "only a fallback (a bare last number) found the answer",
+    "no_consensus": "no gold answer and too few of the row's samples agree on one",
+    "wrong_answer": "the final answer is not the gold (or majority) answer",
+    "wrong_arithmetic": "a written calculation is wrong, though the final answer may be right",
+    "too_few_steps": "fewer reasoning steps than filter.min_steps",
+    "too_short": "fewer tokens or words than filter.min_tokens / min_words",
+    "too_long": "more tokens or words than filter.max_tokens / max_words",
+    "repetitive": "a looping trace: too many repeated word n-grams",
+    "duplicate": "the same (or nearly the same) rationale as a kept trace of the question",
+    "over_cap": "more traces of the question than filter.max_per_question",
+}
 
-_CALC = re.compile(r"\d\s*[-+*/×x÷]\s*\(?\d|=\s*-?\$?\d")
-_UNIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_CALC = re.compile(r"\d\s*[-+*/×x÷^]\s*\(?\$?\d|=\s*-?\$?\d|<<[^>]*>>")
+_NUMBERED = re.compile(r"^\s*(?:step\s*\d+|\(?\d{1,2}[.):]\s|[-*•]\s)", re.I)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def count_steps(rationale: str) -> int:
-    """Sentences or lines of the rationale that carry a calculation (`5 + 3 = 8`)."""
-    return sum(1 for part in _UNIT.split(rationale) if _CALC.search(part))
+    """Reasoning steps: numbered lines ("1.", "Step 2:", a bullet) count one each; in other
+    lines, each sentence that carries a calculation (`5 + 3 = 8`, `<<5*3=15>>`) counts."""
+    n = 0
+    for line in rationale.splitlines():
+        if _NUMBERED.match(line):
+            n += 1
+        elif _CALC.search(line):
+            n += sum(1 for part in _SENTENCE.split(line) if _CALC.search(part))
+    return n
 
 
-def check_trace(row: dict, cfg: FilterConfig, numeric: bool) -> tuple[str | None, dict]:
-    """Return (reason or None, the added columns) for one trace."""
+def repeat_share(words: list[str], n: int) -> float:
+    """Share of the word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
+    if len(words) < 2 * n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def _norm_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:[.,][0-9]+)*", text.lower())
+
+
+def similar(a: list[str], b: list[str], threshold: float) -> bool:
+    """Word-sequence similarity (difflib's ratio, 2 * matched words / all words) >= threshold;
+    the cheap upper bounds are tried first."""
+    m = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return (m.real_quick_ratio() >= threshold and m.quick_ratio() >= threshold
+            and m.ratio() >= threshold)
+
+
+def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker,
+                gold: str | None = None, gold_source: str = "gold") -> tuple[str | None, dict]:
+    """(reason or None, the added columns) for one trace; `gold` overrides the row's gold
+    (a pseudo-gold from the majority vote)."""
     text = row["completion"] or ""
-    found = extract_answer(text, cfg.extractors)
-    rationale = text[:found.start].strip() if found.extractor in MARKER_EXTRACTORS else \
-        text.strip()
+    found = row.get("_found") or checker.extract(text, row.get("question") or "")
+    marker = found.extractor.split(":")[0] in MARKER_EXTRACTORS
+    rationale = text[:found.start].strip() if marker else text.strip()
+    words = text.split()
     added = {"pred_answer": found.answer, "extractor": found.extractor, "rationale": rationale,
-             "n_steps": count_steps(rationale), "n_tokens": len(row["token_ids"] or [])}
+             "n_steps": count_steps(rationale), "n_tokens": len(row["token_ids"] or []),
+             "n_words": len(words), "n_equations": 0, "repeat_share": 0.0,
+             "gold_source": gold_source if gold is not None else None,
+             "agreement": row.get("_agreement"), "detail": None}
     if row.get("error"):
+        added["detail"] = str(row["error"])[:300]
         return "generation_error", added
     if cfg.drop_truncated and row["finish_reason"] == "length":
         return "truncated", added
     if found.answer == NO_ANSWER:
         return "no_answer", added
-    if cfg.require_answer_marker and found.extractor not in MARKER_EXTRACTORS:
+    if cfg.require_answer_marker and not marker:
         return "no_answer_marker", added
-    if row["gold"] is None:
-        return "no_gold", added
-    if not answers_match(found.answer, row["gold"], numeric, cfg.tolerance):
+    if gold is None:
+        return "no_consensus", added
+    if not checker.match(found.answer, gold, row.get("question") or ""):
+        added["detail"] = f"gold {gold}"
         return "wrong_answer", added
-    added["pred_answer"] = canonical_answer(found.answer, numeric)
+    added["pred_answer"] = checker.canonical(found.answer)
+    if cfg.check_arithmetic:
+        n_eq, wrong = check_arithmetic(rationale)
+        added["n_equations"] = n_eq
+        if wrong is not None:
+            added["detail"] = str(wrong)
+            return "wrong_arithmetic", added
     if added["n_steps"] < cfg.min_steps:
         return "too_few_steps", added
-    if added["n_tokens"] < cfg.min_tokens:
+    if added["n_tokens"] < cfg.min_tokens or added["n_words"] < cfg.min_words:
         return "too_short", added
-    if added["n_tokens"] > cfg.max_tokens:
+    if (cfg.max_tokens is not None and added["n_tokens"] > cfg.max_tokens
+            or added["n_words"] > cfg.max_words):
         return "too_long", added
+    if cfg.max_repeat_share < 1.0:
+        share = repeat_share(text.lower().split(), cfg.repeat_ngram)
+        added["repeat_share"] = round(share, 4)
+        if share > cfg.max_repeat_share:
+            added["detail"] = f"{share:.0%} of its word {cfg.repeat_ngram}-grams repeat"
+            return "repetitive", added
     return None, added
 
 
-def filter_shard(table: pa.Table, cfg: FilterConfig, numeric: bool) -> ShardOutput:
+def _majority(rows: list[dict], checker: AnswerChecker, cfg: FilterConfig):
+    """(pseudo-gold or None, agreement) from the answers of one question's samples."""
+    keys = [checker.key(r["_found"].answer) for r in rows
+            if r["_found"].answer != NO_ANSWER and not r.get("error")]
+    if not keys:
+        return None, 0.0
+    key, votes = Counter(keys).most_common(1)[0]
+    agreement = votes / len(rows)
+    if votes < cfg.min_votes or agreement < cfg.min_agreement:
+        return None, agreement
+    answer = next(r["_found"].answer for r in rows if checker.key(r["_found"].answer) == key)
+    return answer, agreement
+
+
+def filter_shard(table: pa.Table, cfg: FilterConfig, checker: AnswerChecker) -> ShardOutput:
     # Token columns pass through untouched: only the small columns go through Python.
-    small = table.select(["completion", "finish_reason", "gold", "error"]).to_pylist()
+    small = table.select(["id", "sample", "question", "completion", "finish_reason", "gold",
+                          "error"]).to_pylist()
     lengths = pc.list_value_length(table.column("token_ids")).to_pylist()
-    kept_idx, rej_idx, kept_add, rej_add, reasons = [], [], [], [], []
-    counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in REASONS}}
+    by_question: dict[str, list[int]] = {}
     for i, row in enumerate(small):
         row["token_ids"] = range(lengths[i] or 0)
-        reason, added = check_trace(row, cfg, numeric)
+        row["_found"] = checker.extract(row["completion"] or "", row["question"] or "")
+        by_question.setdefault(row["id"], []).append(i)
+    results: list[tuple[str | None, dict]] = [None] * len(small)  # type: ignore[list-item]
+    samples = [row["sample"] for row in small]
+    for ids in by_question.values():
+        gold = small[ids[0]]["gold"]
+        source = "gold"
+        if gold is None:
+            gold, agreement = _majority([small[i] for i in ids], checker, cfg)
+            source = "majority"
+            for i in ids:
+                small[i]["_agreement"] = round(agreement, 4)
+        for i in ids:
+            results[i] = check_trace(small[i], cfg, checker, gold, source)
+        _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
+
+    counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in REASONS}}
+    kept_idx, rej_idx, kept_add, rej_add, reasons = [], [], [], [], []
+    for i, (reason, added) in enumerate(results):
         if reason is None:
             kept_idx.append(i)
             kept_add.append(added)
@@ -87,6 +197,9 @@ def filter_shard(table: pa.Table, cfg: FilterConfig, numeric: bool) -> ShardOutp
             rej_add.append(added)
             reasons.append(reason)
             counters[f"dropped:{reason}"] += 1
+    counters["pseudo_gold_rows"] = sum(
+        1 for ids in by_question.values() if small[ids[0]]["gold"] is None
+        and results[ids[0]][1]["gold_source"] == "majority")
 
     def build(idx: list[int], adds: list[dict], schema: pa.Schema, extra=None) -> pa.Table:
         part = table.take(pa.array(idx, type=pa.int64())).cast(TRACE_SCHEMA)
@@ -103,6 +216,34 @@ def filter_shard(table: pa.Table, cfg: FilterConfig, numeric: bool) -> ShardOutp
                        counters)
 
 
+def _dedup_and_cap(kept: list[int], results: list, cfg: FilterConfig,
+                   samples: list[int]) -> None:
+    """Among one question's kept traces (in sample order): duplicates of an earlier kept one
+    dropped, then at most `max_per_question` kept."""
+    survivors = kept
+    if cfg.dedup != "off" and len(kept) > 1:
+        chosen: list[tuple[str, list[str]]] = []
+        survivors = []
+        for i in kept:
+            added = results[i][1]
+            words = _norm_words(added["rationale"])
+            key = " ".join(words)
+            twin = next((k for k, (other_key, other) in enumerate(chosen)
+                         if key == other_key or cfg.dedup == "near"
+                         and similar(words, other, cfg.near_duplicate)), None)
+            if twin is not None:
+                added["detail"] = f"duplicate of sample {samples[survivors[twin]]} of this " \
+                    "question"
+                results[i] = ("duplicate", added)
+                continue
+            chosen.append((key, words))
+            survivors.append(i)
+    if cfg.max_per_question:
+        for n, i in enumerate(survivors):
+            if n >= cfg.max_per_question:
+                results[i] = ("over_cap", results[i][1])
+
+
 def funnel_table(counters: dict) -> str:
     total = counters.get("traces_in", 0) or 1
     lines = [f"{'step':<28}{'traces':>10}{'share':>9}",
@@ -116,14 +257,52 @@ def funnel_table(counters: dict) -> str:
     return "\n".join(lines)
 
 
+def make_checker(cfg: Config) -> AnswerChecker:
+    kind = answer_kind(cfg.task)
+    return AnswerChecker(kind, cfg.filter.extractors, cfg.filter.tolerance,
+                         cfg.task.labels if kind == "label" else None)
+
+
+def draw_funnel(counters: dict, path: Path, title: str = "") -> None:
+    """The funnel as a horizontal bar chart (PNG): traces in, each reason's drops, kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = counters.get("traces_in", 0) or 1
+    rows = [("traces in", counters.get("traces_in", 0), "#7f7f7f")]
+    rows += [(f"dropped: {r}", counters.get(f"dropped:{r}", 0), "#d62728") for r in REASONS
+             if counters.get(f"dropped:{r}", 0)]
+    rows.append(("kept", counters.get("kept", 0), "#2ca02c"))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    labels, values, colors = zip(*rows)
+    bars = ax.barh(range(len(rows)), values, color=colors)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {v:,} ({100 * v / total:.1f}%)", va="center", fontsize=9)
+    ax.set_xlim(0, max(values) * 1.35 or 1)
+    ax.set_xlabel("traces")
+    ax.set_title(title or "filter funnel")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     gen_dir = run_dir / "generate"
     upstream = store.read_manifest(gen_dir)
     if upstream is None:
         raise FileNotFoundError(f"no finished generate stage in {gen_dir}; run `make generate` "
                                 "(or `distill generate`) for this run first")
-    numeric = cfg.task.kind in ("demo", "gsm8k") or cfg.task.answer_type == "numeric"
-    settings = {"filter": cfg.section("filter"), "numeric": numeric}
+    checker = make_checker(cfg)
+    settings = {"filter": {k: v for k, v in cfg.section("filter").items() if k != "plot"},
+                "answer_kind": checker.kind, "extractors": checker.order,
+                "labels": checker.labels if checker.kind == "label" else None}
     fp = store.fingerprint(settings)
     inputs = [ShardInput(name=s["name"], checksum=s["outputs"]["traces"]["sha256"],
                          load=lambda f=s["outputs"]["traces"]["file"]: store.read_shards(
@@ -131,12 +310,18 @@ def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
               for s in upstream["shards"]]
     manifest = run_shard_stage(
         "filter", run_dir / "filter", fp, settings, inputs,
-        lambda inp, table: filter_shard(table, cfg.filter, numeric), ["kept", "rejected"],
+        lambda inp, table: filter_shard(table, cfg.filter, checker), ["kept", "rejected"],
         facts=upstream.get("facts", {}), upstream={"generate": upstream["fingerprint"],
                                                    "digest": store.manifest_digest(upstream)},
         force=force)
-    report = {"counters": manifest["counters"], "reasons": REASONS,
-              "settings": cfg.section("filter")}
+    counters = manifest["counters"]
+    report = {"counters": counters, "reasons": REASONS, "explained": EXPLAINED,
+              "answer_kind": checker.kind, "settings": cfg.section("filter")}
     store.write_json_atomic(run_dir / "filter" / "funnel.json", report)
-    print(funnel_table(manifest["counters"]))
+    print(funnel_table(counters))
+    if counters.get("pseudo_gold_rows"):
+        log("filter", f"{counters['pseudo_gold_rows']} unlabeled rows got a majority-vote "
+            "pseudo-gold (see the gold_source and agreement columns)")
+    if cfg.filter.plot:
+        draw_funnel(counters, run_dir / "filter" / "funnel.png", f"filter funnel: {run_dir.name}")
     return manifest

@@ -7,11 +7,8 @@ import time
 import pyarrow as pa
 from tqdm import tqdm
 
-from stages.answers import NO_ANSWER, answers_match, extract_answer
+from stages.answers import NO_ANSWER, AnswerChecker
 from stages.backends import SamplingSettings, TeacherBackend
-
-# The student is scored with the flexible order: an explicit marker first, else the last number.
-EVAL_EXTRACTORS = ["answer_is", "hash", "boxed", "last_number"]
 PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
                                ("output", pa.string()), ("gold", pa.string()),
                                ("pred_answer", pa.string()), ("extractor", pa.string()),
@@ -20,12 +17,14 @@ PREDICTION_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()),
 
 
 def run_system(name: str, backend: TeacherBackend, prompts: list[str], rows: list[dict],
-               max_new_tokens: int, stop: list[str], batch_size: int, numeric: bool,
+               max_new_tokens: int, stop: list[str], batch_size: int, checker: AnswerChecker,
                first_line: bool = False) -> tuple[pa.Table, dict]:
     """Greedy generations for every prompt; returns the predictions and the summary.
 
     `first_line` scores only the first non-empty line of the output (the `predict:` mode, where
     the answer is the whole reply); the token count is still everything that was generated.
+    Answers are read with the flexible order of `checker` (an explicit marker first, else a
+    fallback such as the last number) and compared as its answer kind.
     """
     settings = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                 top_k=0, seed=0, stop=stop)
@@ -46,11 +45,12 @@ def run_system(name: str, backend: TeacherBackend, prompts: list[str], rows: lis
                 text = gen.text
                 if first_line:
                     text = next((ln for ln in text.splitlines() if ln.strip()), "")
-                found = extract_answer(text, EVAL_EXTRACTORS)
+                found = checker.extract(text, row["question"])
                 records.append({"id": row["id"], "prompt": prompt, "output": text,
                                 "gold": row["gold"], "pred_answer": found.answer,
                                 "extractor": found.extractor,
-                                "correct": answers_match(found.answer, row["gold"], numeric),
+                                "correct": checker.match(found.answer, row["gold"],
+                                                         row["question"]),
                                 "n_tokens": int(gen.token_ids.shape[0]),
                                 "finish_reason": gen.finish_reason})
             bar.update(len(outs))
