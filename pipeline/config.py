@@ -215,7 +215,7 @@ class TrainConfig:
                                choices=["auto", "tokens", "text"])
     kd_lam: float = opt(0.0, "Weight of the KD term in the explain loss: L_explain = (1 - lam) "
                         "* CE + lam * T^2 * D(teacher_T || student_T), from the stored top-k; "
-                        "0 = text only. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
+                        "0 = no KD. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
     kd_temperature: float = opt(1.0, "KD temperature T (softens both distributions).", gt=0.0,
                                 le=20.0)
     kd_beta: float = opt(0.0, "KD divergence: 0 = forward KL(teacher || student), 1 = reverse "
