@@ -51,6 +51,7 @@ def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, mon
                 assert row["token_logprobs"][t] <= lp[t, -1] + 1e-4
     # filter, train, eval outputs
     assert (run_dir / "filter" / "funnel.json").is_file()
+    assert (run_dir / "filter" / "funnel.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "train" / "adapter" / "adapter_config.json").is_file()
     assert (run_dir / "train" / "log.jsonl").is_file()
     report = store.read_manifest(run_dir / "eval")
