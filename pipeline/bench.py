@@ -186,7 +186,12 @@ def bench_filter() -> list[tuple[str, str]]:
         out = filter_shard(table, cfg, checker)
         best = min(best, time.perf_counter() - t)
     kept = out.counters["kept"]
-    print(f"filter funnel, {source}, default settings:\n{funnel_table(out.counters)}\n")
+    print(f"filter funnel, {source}, default settings:\n{funnel_table(out.counters)}")
+    rejected = out.tables["rejected"].select(["id", "reason", "detail"]).to_pylist()
+    for r in rejected:  # each one is explained in the README ("The filter")
+        print(f"  rejected row {r['id']}: {r['reason']}" + (f": {r['detail']}" if r["detail"]
+                                                           else ""))
+    print()
     return [(f"filter, {source}, default settings, 1 thread",
              f"{len(texts) / best:,.0f} traces/s, kept {kept}/{len(texts)} "
              f"({100 * (1 - kept / len(texts)):.2f}% rejected)")]
