@@ -99,16 +99,9 @@ def generate_once(backend: str, rows: int, base_url: str | None = None) -> dict:
 
 
 def _generate_in_child(backend: str, rows: int, base_url: str | None = None) -> dict:
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", "pipeline.bench", "--one", backend, "--gen-rows", str(rows)]
-    if base_url:
-        args += ["--base-url", base_url]
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {backend} generate run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = ["--one", backend, "--gen-rows", str(rows)] + (["--base-url", base_url]
+                                                          if base_url else [])
+    return _in_child(args, f"{backend} generate")
 
 
 def bench_backends(rows: int) -> list[tuple[str, str]]:

@@ -327,13 +327,3 @@ def _math_verify(gold: str, pred: str) -> bool:
         return bool(verify(parse(wrap(gold)), parse(wrap(pred))))
     except Exception:  # a parser failure on odd text is a non-match, not a crash
         return False
-
-
-def answers_match(pred: str, gold: str, numeric: bool = True, tolerance: float = 1e-6) -> bool:
-    """Numeric or normalised-string comparison: `3.0` = `3`, `$1,200.` = `1200`."""
-    return AnswerChecker("numeric" if numeric else "string",
-                         tolerance=tolerance).match(pred, gold)
-
-
-def canonical_answer(text: str, numeric: bool = True) -> str:
-    return AnswerChecker("numeric" if numeric else "string").canonical(text)

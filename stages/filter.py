@@ -96,10 +96,11 @@ def similar(a: list[str], b: list[str], threshold: float) -> bool:
             and m.ratio() >= threshold)
 
 
-def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker,
-                gold: str | None = None, gold_source: str = "gold") -> tuple[str | None, dict]:
-    """(reason or None, the added columns) for one trace; `gold` overrides the row's gold
-    (a pseudo-gold from the majority vote)."""
+def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: str | None,
+                gold_source: str) -> tuple[str | None, dict]:
+    """(reason or None, the added columns) for one trace, checked against `gold`: the row's
+    gold answer (`gold_source="gold"`) or its samples' majority answer ("majority"), None
+    when there is neither."""
     text = row["completion"] or ""
     found = row.get("_found") or checker.extract(text, row.get("question") or "")
     marker = found.extractor.split(":")[0] in MARKER_EXTRACTORS
@@ -182,7 +183,7 @@ def filter_shard(table: pa.Table, cfg: FilterConfig, checker: AnswerChecker) -> 
             for i in ids:
                 small[i]["_agreement"] = round(agreement, 4)
         for i in ids:
-            results[i] = check_trace(small[i], cfg, checker, gold, source)
+            results[i] = check_trace(small[i], cfg, checker, gold=gold, gold_source=source)
         _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
 
     counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in REASONS}}

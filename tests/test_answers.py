@@ -1,6 +1,6 @@
 import pytest
 
-from stages.answers import NO_ANSWER, answers_match, canonical_answer, extract_answer
+from stages.answers import NO_ANSWER, AnswerChecker, extract_answer
 
 ORDER = ["answer_is", "hash", "boxed", "last_number"]
 
@@ -31,19 +31,19 @@ def test_strict_extractor_wins_over_fallback_and_marks_the_rationale_end():
     ("8 apples", "8", True), ("7", "8", False), (NO_ANSWER, "8", False), ("-4", "4", False),
 ])
 def test_numeric_comparison(pred, gold, same):
-    assert answers_match(pred, gold, numeric=True) is same
+    assert AnswerChecker("numeric").match(pred, gold) is same
 
 
 def test_string_comparison_and_canonical_form():
-    assert answers_match("Entailment.", "entailment", numeric=False)
-    assert not answers_match("neutral", "entailment", numeric=False)
-    assert canonical_answer("1,200.0") == "1200"
-    assert canonical_answer("0.50") == "0.5"
+    text = AnswerChecker("string")
+    assert text.match("Entailment.", "entailment") and not text.match("neutral", "entailment")
+    assert AnswerChecker("numeric").canonical("1,200.0") == "1200"
+    assert AnswerChecker("numeric").canonical("0.50") == "0.5"
 
 
 # ---- answer kinds ------------------------------------------------------------------------
 
-from stages.answers import AnswerChecker, format_number, parse_options, to_number  # noqa: E402
+from stages.answers import format_number, parse_options, to_number  # noqa: E402
 
 
 @pytest.mark.parametrize("text, answer, extractor", [
