@@ -47,13 +47,13 @@ demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
 compare: setup
-	$(BIN)/python -m pipeline.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) $(SET)
+	$(BIN)/python -m stages.commands.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) $(SET)
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
 
 bench: setup
-	$(BIN)/python -m pipeline.bench
+	$(BIN)/python -m stages.commands.bench
 
 clean-run:
 	rm -rf data/runs/$(RUN)

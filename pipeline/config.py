@@ -1,7 +1,9 @@
 """Run configuration: one YAML file per run, a section per stage, `key=value` overrides.
 
-Every field carries its help text and its allowed range; `load_config` checks the whole file
-and the overrides and raises one `ConfigError` that lists every problem at once.
+Every field carries its help text and its allowed range. A section checks itself when it is
+built, in code as from a file: its types, ranges and the rules between its fields, raising one
+`ConfigError` that lists every problem at once; `load_config` also reports unknown keys and the
+problems of every section together.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -40,8 +42,35 @@ def opt(default: Any, help: str, *, choices: list | None = None, ge: float | Non
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
+class Section:
+    """A config section: every field is type- and range-checked when the object is built (in
+    code as well as by `load_config`), then `_check` applies the rules between its fields."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{self.NAME}.{f.name}"
+            n_before = len(errors)
+            value = _coerce(getattr(self, f.name), hints[f.name], where, errors)
+            if len(errors) == n_before:
+                setattr(self, f.name, value)
+                _check_range(value, f.metadata, where, errors)
+        if not errors:  # rules between fields assume the fields themselves are well formed
+            self._check(errors)
+        if errors:
+            raise ConfigError(errors)
+
+    def _check(self, errors: list[str]) -> None:
+        """Append a line to `errors` for every rule between fields that is broken."""
+
+
 @dataclass
-class TaskConfig:
+class TaskConfig(Section):
+    NAME: ClassVar[str] = "task"
+
     kind: str = opt("demo", "Where task rows come from: the built-in arithmetic generator, a "
                     "GSM8K-format file or hub dataset, or any file / hub dataset with a field "
                     "mapping.", choices=["demo", "gsm8k", "file", "hub"])
@@ -72,9 +101,32 @@ class TaskConfig:
                             "class labels (e-SNLI / ANLI by default).")
     id_field: str | None = opt(None, "file/hub: a field with a stable row id (default: position).")
 
+    def _check(self, errors: list[str]) -> None:
+        if self.answer_type == "label" and len(set(self.labels)) < 2:
+            errors.append("task.labels: give at least two distinct labels for answer_type=label")
+        if self.kind == "demo":
+            w = self.step_weights
+            if not 1 <= len(w) <= 3 or any(x < 0 for x in w) or sum(w) <= 0:
+                errors.append(f"task.step_weights: {w!r} must hold 1 to 3 non-negative weights "
+                              "(for 1, 2 and 3 steps) with a positive sum")
+            for op in self.operations:
+                if op not in ("add", "subtract", "multiply"):
+                    errors.append(f"task.operations: unknown operation '{op}'; "
+                                  f"{_did_you_mean(op, ['add', 'subtract', 'multiply'])}")
+            if self.n_train is None or self.n_test is None:
+                errors.append("task.n_train and task.n_test must be numbers for the demo task")
+        elif self.kind in ("gsm8k", "file"):
+            if not self.train_path and not self.test_path:
+                errors.append(f"task.kind={self.kind} needs task.train_path and/or "
+                              "task.test_path")
+        elif self.kind == "hub" and not self.dataset:
+            errors.append("task.kind=hub needs task.dataset (a hub dataset id)")
+
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
+    NAME: ClassVar[str] = "generate"
+
     backend: str = opt("hf", "Teacher backend: `hf` (transformers `generate` on this machine), "
                        "`vllm` (the vLLM engine in this process; settings in the `vllm` "
                        "section) or `openai` (any OpenAI-compatible server).",
@@ -116,9 +168,20 @@ class GenerateConfig:
     tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
                                 "map token strings to ids when the server cannot send ids.")
 
+    def _check(self, errors: list[str]) -> None:
+        if self.backend == "openai" and self.top_k > 20:
+            errors.append(f"generate.top_k: {self.top_k} is out of range for the openai backend, "
+                          "it must be <= 20 (the API's limit for top_logprobs)")
+        if self.backend == "openai" and self.endpoint == "completions" and self.chat_template:
+            errors.append("generate.chat_template: the completions endpoint sends the prompt as "
+                          "is; use generate.endpoint=chat to have the server apply its chat "
+                          "template")
+
 
 @dataclass
-class VLLMConfig:
+class VLLMConfig(Section):
+    NAME: ClassVar[str] = "vllm"
+
     dtype: str | None = opt(None, "Engine dtype; null = generate.dtype.",
                             choices=["auto", "bfloat16", "float16", "float32"])
     max_model_len: int | None = opt(None, "Context length (prompt + generation); null = the "
@@ -148,7 +211,9 @@ class VLLMConfig:
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Section):
+    NAME: ClassVar[str] = "filter"
+
     extractors: list[str] | None = opt(None, "Where the final answer is read, tried in order (the "
                                        "first match wins): answer_is, hash, boxed, "
                                        "answer_colon, last_number, last_letter, last_line; null "
@@ -187,9 +252,26 @@ class FilterConfig:
                          "answer.", ge=1)
     plot: bool = opt(True, "Also draw the funnel as funnel.png.")
 
+    def _check(self, errors: list[str]) -> None:
+        for name in self.extractors or []:
+            if name not in VALID_EXTRACTORS:
+                errors.append(f"filter.extractors: unknown extractor '{name}'; "
+                              f"{_did_you_mean(name, VALID_EXTRACTORS)}")
+        if self.extractors is not None and not self.extractors:
+            errors.append("filter.extractors: give at least one extractor, or null for the "
+                          "answer type's default order")
+        if self.min_words > self.max_words:
+            errors.append(f"filter.min_words ({self.min_words}) is above filter.max_words "
+                          f"({self.max_words})")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            errors.append(f"filter.min_tokens ({self.min_tokens}) is above filter.max_tokens "
+                          f"({self.max_tokens})")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    NAME: ClassVar[str] = "train"
+
     name: str = opt("", "Variant name: '' trains into the run's train/ folder, a name into "
                     "train-<name>/ beside it, so several students (settings, seeds) share one "
                     "run's traces; eval scores every finished one.")
@@ -229,16 +311,27 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank.", ge=1)
     lora_alpha: int = opt(32, "LoRA scaling numerator.", ge=1)
     lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0.0, lt=1.0)
-    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                   "up_proj", "down_proj"], "Module names that get adapters.")
+    lora_targets: list[str] | None = opt(None, "Module names that get adapters; null = the "
+                                         "usual ones of the student's kind (decoder-only: "
+                                         "q/k/v/o_proj, gate/up/down_proj).")
     seed: int = opt(0, "Training seed.", ge=0)
     logging_steps: int = opt(5, "Log every N steps.", ge=1)
     save_steps: int = opt(50, "Checkpoint every N steps (the unit of resume).", ge=1)
     save_total_limit: int = opt(2, "Checkpoints kept.", ge=1)
 
+    def _check(self, errors: list[str]) -> None:
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            errors.append(f"train.name: {self.name!r} must be 1-64 letters, digits, '.', '_' "
+                          "or '-' (it names the folder train-<name>)")
+        if self.kd_lam > 0 and self.explain_targets == "text":
+            errors.append("train.explain_targets=text cannot carry KD (train.kd_lam > 0): KD "
+                          "needs the teacher's own tokens as targets; use auto or tokens")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
+    NAME: ClassVar[str] = "eval"
+
     systems: list[str] = opt(["teacher", "base", "predict", "explain"], "What to evaluate: the "
                              "teacher (few-shot CoT), the base student (predict:), the distilled "
                              "student in predict: and explain: modes.")
@@ -252,9 +345,15 @@ class EvalConfig:
     dtype: str = opt("bfloat16", "Weights' dtype at evaluation.",
                      choices=["bfloat16", "float32", "float16"])
 
+    def _check(self, errors: list[str]) -> None:
+        for name in self.systems:
+            if name not in VALID_SYSTEMS:
+                errors.append(f"eval.systems: unknown system '{name}'; "
+                              f"{_did_you_mean(name, VALID_SYSTEMS)}")
+
 
 def answer_kind(task: "TaskConfig") -> str:
-    """How answers of this task are read and compared (see stages.answers)."""
+    """How answers of this task are read and compared (see stages.checks.answers)."""
     return "numeric" if task.kind in ("demo", "gsm8k") else task.answer_type
 
 
@@ -346,77 +445,17 @@ def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
 
 
 def _build_section(name: str, raw: dict, errors: list[str]):
+    """The section `name` built from `raw` (its problems appended to `errors`), or None."""
     cls = SECTION_TYPES[name]
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
         if key not in known:
-            errors.append(f"unknown key '{name}.{key}'; {_did_you_mean(key, list(known))}")
-            continue
-        where = f"{name}.{key}"
-        n_before = len(errors)
-        value = _coerce(value, hints[key], where, errors)
-        if len(errors) == n_before:
-            _check_range(value, known[key].metadata, where, errors)
-        kwargs[key] = value
+            errors.append(f"unknown key '{name}.{key}'; {_did_you_mean(key, known)}")
     try:
-        return cls(**kwargs)
-    except TypeError:
-        return cls()
-
-
-def _cross_checks(cfg: Config, errors: list[str]) -> None:
-    for name in cfg.filter.extractors or []:
-        if name not in VALID_EXTRACTORS:
-            errors.append(f"filter.extractors: unknown extractor '{name}'; "
-                          f"{_did_you_mean(name, VALID_EXTRACTORS)}")
-    if cfg.filter.extractors is not None and not cfg.filter.extractors:
-        errors.append("filter.extractors: give at least one extractor, or null for the "
-                      "answer type's default order")
-    if cfg.filter.min_words > cfg.filter.max_words:
-        errors.append(f"filter.min_words ({cfg.filter.min_words}) is above filter.max_words "
-                      f"({cfg.filter.max_words})")
-    if cfg.task.answer_type == "label" and len(set(cfg.task.labels)) < 2:
-        errors.append("task.labels: give at least two distinct labels for answer_type=label")
-    for name in cfg.eval.systems:
-        if name not in VALID_SYSTEMS:
-            errors.append(f"eval.systems: unknown system '{name}'; "
-                          f"{_did_you_mean(name, VALID_SYSTEMS)}")
-    if cfg.train.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", cfg.train.name):
-        errors.append(f"train.name: {cfg.train.name!r} must be 1-64 letters, digits, '.', '_' "
-                      "or '-' (it names the folder train-<name>)")
-    if cfg.train.kd_lam > 0 and cfg.train.explain_targets == "text":
-        errors.append("train.explain_targets=text cannot carry KD (train.kd_lam > 0): KD needs "
-                      "the teacher's own tokens as targets; use auto or tokens")
-    if cfg.filter.max_tokens is not None and cfg.filter.min_tokens > cfg.filter.max_tokens:
-        errors.append(f"filter.min_tokens ({cfg.filter.min_tokens}) is above filter.max_tokens "
-                      f"({cfg.filter.max_tokens})")
-    g = cfg.generate
-    if g.backend == "openai" and g.top_k > 20:
-        errors.append(f"generate.top_k: {g.top_k} is out of range for the openai backend, it "
-                      "must be <= 20 (the API's limit for top_logprobs)")
-    if g.backend == "openai" and g.endpoint == "completions" and g.chat_template:
-        errors.append("generate.chat_template: the completions endpoint sends the prompt as "
-                      "is; use generate.endpoint=chat to have the server apply its chat "
-                      "template")
-    t = cfg.task
-    if t.kind == "demo":
-        w = t.step_weights
-        if not 1 <= len(w) <= 3 or any(x < 0 for x in w) or sum(w) <= 0:
-            errors.append(f"task.step_weights: {w!r} must hold 1 to 3 non-negative weights "
-                          "(for 1, 2 and 3 steps) with a positive sum")
-        for op in t.operations:
-            if op not in ("add", "subtract", "multiply"):
-                errors.append(f"task.operations: unknown operation '{op}'; "
-                              f"{_did_you_mean(op, ['add', 'subtract', 'multiply'])}")
-        if t.n_train is None or t.n_test is None:
-            errors.append("task.n_train and task.n_test must be numbers for the demo task")
-    elif t.kind in ("gsm8k", "file"):
-        if not t.train_path and not t.test_path:
-            errors.append(f"task.kind={t.kind} needs task.train_path and/or task.test_path")
-    elif t.kind == "hub" and not t.dataset:
-        errors.append("task.kind=hub needs task.dataset (a hub dataset id)")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+    except ConfigError as e:
+        errors.extend(e.errors)
+        return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -468,12 +507,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(body, dict):
             errors.append(f"section '{name}' must be a mapping of keys, got {body!r}")
             continue
-        sections[name] = _build_section(name, body, errors)
-    cfg = Config(**sections)
-    _cross_checks(cfg, errors)
+        section = _build_section(name, body, errors)
+        if section is not None:
+            sections[name] = section
     if errors:
         raise ConfigError(errors, source)
-    return cfg
+    return Config(**sections)
 
 
 def describe(cls: type) -> str:

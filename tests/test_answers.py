@@ -1,6 +1,6 @@
 import pytest
 
-from stages.answers import NO_ANSWER, AnswerChecker, extract_answer
+from stages.checks.answers import NO_ANSWER, AnswerChecker, extract_answer
 
 ORDER = ["answer_is", "hash", "boxed", "last_number"]
 
@@ -43,7 +43,7 @@ def test_string_comparison_and_canonical_form():
 
 # ---- answer kinds ------------------------------------------------------------------------
 
-from stages.answers import format_number, parse_options, to_number  # noqa: E402
+from stages.checks.answers import format_number, parse_options, to_number  # noqa: E402
 
 
 @pytest.mark.parametrize("text, answer, extractor", [

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.arith import ParseError, check_arithmetic, evaluate
+from stages.checks.arith import ParseError, check_arithmetic, evaluate
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared/datasets/gsm8k/train.jsonl"
 

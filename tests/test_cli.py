@@ -1,7 +1,7 @@
 """The command line: one `error:` line and an exit code that says what kind of problem."""
 
-from pipeline.cli import main
-from pipeline.compare import main as compare_main
+from stages.commands.cli import main
+from stages.commands.compare import main as compare_main
 
 
 def test_bad_config_is_exit_2_and_missing_input_is_exit_1(tmp_path, capsys):

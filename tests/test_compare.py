@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.compare import summarize, table, variant_name
+from stages.commands.compare import summarize, table, variant_name
 
 
 def _r(system, variant, acc, tokens=2.0):
@@ -35,7 +35,7 @@ def test_variant_folders_are_valid_train_names():
 
 
 def test_each_variant_keeps_its_own_settings_whatever_the_overrides():
-    from pipeline.compare import VARIANTS, variant_configs
+    from stages.commands.compare import VARIANTS, variant_configs
 
     cfgs = variant_configs("configs/demo.yaml", ["train.kd_lam=0.3", "train.epochs=1"],
                            list(VARIANTS), [0, 4], 0.2)

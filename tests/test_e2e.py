@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.cli import STAGES, run_stages
 from pipeline.config import load_config
+from pipeline.run_folder import RunFolder
+from stages.commands.cli import STAGES, run_stages
 
 pytestmark = pytest.mark.slow
 
@@ -17,15 +17,37 @@ SMALL = ["generate.backend=hf", "task.n_train=12", "task.n_test=8", "generate.ro
 
 
 def _traces(run_dir):
-    m = store.read_manifest(run_dir / "generate")
-    return m, store.read_shards(run_dir / "generate", [f["file"] for f in m["files"]])
+    folder = RunFolder(run_dir).stage("generate")
+    m = folder.manifest()
+    return m, folder.read_tables([f["file"] for f in m["files"]])
 
 
-def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, monkeypatch,
-                                                    capsys):
-    import stages.generate as generate
+def _manifest(run_dir, stage):
+    return RunFolder(run_dir).stage(stage).manifest()
+
+
+class Recording:
+    """A real teacher handed to the generate stage, with every prompt it is asked recorded;
+    it stops the run (as Ctrl-C would) at its `stop_at`-th call."""
+
+    def __init__(self, inner, stop_at=None):
+        self.inner, self.stop_at, self.calls, self.prompts = inner, stop_at, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, settings):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt("simulated stop")
+        self.prompts.extend(prompts)
+        return self.inner.generate(prompts, settings)
+
+
+def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, capsys):
     import stages.filter as filter_stage
-    from stages.backends import HFBackend
+    import stages.generate as generate
+    from stages.backends.hf import HFBackend
 
     cfg = load_config("configs/demo.yaml", SMALL)
     run_dir = tmp_path / "run"
@@ -54,66 +76,49 @@ def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, mon
     assert (run_dir / "filter" / "funnel.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "train" / "adapter" / "adapter_config.json").is_file()
     assert (run_dir / "train" / "log.jsonl").is_file()
-    report = store.read_manifest(run_dir / "eval")
+    report = _manifest(run_dir, "eval")
     assert [r["system"] for r in report["results"]] == ["teacher", "base", "predict", "explain"]
     assert all(r["n"] == 8 for r in report["results"])
+    assert (run_dir / "eval" / "teacher.parquet").is_file()
 
-    # up to date: nothing is loaded, and it says so
-    def no_teacher(*a, **k):
+    # up to date: no teacher is built, and it says so
+    def no_teacher():
         raise AssertionError("the teacher must not be loaded")
 
-    monkeypatch.setattr(generate, "make_backend", no_teacher)
     capsys.readouterr()
-    generate.main(cfg, run_dir)
+    generate.main(cfg, run_dir, teacher=no_teacher)
     assert "up to date" in capsys.readouterr().err
 
     # a changed filter setting re-filters the cached shards, still without the teacher
-    before = store.read_manifest(run_dir / "filter")["fingerprint"]
+    before = _manifest(run_dir, "filter")["fingerprint"]
     cfg2 = load_config("configs/demo.yaml", SMALL + ["filter.min_steps=0"])
     after = filter_stage.main(cfg2, run_dir)
     assert after["fingerprint"] != before and after["shards_written"] == 3
-    assert store.read_manifest(run_dir / "generate")["fingerprint"] == manifest["fingerprint"]
+    assert _manifest(run_dir, "generate")["fingerprint"] == manifest["fingerprint"]
 
     # deleting one generate shard regenerates that shard alone
-    monkeypatch.undo()
-    prompts = []
-    real = HFBackend.generate
-
-    def counting(self, batch, settings):
-        prompts.extend(batch)
-        return real(self, batch, settings)
-
-    monkeypatch.setattr(HFBackend, "generate", counting)
+    teacher = Recording(HFBackend(cfg.generate.model, cfg.generate.dtype))
     (run_dir / "generate" / "traces-00001.parquet").unlink()
-    m2 = generate.main(cfg, run_dir)
-    assert len(prompts) == 4 and m2["shards_written"] == 1 and m2["shards_reused"] == 2
+    m2 = generate.main(cfg, run_dir, teacher=lambda: teacher)
+    assert len(teacher.prompts) == 4 and m2["shards_written"] == 1 and m2["shards_reused"] == 2
     assert _traces(run_dir)[1].column("id").to_pylist() == traces.column("id").to_pylist()
 
 
-def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, embedded_path,
-                                                           monkeypatch):
+def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, embedded_path):
     import stages.generate as generate
-    from stages.backends import HFBackend
+    from stages.backends.hf import HFBackend
 
     cfg = load_config("configs/demo.yaml", SMALL + ["generate.batch_size=2"])
     run_dir = tmp_path / "run"
-    real, calls = HFBackend.generate, []
-
-    def crash_on_fifth(self, batch, settings):
-        calls.append(len(batch))
-        if len(calls) == 5:  # the third shard's first batch
-            raise KeyboardInterrupt("simulated stop")
-        return real(self, batch, settings)
-
-    monkeypatch.setattr(HFBackend, "generate", crash_on_fifth)
+    hf = HFBackend(cfg.generate.model, cfg.generate.dtype)
+    stopping = Recording(hf, stop_at=5)  # the third shard's first batch
     with pytest.raises(KeyboardInterrupt):
-        generate.main(cfg, run_dir)
+        generate.main(cfg, run_dir, teacher=lambda: stopping)
     done = sorted(p.name for p in (run_dir / "generate").glob("traces-*.parquet"))
     assert done == ["traces-00000.parquet", "traces-00001.parquet"]
-    assert store.read_manifest(run_dir / "generate") is None
+    assert _manifest(run_dir, "generate") is None
 
-    monkeypatch.setattr(HFBackend, "generate", real)
-    manifest = generate.main(cfg, run_dir)
+    manifest = generate.main(cfg, run_dir, teacher=lambda: hf)
     assert manifest["shards_reused"] == 2 and manifest["shards_written"] == 1
     ids = _traces(run_dir)[1].column("id").to_pylist()
     assert sorted(ids) == [f"demo-train-{i:06d}" for i in range(12)]
@@ -124,7 +129,7 @@ def test_topk_capture_sees_the_raw_logits(embedded_path):
     import torch
     from transformers import LogitsProcessorList
 
-    from stages.backends import HFBackend, _TopKCapture
+    from stages.backends.hf import HFBackend, _TopKCapture
 
     be = HFBackend("smollm2-135m-instruct", dtype="float32")
     enc = be.tokenizer(["Question: 2 + 2 = ?\nAnswer:"], return_tensors="pt")
@@ -160,7 +165,7 @@ def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train.main(cfg, run_dir)
     assert (run_dir / "train" / "checkpoints" / "checkpoint-2").is_dir()
-    assert store.read_manifest(run_dir / "train") is None
+    assert _manifest(run_dir, "train") is None
     monkeypatch.undo()
 
     manifest = train.main(cfg, run_dir)
@@ -182,37 +187,41 @@ def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
 
     from pipeline.models import load_tokenizer
     from stages import eval as eval_stage
-    from trainer.examples import build_examples, build_kd_examples, build_token_examples
+    from trainer.examples import build_examples
+    from trainer.students.causal_lm import CausalLMStudent
 
     base = SMALL + ["task.n_train=24", "generate.n_samples=2", "filter.min_steps=0"]
     cfg = load_config("configs/demo.yaml", base + ["train.kd_lam=0.5", "train.name=kd"])
     run_dir = tmp_path / "run"
     run_stages(["generate", "filter"], cfg, run_dir)
-    m = store.read_manifest(run_dir / "filter")
-    kept = store.read_shards(run_dir / "filter", [s["outputs"]["kept"]["file"]
-                                                  for s in m["shards"]]).to_pylist()
+    folder = RunFolder(run_dir).stage("filter")
+    kept = folder.read_tables([s["outputs"]["kept"]["file"]
+                               for s in folder.manifest()["shards"]]).to_pylist()
     assert kept, "the teacher should get a few of these right"
     tok = load_tokenizer(embedded_path, padding_side="right")
-    plain = build_token_examples(kept, tok, 160)
-    for row, ex, ex0 in zip(kept, build_kd_examples(kept, tok, 160), plain):
-        labels = [x for x in ex["expl_labels"] if x != -100]
+    student = CausalLMStudent()
+    plain = build_examples(kept, tok, student, 160, teacher_tokens=True)
+    kd = build_examples(kept, tok, student, 160, teacher_tokens=True, with_topk=True)
+    for row, ex, ex0 in zip(kept, kd, plain):
+        ex, ex0 = ex["explain"], ex0["explain"]
+        labels = [x for x in ex["labels"] if x != -100]
         target = labels[:-1]
-        assert labels[-1] == tok.eos_token_id and len(ex["expl_kd_ids"]) == len(labels)
+        assert labels[-1] == tok.eos_token_id and len(ex["topk_ids"]) == len(labels)
         assert target == row["token_ids"][:len(target)]
         assert tok.decode(target, skip_special_tokens=True).strip() == row["rationale"]
-        assert ex["expl_kd_ids"][:len(target)] == row["topk_ids"][:len(target)]
-        assert ex["expl_kd_ids"][-1] == [-1] * 20
+        assert ex["topk_ids"][:len(target)] == row["topk_ids"][:len(target)]
+        assert ex["topk_ids"][-1] == [-1] * 20
         # DSS without KD trains on the very same tokens, just without the top-k rows
-        assert ex0["expl_labels"] == ex["expl_labels"] and "expl_kd_ids" not in ex0
+        assert ex0["labels"] == ex["labels"] and "topk_ids" not in ex0
     # the re-tokenised text differs (the teacher's first token carries the leading space)
-    assert any(a["expl_labels"] != b["expl_labels"]
-               for a, b in zip(plain, build_examples(kept, tok, 160)))
+    assert any(a["explain"]["labels"] != b["explain"]["labels"]
+               for a, b in zip(plain, build_examples(kept, tok, student, 160)))
 
     run_stages(["train"], cfg, run_dir)
     log = [json.loads(x) for x in (run_dir / "train-kd" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss_kd" in r]
     assert steps and all(np.isfinite(r["loss_kd"]) and r["loss_kd"] > 0 for r in steps)
-    facts = store.read_manifest(run_dir / "train-kd")["facts"]
+    facts = _manifest(run_dir, "train-kd")["facts"]
     assert facts["kd_lam_used"] == 0.5 and facts["explain_targets"] == "tokens"
     assert not (run_dir / "train").exists()
 
@@ -222,7 +231,7 @@ def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
     log = [json.loads(x) for x in (run_dir / "train-sft" / "log.jsonl").read_text().splitlines()]
     assert any("loss_predict" in r for r in log)
     assert not any("loss_explain" in r for r in log), "alpha=1 must skip the explain pass"
-    assert store.read_manifest(run_dir / "train")["facts"]["explain_targets"] == "tokens"
+    assert _manifest(run_dir, "train")["facts"]["explain_targets"] == "tokens"
 
     ev = load_config("configs/demo.yaml", base + ["eval.systems=[predict,explain]"])
     report = eval_stage.main(ev, run_dir)

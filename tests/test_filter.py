@@ -6,11 +6,11 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import FilterConfig
-from stages.answers import AnswerChecker
-from stages.backends import Generation
-from stages.filter import (KEPT_SCHEMA, REJECTED_SCHEMA, count_steps, filter_shard,
-                           funnel_table, repeat_share)
-from stages.generate import traces_table
+from pipeline.schema import KEPT_SCHEMA, REJECTED_SCHEMA, traces_table
+from pipeline.stage import Shard
+from stages.backends.base import Generation
+from stages.checks.answers import AnswerChecker
+from stages.filter import FilterParams, count_steps, filter_shard, funnel_table, repeat_share
 
 _ids = itertools.count()
 NUMERIC = AnswerChecker("numeric")
@@ -30,7 +30,7 @@ def _trace(completion, gold="8", finish="stop", n_tokens=12, error=None, row=Non
 
 def _filter(traces, cfg=None, checker=NUMERIC):
     table = traces_table([t[0] for t in traces], [t[1] for t in traces], 3)
-    return filter_shard(table, cfg or FilterConfig(), checker)
+    return filter_shard(FilterParams(cfg or FilterConfig(), checker), Shard.of("00000", table))
 
 
 CASES = [
@@ -160,13 +160,11 @@ def test_multiple_choice_and_labels_in_the_filter():
     assert _filter(t, FilterConfig(min_steps=0), nli).tables["kept"].num_rows == 1
 
 
-def test_funnel_png_and_json_are_written(tmp_path):
+def test_funnel_png_and_json_are_written():
     from stages.filter import draw_funnel
 
     c = _filter([c[0] for c in CASES], FilterConfig(max_tokens=256)).counters
-    draw_funnel(c, tmp_path / "funnel.png")
-    head = (tmp_path / "funnel.png").read_bytes()[:8]
-    assert head == b"\x89PNG\r\n\x1a\n"
+    assert draw_funnel(c)[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(c)  # the counters go into funnel.json as they are
 
 

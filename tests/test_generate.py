@@ -1,12 +1,15 @@
 """The generate stage's own logic, with a scripted teacher at the backend boundary."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import stages.generate as generate
-from pipeline import store
 from pipeline.config import load_config
-from stages.backends import Generation
+from pipeline.prompts import PromptTemplate
+from pipeline.run_folder import RunFolder
+from pipeline.stage import Shard
+from stages.backends.base import Generation
 
 
 class ScriptedTeacher:
@@ -38,17 +41,42 @@ class ScriptedTeacher:
 
 
 @pytest.fixture
-def teacher(monkeypatch):
-    t = ScriptedTeacher()
-    monkeypatch.setattr(generate, "make_backend", lambda cfg, *args, **kwargs: t)
-    return t
+def teacher():
+    return ScriptedTeacher()
+
+
+def run(cfg, tmp_path, teacher):
+    """The generate stage with the scripted teacher handed in as its factory."""
+    return generate.main(cfg, tmp_path, teacher=lambda: teacher)
+
+
+def traces(tmp_path, manifest):
+    return RunFolder(tmp_path).stage("generate").read_tables([f["file"]
+                                                              for f in manifest["files"]])
+
+
+def test_the_shard_function_alone_on_an_in_memory_table(teacher):
+    cfg = load_config("configs/demo.yaml", ["generate.n_samples=3", "generate.top_k=4"])
+    rows = pa.table({"id": ["a", "b"], "question": ["Anna has 2 apples.", "Ben has 3."],
+                     "gold": ["2", None]})
+    params = generate.GenerateParams(cfg.generate, PromptTemplate(cfg.generate.prompt_template))
+    out = generate.generate_shard(params, Shard.of("00000", rows), teacher)
+    table = out.tables["traces"]
+    assert table.column("id").to_pylist() == ["a"] * 3 + ["b"] * 3
+    assert table.column("sample").to_pylist() == [0, 1, 2] * 2
+    assert table.column("gold").to_pylist() == ["2"] * 3 + [None] * 3
+    template = PromptTemplate(cfg.generate.prompt_template)
+    assert table.column("prompt").to_pylist() == [template.render("Anna has 2 apples.")] * 3 \
+        + [template.render("Ben has 3.")] * 3
+    assert out.counters == {"rows": 2, "traces": 6, "errors": 0, "tokens": 18, "truncated": 0}
+    assert out.facts["backend"] == "scripted" and len(teacher.prompts) == 2
 
 
 def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, teacher):
     cfg = load_config("configs/demo.yaml", ["task.n_train=40", "generate.rows_per_shard=16",
                                             "generate.n_samples=2", "generate.top_k=4"])
-    manifest = generate.main(cfg, tmp_path)
-    table = store.read_shards(tmp_path / "generate", [f["file"] for f in manifest["files"]])
+    manifest = run(cfg, tmp_path, teacher)
+    table = traces(tmp_path, manifest)
     rows = table.to_pylist()
     assert len(rows) == 80 and len({(r["id"], r["sample"]) for r in rows}) == 80
     failed = [r for r in rows if r["error"]]
@@ -65,22 +93,22 @@ def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path, teacher):
 
 def test_batch_size_is_not_part_of_the_fingerprint_but_sampling_is(tmp_path, teacher):
     base = ["task.n_train=8", "generate.rows_per_shard=4"]
-    first = generate.main(load_config("configs/demo.yaml", base), tmp_path)
+    first = run(load_config("configs/demo.yaml", base), tmp_path, teacher)
     n = len(teacher.prompts)
-    again = generate.main(load_config("configs/demo.yaml", base + ["generate.batch_size=2"]),
-                          tmp_path)
+    again = run(load_config("configs/demo.yaml", base + ["generate.batch_size=2"]), tmp_path,
+                teacher)
     assert len(teacher.prompts) == n and again["fingerprint"] == first["fingerprint"]
-    changed = generate.main(load_config("configs/demo.yaml", base + ["generate.temperature=0.9"]),
-                            tmp_path)
+    changed = run(load_config("configs/demo.yaml", base + ["generate.temperature=0.9"]),
+                  tmp_path, teacher)
     assert changed["fingerprint"] != first["fingerprint"] and len(teacher.prompts) == 2 * n
 
 
 def test_growing_the_task_generates_only_the_new_shards(tmp_path, teacher):
-    generate.main(load_config("configs/demo.yaml", ["task.n_train=8",
-                                                    "generate.rows_per_shard=4"]), tmp_path)
+    run(load_config("configs/demo.yaml", ["task.n_train=8", "generate.rows_per_shard=4"]),
+        tmp_path, teacher)
     before = len(teacher.prompts)
-    m = generate.main(load_config("configs/demo.yaml", ["task.n_train=12",
-                                                        "generate.rows_per_shard=4"]), tmp_path)
+    m = run(load_config("configs/demo.yaml", ["task.n_train=12", "generate.rows_per_shard=4"]),
+            tmp_path, teacher)
     assert m["shards_reused"] == 2 and m["shards_written"] == 1
     assert len(teacher.prompts) - before == 4
 
@@ -89,16 +117,17 @@ def test_prompt_template_errors_are_clear(tmp_path):
     bad = tmp_path / "t.txt"
     bad.write_text("no placeholder")
     with pytest.raises(ValueError, match="placeholder"):
-        generate.PromptTemplate(str(bad))
+        PromptTemplate(str(bad))
     with pytest.raises(FileNotFoundError, match="data/prompts"):
-        generate.PromptTemplate(str(tmp_path / "missing.txt"))
+        PromptTemplate(str(tmp_path / "missing.txt"))
 
 
 def test_only_the_settings_of_the_chosen_backend_are_fingerprinted():
+    from pipeline.fingerprints import fingerprint
     from stages.generate import generate_settings
 
     def fp(*over):
-        return store.fingerprint(generate_settings(load_config("configs/demo.yaml", list(over))))
+        return fingerprint(generate_settings(load_config("configs/demo.yaml", list(over))))
 
     hf = fp("generate.backend=hf")
     assert fp("generate.backend=hf", "generate.base_url=http://elsewhere/v1",
@@ -124,5 +153,5 @@ def test_whole_shards_go_to_engines_that_schedule_themselves(tmp_path, teacher):
     calls = []
     real = teacher.generate
     teacher.generate = lambda prompts, s: calls.append(len(prompts)) or real(prompts, s)
-    generate.main(cfg, tmp_path)
+    run(cfg, tmp_path, teacher)
     assert [c for c in calls if c != 1] == [10, 10]  # (rows that fail are retried alone)

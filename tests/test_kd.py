@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.kd import topk_kd_loss
+from trainer.losses.topk_kd import topk_kd_loss
 
 
 def dense_reference(student_logits, teacher_logits, temperature, beta):
@@ -107,7 +107,7 @@ def test_gradients_stay_finite_when_the_top_k_holds_all_the_mass(tail):
 def test_log1mexp_has_finite_gradients_everywhere_it_is_used():
     """Both branches of a `where` are differentiated; the unused one must not give NaN (it did
     at x = -1e-12 before, and a training run's gradients went NaN at its second step)."""
-    from trainer.kd import _log1mexp
+    from trainer.losses.topk_kd import _log1mexp
 
     x = torch.tensor([0.0, -1e-13, -1e-12, -5.96e-8, -1.19e-7, -1e-6, -0.5, -0.7, -5.0, -100.0,
                       -3e38], requires_grad=True)

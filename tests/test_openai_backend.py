@@ -6,8 +6,8 @@ import pytest
 from fake_openai import FakeServer
 from pipeline.config import load_config
 from pipeline.tasks import load_split
-from stages.backends import SamplingSettings
-from stages.openai_backend import OpenAIBackend, TokenMapper, parse_chat_choice
+from stages.backends.base import SamplingSettings
+from stages.backends.openai_api import OpenAIBackend, TokenMapper, parse_chat_choice
 
 SETTINGS = SamplingSettings(n=2, temperature=0.7, top_p=1.0, max_new_tokens=8, top_k=4,
                             seed=0, stop=[])
@@ -90,9 +90,9 @@ def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_
     import sys
     import time
 
-    from pipeline import store
+    from pipeline.run_folder import RunFolder
 
-    args = [sys.executable, "-m", "pipeline.cli", "generate", "--config", "configs/demo.yaml",
+    args = [sys.executable, "-m", "stages.commands.cli", "generate", "--config", "configs/demo.yaml",
             "--run", "r", "--runs-dir", str(tmp_path), "task.n_train=48",
             "generate.rows_per_shard=8", "generate.batch_size=8", "generate.n_samples=1",
             "generate.backend=openai", "generate.server_token_ids=true",
@@ -108,7 +108,7 @@ def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_
         time.sleep(0.5)  # requests in flight at the kill are still answered (into a dead pipe)
         served = sum(server.successes.values())
         assert 20 <= served < 48
-        assert store.read_manifest(tmp_path / "r" / "generate") is None
+        assert RunFolder(tmp_path / "r").stage("generate").manifest() is None
         import sqlite3
 
         db = sqlite3.connect(tmp_path / "r" / "generate" / "requests.sqlite")
@@ -119,8 +119,9 @@ def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_
 
         rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
-    manifest = store.read_manifest(tmp_path / "r" / "generate")
-    table = store.read_shards(tmp_path / "r" / "generate", [f["file"] for f in manifest["files"]])
+    folder = RunFolder(tmp_path / "r").stage("generate")
+    manifest = folder.manifest()
+    table = folder.read_tables([f["file"] for f in manifest["files"]])
     assert sorted(table.column("id").to_pylist()) == [f"demo-train-{i:06d}" for i in range(48)]
     # the rerun sent exactly the requests that had not finished: none was paid for twice
     assert sum(server.successes.values()) - served == 48 - finished
@@ -162,7 +163,7 @@ def test_the_token_that_hit_the_stop_string_is_not_kept(tmp_path, endpoint):
 
 
 def test_completions_top_logprobs_with_colliding_strings_leave_empty_slots():
-    from stages.openai_backend import parse_completion_choice
+    from stages.backends.openai_api import parse_completion_choice
 
     mapper = TokenMapper()
     mapper.by_text = {"a": 1, "b": 2, "c": 3}
@@ -182,7 +183,7 @@ def test_completions_with_a_chat_template_is_refused():
 
 
 def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_path):
-    from pipeline import store
+    from pipeline.run_folder import RunFolder
     from stages import generate
 
     with FakeServer(strings=True) as server:
@@ -191,15 +192,15 @@ def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_
             "generate.backend=openai", f"generate.base_url={server.base_url}",
             "generate.model=fake", "generate.max_new_tokens=5"])
         generate.main(cfg, tmp_path)
-    facts = store.read_manifest(tmp_path / "generate")["facts"]
+    facts = RunFolder(tmp_path).stage("generate").manifest()["facts"]
     assert facts["usable_for_kd"] is False
     assert "generate.tokenizer" in facts["kd_unusable_because"]
     assert facts["kd_check"]["sampled_unmapped"] == facts["kd_check"]["tokens"] == 30
 
 
 def test_eval_scores_an_api_teacher_through_its_api_and_records_failed_requests(tmp_path):
+    from pipeline.prompts import PromptTemplate
     from stages import eval as eval_stage
-    from stages.generate import PromptTemplate
 
     with FakeServer(stop_token=True) as server:  # ids and the stop token, as vLLM sends them
         cfg = load_config("configs/demo.yaml", [

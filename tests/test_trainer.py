@@ -2,8 +2,12 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.dss import DSSTrainer, masked_ce
-from trainer.examples import PairCollator, build_examples, encode_pair, task_prompt
+from trainer.dss import DSSTrainer
+from trainer.examples import DSSCollator, build_examples, task_prompt
+from trainer.losses import terms_from_settings
+from trainer.students.causal_lm import CausalLMStudent
+
+STUDENT = CausalLMStudent()
 
 
 class CharTokenizer:
@@ -16,17 +20,26 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 120 + 1 for c in text]}
 
 
+def _ids(text):
+    return CharTokenizer()(text)["input_ids"]
+
+
+def _rows(n):
+    return [{"question": f"q{i}", "gold": str(i), "pred_answer": str(i),
+             "rationale": f"{i} + 0 = {i}."} for i in range(n)]
+
+
 def test_prompt_tokens_are_masked_and_targets_end_with_eos():
-    tok = CharTokenizer()
-    ex = encode_pair(tok, "predict: q\n", "42", max_length=64)
+    ex = STUDENT.encode(_ids("predict: q\n"), _ids("42") + [0], max_length=64)
     n_prompt = len("predict: q\n")
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
-    assert ex["labels"][-1] == tok.eos_token_id and len(ex["input_ids"]) == n_prompt + 3
+    assert ex["labels"][-1] == 0 and len(ex["input_ids"]) == n_prompt + 3
 
 
 def test_truncation_keeps_the_prompt_mask_exact():
-    ex = encode_pair(CharTokenizer(), "explain: " + "x" * 20 + "\n", "y" * 100, max_length=40)
+    ex = STUDENT.encode(_ids("explain: " + "x" * 20 + "\n"), _ids("y" * 100) + [0],
+                        max_length=40)
     assert len(ex["input_ids"]) == 40
     assert ex["labels"].count(-100) == len("explain: ") + 21
 
@@ -34,21 +47,13 @@ def test_truncation_keeps_the_prompt_mask_exact():
 def test_each_trace_gives_a_predict_and_an_explain_example():
     rows = [{"question": "Anna has 5 apples?", "gold": "8", "pred_answer": "8",
              "rationale": "5 + 3 = 8."}]
-    (ex,) = build_examples(rows, CharTokenizer(), 128)
+    (ex,) = build_examples(rows, CharTokenizer(), STUDENT, 128)
     assert task_prompt("predict", "Anna has 5 apples?") == "predict: Anna has 5 apples?\n"
-    pred_target = [t for t in ex["pred_labels"] if t != -100]
-    assert len(pred_target) == len("8") + 1
-    assert len([t for t in ex["expl_labels"] if t != -100]) == len("5 + 3 = 8.") + 1
-    batch = PairCollator(0)([ex, ex])
-    assert batch["pred_input_ids"].shape == (2, len(ex["pred_input_ids"]))
-    assert batch["expl_attention_mask"].sum().item() == 2 * len(ex["expl_input_ids"])
-
-
-def test_masked_ce_ignores_masked_positions():
-    logits = torch.randn(1, 4, 10)
-    labels = torch.tensor([[-100, 3, -100, 5]])
-    expected = torch.nn.functional.cross_entropy(logits[0, [0, 2]], torch.tensor([3, 5]))
-    assert torch.allclose(masked_ce(logits, labels), expected)
+    assert len([t for t in ex["predict"]["labels"] if t != -100]) == len("8") + 1
+    assert len([t for t in ex["explain"]["labels"] if t != -100]) == len("5 + 3 = 8.") + 1
+    batch = DSSCollator(STUDENT, 0)([ex, ex])
+    assert batch["predict"]["input_ids"].shape == (2, len(ex["predict"]["input_ids"]))
+    assert batch["explain"]["attention_mask"].sum().item() == 2 * len(ex["explain"]["input_ids"])
 
 
 @pytest.fixture
@@ -65,42 +70,99 @@ def tiny_lora_model():
                                             task_type="CAUSAL_LM"))
 
 
+def _reference_ce(model, examples):
+    """Each example alone, unpadded, through the full logits: the mean next-token
+    cross-entropy over every target of the batch."""
+    losses = []
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        labels = torch.tensor(ex["labels"][1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels != -100
+        losses.append(torch.nn.functional.cross_entropy(logits[keep], labels[keep],
+                                                        reduction="none"))
+    return torch.cat(losses).mean()
+
+
+def test_target_logits_of_a_padded_batch_are_each_sequence_alone(tiny_lora_model):
+    """Left padding with position ids and `logits_to_keep`: the logits at every target are
+    those of the sequence run alone, in row-major order."""
+    examples = [ex["explain"] for ex in build_examples(
+        [{"question": "q" * n, "gold": "1", "pred_answer": "1", "rationale": "r" * (9 - n)}
+         for n in (1, 5, 9)], CharTokenizer(), STUDENT, 64)]
+    batch = STUDENT.collate(examples, 0)
+    with torch.no_grad():
+        logits, targets = STUDENT.target_logits(tiny_lora_model, batch)
+        expected_logits, expected_targets = [], []
+        for ex in examples:
+            full = tiny_lora_model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(ex["labels"][1:])
+            expected_logits.append(full[labels != -100])
+            expected_targets.append(labels[labels != -100])
+    assert torch.equal(targets, torch.cat(expected_targets))
+    assert torch.allclose(logits, torch.cat(expected_logits), atol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_loss_is_the_alpha_mix_of_the_two_tasks(tiny_lora_model, alpha, tmp_path):
     from transformers import TrainingArguments
 
-    rows = [{"question": f"q{i}", "gold": str(i), "pred_answer": str(i),
-             "rationale": f"{i} + 0 = {i}."} for i in range(4)]
-    feats = build_examples(rows, CharTokenizer(), 64)
-    batch = PairCollator(0)(feats)
+    feats = build_examples(_rows(4), CharTokenizer(), STUDENT, 64)
+    batch = DSSCollator(STUDENT, 0)(feats)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                              remove_unused_columns=False)
-    trainer = DSSTrainer(model=tiny_lora_model, args=args, alpha=alpha)
+    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
+                         terms=terms_from_settings(TrainConfig(alpha=alpha)))
     loss = trainer.compute_loss(tiny_lora_model, batch)
     with torch.no_grad():
-        lp = masked_ce(tiny_lora_model(input_ids=batch["pred_input_ids"],
-                                       attention_mask=batch["pred_attention_mask"]).logits,
-                       batch["pred_labels"])
-        le = masked_ce(tiny_lora_model(input_ids=batch["expl_input_ids"],
-                                       attention_mask=batch["expl_attention_mask"]).logits,
-                       batch["expl_labels"])
-    assert torch.allclose(loss, alpha * lp + (1 - alpha) * le, atol=1e-6)
+        lp = _reference_ce(tiny_lora_model, [f["predict"] for f in feats])
+        le = _reference_ce(tiny_lora_model, [f["explain"] for f in feats])
+    assert torch.allclose(loss, alpha * lp + (1 - alpha) * le, atol=1e-5)
+
+
+def test_the_loss_goes_through_the_wrapped_model(tiny_lora_model, tmp_path):
+    """Under DistributedDataParallel (gloo, one process) every forward goes through the
+    wrapper, and the gradients are those of the bare model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import TrainingArguments
+
+    from stages.backends.vllm_server import free_port
+
+    batch = DSSCollator(STUDENT, 0)(build_examples(_rows(3), CharTokenizer(), STUDENT, 64))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             remove_unused_columns=False)
+    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
+                         terms=terms_from_settings(TrainConfig(alpha=0.4)))
+    trainer.compute_loss(tiny_lora_model, batch).backward()
+    bare = {n: p.grad.clone() for n, p in tiny_lora_model.named_parameters() if p.requires_grad}
+    tiny_lora_model.zero_grad()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        wrapped = DistributedDataParallel(tiny_lora_model)
+        trainer.compute_loss(wrapped, batch).backward()
+    finally:
+        dist.destroy_process_group()
+    for name, p in tiny_lora_model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, bare[name], atol=1e-6), name
 
 
 def test_training_moves_lora_weights_only(tiny_lora_model, tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    rows = [{"question": f"q{i}", "gold": str(i), "pred_answer": str(i),
-             "rationale": f"{i} + 0 = {i}."} for i in range(8)]
-    feats = build_examples(rows, CharTokenizer(), 64)
+    feats = build_examples(_rows(8), CharTokenizer(), STUDENT, 64)
     before = {n: p.detach().clone() for n, p in tiny_lora_model.named_parameters()}
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                              remove_unused_columns=False, max_steps=3,
                              per_device_train_batch_size=4, learning_rate=1e-2,
                              save_strategy="no", disable_tqdm=True, logging_steps=1)
-    trainer = DSSTrainer(model=tiny_lora_model, args=args, alpha=0.5,
-                         train_dataset=Dataset.from_list(feats), data_collator=PairCollator(0))
+    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
+                         terms=terms_from_settings(TrainConfig(alpha=0.5)),
+                         train_dataset=Dataset.from_list(feats),
+                         data_collator=DSSCollator(STUDENT, 0))
     trainer.train()
     for name, p in tiny_lora_model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
@@ -112,16 +174,80 @@ def test_training_moves_lora_weights_only(tiny_lora_model, tmp_path):
     assert logged and "loss_explain" in logged[0]
 
 
+def test_the_terms_follow_the_settings_and_the_warm_up_is_a_weight_schedule():
+    def weights(step=10**6, **kw):
+        return {t.name: round(t.weight_at(step), 6)
+                for t in terms_from_settings(TrainConfig(**kw))}
+
+    assert weights() == {"predict": 0.5, "explain": 0.5}
+    assert weights(alpha=1.0) == {"predict": 1.0}
+    assert weights(alpha=0.2, kd_lam=0.25) == {"predict": 0.2, "explain": 0.6, "kd": 0.2}
+    warm = dict(alpha=0.5, kd_lam=0.5, explain_warmup_steps=10)
+    assert weights(0, **warm) == {"predict": 0.5, "explain": 0.0, "kd": 0.0}
+    assert weights(5, **warm) == {"predict": 0.5, "explain": 0.125, "kd": 0.125}
+
+
+def test_a_new_loss_term_is_one_class_and_one_setting(tiny_lora_model, tmp_path):
+    """The README's example: a term in a file of its own, switched on by a setting."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from trainer.losses.base import TERMS
+
+    # ---- the README's example, as written there
+    from trainer.losses.base import LossContext, LossTerm, register
+
+    @register
+    class PredictEntropy(LossTerm):
+        """Entropy of the student's answer distribution (low = a confident answer)."""
+
+        name, part = "predict_entropy", "predict"
+
+        @classmethod
+        def from_settings(cls, t):
+            return cls(t.entropy_weight) if t.entropy_weight > 0 else None
+
+        def __call__(self, ctx: LossContext):
+            logp = ctx.outputs(self.part).logits.log_softmax(-1)
+            return -(logp.exp() * logp).sum(-1).mean()
+    # ---- end of the example
+
+    try:
+        @dataclasses.dataclass
+        class Settings(TrainConfig):  # the new setting, as a field of the train section
+            entropy_weight: float = 0.0
+
+        assert "predict_entropy" not in {t.name for t in terms_from_settings(Settings())}
+        terms = terms_from_settings(Settings(alpha=0.5, entropy_weight=0.1))
+        assert [t.name for t in terms][-1] == "predict_entropy"
+        batch = DSSCollator(STUDENT, 0)(build_examples(_rows(4), CharTokenizer(), STUDENT, 64))
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                 remove_unused_columns=False)
+        with_term = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT, terms=terms)
+        without = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
+                             terms=terms[:-1])
+        with torch.no_grad():
+            logits = STUDENT.target_logits(tiny_lora_model, batch["predict"])[0].float()
+            logp = logits.log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean()
+            diff = with_term.compute_loss(tiny_lora_model, batch) - without.compute_loss(
+                tiny_lora_model, batch)
+        assert torch.allclose(diff, 0.1 * entropy, atol=1e-5)
+        assert with_term._logged["loss_predict_entropy"]
+    finally:
+        TERMS.pop("predict_entropy", None)
+
+
 def test_lora_targets_that_do_not_exist_are_named(embedded_path):
-    from trainer.model import lora_student
+    from trainer.lora import lora_student
 
     with pytest.raises(ValueError, match="not modules of the student"):
-        lora_student(embedded_path, TrainConfig(lora_targets=["qkv_proj"]))
+        lora_student(embedded_path, TrainConfig(lora_targets=["qkv_proj"]), STUDENT)
 
 
 def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusable(
-        tmp_path, embedded_path, capsys):
-    from pipeline import store
+        embedded_path, capsys):
     from pipeline.config import load_config
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
     from stages.train import target_plan
@@ -130,32 +256,27 @@ def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusabl
     cfg = load_config("configs/demo.yaml", ["train.kd_lam=0.3"])
     facts = {"teacher": "big-teacher", "tokenizer_fingerprint": "0123456789abcdef",
              "vocab_size": 151936, "k": 20, "usable_for_kd": True}
-    (tmp_path / "generate").mkdir()
-    store.write_manifest(tmp_path / "generate", {"facts": facts})
     with pytest.raises(ValueError) as err:
-        target_plan(cfg, tmp_path, tok)
+        target_plan(cfg, facts, tok)
     text = str(err.value)
     assert "big-teacher" in text and "0123456789abcdef" in text
     assert tokenizer_fingerprint(tok) in text and "train.kd_lam=0" in text
     # same tokenizer: KD on; not usable (an API without ids): text only, and it says why
     facts["tokenizer_fingerprint"], facts["vocab_size"] = tokenizer_fingerprint(tok), len(tok)
-    store.write_manifest(tmp_path / "generate", {"facts": facts})
-    assert target_plan(cfg, tmp_path, tok) == (True, 0.3)
+    assert target_plan(cfg, facts, tok) == (True, 0.3)
     facts.update(usable_for_kd=False, kd_unusable_because="40 sampled tokens have no id")
-    store.write_manifest(tmp_path / "generate", {"facts": facts})
-    assert target_plan(cfg, tmp_path, tok) == (False, 0.0)
+    assert target_plan(cfg, facts, tok) == (False, 0.0)
     assert "40 sampled tokens have no id" in capsys.readouterr().err
     # asking for the teacher's tokens when its ids do not spell its text is an error
     tokens = load_config("configs/demo.yaml", ["train.explain_targets=tokens"])
     with pytest.raises(ValueError, match="explain_targets=auto"):
-        target_plan(tokens, tmp_path, tok)
+        target_plan(tokens, facts, tok)
 
 
-def test_explain_targets_follow_the_tokenizer(tmp_path, embedded_path):
+def test_explain_targets_follow_the_tokenizer(embedded_path):
     """auto: the teacher's tokens when the student shares its tokenizer, else the text (no
     error: text-only training needs nothing of the teacher's); tokens with another tokenizer
     is refused; text always text; KD with text targets is a config error."""
-    from pipeline import store
     from pipeline.config import ConfigError, load_config
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
     from stages.train import target_plan
@@ -163,21 +284,21 @@ def test_explain_targets_follow_the_tokenizer(tmp_path, embedded_path):
     tok = load_tokenizer(embedded_path)
     facts = {"teacher": "t", "tokenizer_fingerprint": tokenizer_fingerprint(tok),
              "vocab_size": len(tok), "k": 0, "usable_for_kd": True}
-    (tmp_path / "generate").mkdir()
-    store.write_manifest(tmp_path / "generate", {"facts": facts})
     auto = load_config("configs/demo.yaml", [])
     text = load_config("configs/demo.yaml", ["train.explain_targets=text"])
     tokens = load_config("configs/demo.yaml", ["train.explain_targets=tokens"])
-    assert target_plan(auto, tmp_path, tok) == (True, 0.0)
-    assert target_plan(text, tmp_path, tok) == (False, 0.0)
+    assert target_plan(auto, facts, tok) == (True, 0.0)
+    assert target_plan(text, facts, tok) == (False, 0.0)
     kd_without_topk = load_config("configs/demo.yaml", ["train.kd_lam=0.5"])
-    assert target_plan(kd_without_topk, tmp_path, tok) == (True, 0.0)
+    assert target_plan(kd_without_topk, facts, tok) == (True, 0.0)
     facts["tokenizer_fingerprint"] = "another"
-    store.write_manifest(tmp_path / "generate", {"facts": facts})
-    assert target_plan(auto, tmp_path, tok) == (False, 0.0)
+    assert target_plan(auto, facts, tok) == (False, 0.0)
     with pytest.raises(ValueError, match="share the teacher's tokenizer"):
-        target_plan(tokens, tmp_path, tok)
+        target_plan(tokens, facts, tok)
     with pytest.raises(ConfigError, match="explain_targets=text cannot carry KD"):
         load_config("configs/demo.yaml", ["train.explain_targets=text", "train.kd_lam=0.5"])
     with pytest.raises(ConfigError, match="train.name"):
         load_config("configs/demo.yaml", ["train.name=../x"])
+    # the same checks hold for settings built in code
+    with pytest.raises(ConfigError, match="explain_targets=text cannot carry KD"):
+        TrainConfig(explain_targets="text", kd_lam=0.5)

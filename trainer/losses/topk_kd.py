@@ -1,4 +1,4 @@
-"""Token-level KD from the teacher's stored top-k log-probabilities.
+"""Token-level KD from the teacher's stored top-k log-probabilities, on the explain targets.
 
 At every explain-target position the shard holds the teacher's top-k token ids and their
 log-probabilities (log-softmax of the raw logits). Two ways to compare the student with them:
@@ -27,6 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pipeline.config import TrainConfig
+from trainer.losses.base import LossContext, LossTerm, explain_schedule, register
 
 TAILS = ("bucket", "renormalize")
 _TAIL_FLOOR = math.log(1e-6)
@@ -95,3 +98,31 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     forward = (pt * (t - s)).sum(-1)
     loss = forward if beta == 0.0 else (1 - beta) * forward + beta * (ps * (s - t)).sum(-1)
     return loss.mean() * temperature ** 2
+
+
+@register
+class ExplainTopKKD(LossTerm):
+    """KD on the explain targets (the teacher's own tokens) from their stored top-k rows,
+    weighted by `(1 - alpha) * kd_lam` and warmed up with the explain cross-entropy."""
+
+    name, part = "kd", "explain"
+    needs = frozenset({"topk"})
+
+    def __init__(self, weight: float, schedule=None, temperature: float = 1.0,
+                 beta: float = 0.0, tail: str = "bucket"):
+        super().__init__(weight, schedule)
+        self.temperature, self.beta, self.tail = temperature, beta, tail
+
+    @classmethod
+    def from_settings(cls, t: TrainConfig) -> "ExplainTopKKD | None":
+        weight = (1 - t.alpha) * t.kd_lam
+        if weight <= 0:
+            return None
+        return cls(weight, explain_schedule(t), t.kd_temperature, t.kd_beta, t.kd_tail)
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        out, part = ctx.outputs(self.part), ctx.batch[self.part]
+        ids, lps = part["topk_ids"], part["topk_logprobs"]
+        has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
+        return topk_kd_loss(out.logits[has], ids[has], lps[has], self.temperature, self.beta,
+                            self.tail, lse=out.lse[has])

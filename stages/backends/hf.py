@@ -1,52 +1,18 @@
-"""Teacher backends. A backend turns a batch of prompts into generations with per-token top-k.
+"""The `hf` backend: transformers `generate` on the local machine.
 
-The `hf` backend runs transformers `generate` on the local machine. The top-k log-probabilities
-come from the raw next-token logits (before temperature and top-p), captured by a logits
-processor as they are produced, so no full-vocabulary tensor is kept for the whole sequence.
+The top-k log-probabilities come from the raw next-token logits (before temperature and
+top-p), captured by a logits processor as they are produced, so no full-vocabulary tensor is
+kept for the whole sequence.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-LOGPROB_SOURCE = "raw_logits"  # log_softmax of the logits before temperature / top-p
-
-
-@dataclass
-class Generation:
-    """One sampled continuation; arrays have one entry per generated token."""
-
-    text: str
-    finish_reason: str                 # "stop" (eos or stop string) or "length"
-    token_ids: np.ndarray              # int32 [T]
-    token_logprobs: np.ndarray         # float32 [T]
-    topk_ids: np.ndarray               # int32 [T, k]
-    topk_logprobs: np.ndarray          # float32 [T, k]
-
-
-@dataclass
-class SamplingSettings:
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    top_k: int                         # 0: no log-probabilities (evaluation)
-    seed: int
-    stop: list[str]
-
-
-class TeacherBackend(Protocol):
-    name: str
-
-    def facts(self) -> dict:
-        """Self-describing facts for the manifest: model, revision, tokenizer, vocab size."""
-
-    def generate(self, prompts: list[str], settings: SamplingSettings) -> list[list[Generation]]:
-        """`settings.n` generations for every prompt, in prompt order."""
+from stages.backends.base import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
+                                  render_prompt)
 
 
 class _TopKCapture:
@@ -81,48 +47,16 @@ class _TopKCapture:
         self.sampled_logprobs.append(self._prev.gather(1, last_tokens[:, None]).squeeze(1))
 
 
-def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
-    """The prompt as is, or as one user turn of the model's chat template."""
-    if not chat_template:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def tokens_within(tokenizer, ids: list[int], limit: int, skip_special_tokens: bool = False
-                  ) -> int:
-    """The longest prefix of `ids` whose decoded text has at most `limit` characters."""
-    lo, hi = 0, len(ids)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        text = tokenizer.decode(ids[:mid], skip_special_tokens=skip_special_tokens)
-        if len(text) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, bool]:
-    """How many of `ids` come wholly before the first stop string, and whether one was found."""
-    if not stop:
-        return len(ids), False
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    if cut < 0:
-        return len(ids), False
-    return tokens_within(tokenizer, ids, cut), True
-
-
 class HFBackend:
-    """Teacher on the local machine through transformers `generate`."""
+    """A model on the local machine through transformers `generate`: the teacher, or in eval
+    any system (a distilled student arrives already loaded)."""
 
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "bfloat16", chat_template: bool = False,
                  loaded: tuple | None = None):
-        """`loaded` = (model, tokenizer) reuses weights already in memory (the evaluation's
-        merged student); otherwise `model` is resolved and loaded."""
+        """`loaded` = (model, tokenizer) uses weights already in memory (eval's merged
+        students); otherwise `model` is resolved and loaded as a causal LM."""
         t0 = time.time()
         from pipeline.models import (contiguous_head, load_causal_lm, load_tokenizer,
                                      model_revision, resolve_model, tokenizer_fingerprint)
@@ -176,7 +110,10 @@ class HFBackend:
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         self.stats["engine_s"] += time.perf_counter() - t0
-        new = out[:, enc["input_ids"].shape[1]:]
+        # a decoder-only model returns prompt + new tokens; an encoder-decoder model returns
+        # the decoder's tokens, which start with its decoder-start token
+        new = out[:, 1:] if self.model.config.is_encoder_decoder else \
+            out[:, enc["input_ids"].shape[1]:]
         steps = new.shape[1]
         if capture is not None:
             capture.finish(new[:, -1])
@@ -213,25 +150,3 @@ class HFBackend:
                     topk_logprobs=topk_lp[i, :length].astype(np.float32)))
             results.append(row)
         return results
-
-
-def make_backend(cfg, work_dir=None, vllm_cfg=None) -> TeacherBackend:
-    """The backend named in a GenerateConfig; `work_dir` holds the openai request cache,
-    `vllm_cfg` is the `vllm` section (engine settings)."""
-    if cfg.backend == "hf":
-        return HFBackend(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template)
-    if cfg.backend == "vllm":
-        from stages.vllm_backend import VLLMBackend
-
-        if vllm_cfg is None:
-            from pipeline.config import VLLMConfig
-
-            vllm_cfg = VLLMConfig()
-        return VLLMBackend(cfg, vllm_cfg, cfg.top_k)
-    if cfg.backend == "openai":
-        from pathlib import Path
-
-        from stages.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(cfg, Path(work_dir or ".") / "requests.sqlite")
-    raise ValueError(f"unknown backend {cfg.backend!r}")

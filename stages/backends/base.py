@@ -1,0 +1,120 @@
+"""What every generation backend shares: the protocol, its data types, and the batch loop.
+
+A backend turns a batch of prompts into generations, each with per-token top-k
+log-probabilities when asked for them. The same backends run the teacher in the generate stage
+and every system (teacher, base and distilled students) in the eval stage.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from pipeline.models import tokens_within
+
+LOGPROB_SOURCE = "raw_logits"  # log_softmax of the logits before temperature / top-p
+
+
+@dataclass
+class Generation:
+    """One sampled continuation; arrays have one entry per generated token."""
+
+    text: str
+    finish_reason: str                 # "stop" (eos or stop string) or "length"
+    token_ids: np.ndarray              # int32 [T]
+    token_logprobs: np.ndarray         # float32 [T]
+    topk_ids: np.ndarray               # int32 [T, k]
+    topk_logprobs: np.ndarray          # float32 [T, k]
+
+
+@dataclass
+class SamplingSettings:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    top_k: int                         # 0: no log-probabilities (evaluation)
+    seed: int
+    stop: list[str]
+
+
+def greedy(max_new_tokens: int, stop: list[str]) -> SamplingSettings:
+    """One greedy answer per prompt, without log-probabilities (what eval asks for)."""
+    return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            top_k=0, seed=0, stop=list(stop))
+
+
+class Backend(Protocol):
+    """A model that generates: `hf`, `vllm` or `openai` (see `stages.backends.registry`).
+
+    Optional attributes: `whole_shards` (True: the engine schedules requests itself and wants
+    a whole shard at once), `stats` (counters such as `engine_s`, `requests`, `retries`),
+    `kd_check` (per-token id checks of API backends), `startup_s`, and `close()`.
+    """
+
+    name: str
+
+    def facts(self) -> dict:
+        """Self-describing facts for the manifest: model, revision, tokenizer, vocab size."""
+
+    def generate(self, prompts: list[str], settings: SamplingSettings
+                 ) -> list[list[Generation] | Exception]:
+        """`settings.n` generations for every prompt, in prompt order; a prompt that cannot be
+        generated gives its error instead (the others are still answered)."""
+
+
+Outcome = list[Generation] | str  # a prompt's generations, or why it has none
+
+
+def generate_in_batches(backend: Backend, prompts: list[str], settings: SamplingSettings,
+                        per_batch: int, seed_of: Callable[[int], int] | None = None,
+                        on_batch: Callable[[list[Outcome]], None] | None = None
+                        ) -> list[Outcome]:
+    """Every prompt through `backend`, `per_batch` at a time, in order.
+
+    A batch that raises is retried prompt by prompt, so one bad row does not sink the others;
+    a prompt that fails for good gives its error as a string. `seed_of(b)` is batch b's
+    sampling seed (default: `settings.seed`); `on_batch` sees each batch's outcomes.
+    """
+    out: list[Outcome] = []
+    for b, start in enumerate(range(0, len(prompts), per_batch)):
+        batch = prompts[start:start + per_batch]
+        if seed_of is not None:
+            settings.seed = seed_of(b)
+        try:
+            results = backend.generate(batch, settings)
+        except Exception:
+            results = []
+            for prompt in batch:
+                try:
+                    results.append(backend.generate([prompt], settings)[0])
+                except Exception as e:  # recorded on the row; the run goes on
+                    results.append(f"{type(e).__name__}: {e}\n"
+                                   f"{traceback.format_exc(limit=3)}")
+        outcomes = [r if isinstance(r, (list, str)) else str(r) for r in results]
+        out.extend(outcomes)
+        if on_batch is not None:
+            on_batch(outcomes)
+    return out
+
+
+def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    """The prompt as is, or as one user turn of the model's chat template."""
+    if not chat_template:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[int, bool]:
+    """How many of `ids` come wholly before the first stop string, and whether one was found."""
+    if not stop:
+        return len(ids), False
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    if cut < 0:
+        return len(ids), False
+    return tokens_within(tokenizer, ids, cut), True

@@ -1,0 +1,37 @@
+"""Run folders written before the current layout are read as they are: nothing is redone."""
+
+import json
+import shutil
+from pathlib import Path
+
+import stages.filter as filter_stage
+import stages.generate as generate
+from pipeline.config import load_config
+from pipeline.run_folder import RunFolder
+
+# Written by commit 2281697 (the layout before stages became plans of shard functions): the
+# generate stage with a scripted teacher (8 demo rows x 2 samples, k = 3), then the filter.
+FIXTURE = Path(__file__).parent / "fixtures" / "run-before-house"
+OVERRIDES = ["task.n_train=8", "generate.rows_per_shard=4", "generate.n_samples=2",
+             "generate.top_k=3", "generate.backend=hf", "filter.min_steps=0"]
+
+
+def test_a_run_folder_written_before_is_up_to_date(tmp_path, capsys):
+    shutil.copytree(FIXTURE, tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    before = {s: json.loads((FIXTURE / s / "manifest.json").read_text())
+              for s in ("generate", "filter")}
+    cfg = load_config("configs/demo.yaml", OVERRIDES)
+
+    def no_teacher():
+        raise AssertionError("nothing may be generated again")
+
+    generated = generate.main(cfg, run, teacher=no_teacher)
+    filtered = filter_stage.main(cfg, run)
+    assert capsys.readouterr().err.count("up to date") == 2
+    for stage, manifest in (("generate", generated), ("filter", filtered)):
+        assert manifest["fingerprint"] == before[stage]["fingerprint"]
+        assert manifest["files"] == before[stage]["files"]
+    kept = run.stage("filter").read_tables([s["outputs"]["kept"]["file"]
+                                            for s in filtered["shards"]])
+    assert kept.num_rows == 8 and set(kept.column("sample").to_pylist()) == {0}

@@ -1,0 +1,45 @@
+"""Token cross-entropy on the targets of one part: the two tasks of Distilling Step-by-Step
+(Hsieh et al., ACL 2023), `alpha * L_predict + (1 - alpha) * L_explain`."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import TrainConfig
+from trainer.losses.base import LossContext, LossTerm, explain_schedule, register
+
+
+def cross_entropy(ctx: LossContext, part: str) -> torch.Tensor:
+    """Mean cross-entropy of the part's targets, from the shared log-sum-exp."""
+    out = ctx.outputs(part)
+    return (out.lse - out.logits.gather(1, out.targets[:, None]).squeeze(1)).mean()
+
+
+@register
+class PredictCE(LossTerm):
+    """`predict: <question>` -> the answer, weighted by `alpha`."""
+
+    name, part = "predict", "predict"
+
+    @classmethod
+    def from_settings(cls, t: TrainConfig) -> "PredictCE | None":
+        return cls(t.alpha) if t.alpha > 0 else None
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        return cross_entropy(ctx, self.part)
+
+
+@register
+class ExplainCE(LossTerm):
+    """`explain: <question>` -> the rationale, weighted by `(1 - alpha) * (1 - kd_lam)` (KD
+    takes the rest of the explain weight) and warmed up over `explain_warmup_steps`."""
+
+    name, part = "explain", "explain"
+
+    @classmethod
+    def from_settings(cls, t: TrainConfig) -> "ExplainCE | None":
+        weight = (1 - t.alpha) * (1 - t.kd_lam)
+        return cls(weight, explain_schedule(t)) if weight > 0 else None
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        return cross_entropy(ctx, self.part)
