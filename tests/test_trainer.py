@@ -187,46 +187,41 @@ def test_the_terms_follow_the_settings_and_the_warm_up_is_a_weight_schedule():
     assert weights(5, **warm) == {"predict": 0.5, "explain": 0.125, "kd": 0.125}
 
 
+def _readme_loss_term_example() -> str:
+    """The code block of the README's "Adding a loss term"."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**Adding a loss term.**"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
+
+
 def test_a_new_loss_term_is_one_class_and_one_setting(tiny_lora_model, tmp_path):
-    """The README's example: a term in a file of its own, switched on by a setting."""
+    """The README's example, run as written there: a term in a file of its own, switched on
+    by a setting."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     from trainer.losses.base import TERMS
 
-    # ---- the README's example, as written there
-    from trainer.losses.base import LossContext, LossTerm, register
-
-    @register
-    class PredictEntropy(LossTerm):
-        """Entropy of the student's answer distribution (low = a confident answer)."""
-
-        name, part = "predict_entropy", "predict"
-
-        @classmethod
-        def from_settings(cls, t):
-            return cls(t.entropy_weight) if t.entropy_weight > 0 else None
-
-        def __call__(self, ctx: LossContext):
-            logp = ctx.outputs(self.part).logits.log_softmax(-1)
-            return -(logp.exp() * logp).sum(-1).mean()
-    # ---- end of the example
-
+    example = _readme_loss_term_example()
+    assert len([ln for ln in example.splitlines() if ln.strip()]) <= 14
     try:
+        exec(compile(example, "README.md", "exec"), {})  # registers PredictEntropy
         @dataclasses.dataclass
         class Settings(TrainConfig):  # the new setting, as a field of the train section
             entropy_weight: float = 0.0
 
         assert "predict_entropy" not in {t.name for t in terms_from_settings(Settings())}
         terms = terms_from_settings(Settings(alpha=0.5, entropy_weight=0.1))
-        assert [t.name for t in terms][-1] == "predict_entropy"
+        assert sorted(t.name for t in terms) == ["explain", "predict", "predict_entropy"]
         batch = DSSCollator(STUDENT, 0)(build_examples(_rows(4), CharTokenizer(), STUDENT, 64))
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                                  remove_unused_columns=False)
         with_term = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT, terms=terms)
         without = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
-                             terms=terms[:-1])
+                             terms=[t for t in terms if t.name != "predict_entropy"])
         with torch.no_grad():
             logits = STUDENT.target_logits(tiny_lora_model, batch["predict"])[0].float()
             logp = logits.log_softmax(-1)
