@@ -35,3 +35,16 @@ def test_a_run_folder_written_before_is_up_to_date(tmp_path, capsys):
     kept = run.stage("filter").read_tables([s["outputs"]["kept"]["file"]
                                             for s in filtered["shards"]])
     assert kept.num_rows == 8 and set(kept.column("sample").to_pylist()) == {0}
+
+
+def test_a_student_trained_before_keeps_its_fingerprint():
+    """The train fingerprint is what the code before the current layout computed on the same
+    filter output (recorded from commit 2281697), so its trained students are up to date."""
+    from pipeline.fingerprints import fingerprint
+    from stages.train import train_settings
+    from trainer.students.causal_lm import CausalLMStudent
+
+    upstream = RunFolder(FIXTURE).stage("filter").manifest()
+    for extra, recorded in (([], "0cf3676e72053af2"), (["train.kd_lam=0.5"], "a792cafa399bb6e2")):
+        cfg = load_config("configs/demo.yaml", OVERRIDES + extra)
+        assert fingerprint(train_settings(cfg, upstream, CausalLMStudent())) == recorded
