@@ -167,6 +167,12 @@ class GenerateConfig(Section):
                                  "(vLLM's `return_tokens_as_token_ids`).")
     tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
                                 "map token strings to ids when the server cannot send ids.")
+    executor: str = opt("local", "How the generate shards are run: `local` (one after the other "
+                        "in this process) or `ray` (`generate.workers` Ray actors, settings in "
+                        "the `ray` section). Job arrays need no setting: see `--worker-index`.",
+                        choices=["local", "ray"])
+    workers: int = opt(1, "Ray workers (actors) that take generate shards from one queue, each with its own teacher.",
+                       ge=1, le=4096)
 
     def _check(self, errors: list[str]) -> None:
         if self.backend == "openai" and self.top_k > 20:
@@ -211,6 +217,24 @@ class VLLMConfig(Section):
 
 
 @dataclass
+class RayConfig(Section):
+    NAME: ClassVar[str] = "ray"
+
+    address: str = opt("", "The Ray cluster: empty = start a local one for this command (and "
+                       "stop it after); `auto` = the cluster this machine belongs to (`ray "
+                       "start`); or an address such as ray://head:10001.")
+    num_cpus_per_worker: float = opt(1.0, "CPUs each worker asks Ray for (torch in a worker "
+                                     "uses as many threads).", gt=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs each worker asks Ray for (1 for a vLLM or "
+                                     "transformers teacher on a GPU node; fractions share one).",
+                                     ge=0.0)
+    max_retries: int = opt(3, "Times a shard is tried again after its worker failed or died "
+                           "(a dead worker is replaced) before the stage stops.", ge=0, le=100)
+    local_cpus: int | None = opt(None, "CPUs of the local cluster started when `address` is "
+                                 "empty; null = this machine's.", ge=1)
+
+
+@dataclass
 class FilterConfig(Section):
     NAME: ClassVar[str] = "filter"
 
@@ -251,6 +275,12 @@ class FilterConfig(Section):
     min_votes: int = opt(2, "Rows without a gold answer: samples that must give the majority "
                          "answer.", ge=1)
     plot: bool = opt(True, "Also draw the funnel as funnel.png.")
+    executor: str = opt("local", "How the filter shards are run: `local` (one after the other "
+                        "in this process) or `ray` (`filter.workers` Ray actors, settings in "
+                        "the `ray` section). Job arrays need no setting: see `--worker-index`.",
+                        choices=["local", "ray"])
+    workers: int = opt(1, "Ray workers (actors) that take filter shards from one queue.",
+                       ge=1, le=4096)
 
     def _check(self, errors: list[str]) -> None:
         for name in self.extractors or []:
@@ -365,6 +395,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))
@@ -374,7 +405,8 @@ class Config:
 
 
 SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "vllm": VLLMConfig,
-                 "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig}
+                 "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig,
+                 "ray": RayConfig}
 VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number", "last_letter",
                     "last_line"]
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]

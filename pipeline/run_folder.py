@@ -53,7 +53,13 @@ class RunFolder:
         from fsspec.implementations.local import LocalFileSystem
 
         self.url = os.fspath(location)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:  # e.g. s3:// without s3fs
+            raise RunFolderError(f"cannot open the run folder {self.url}: {e} (for S3: pip "
+                                 "install 'stepdistill[s3]')") from None
+        except ValueError as e:  # an unknown protocol
+            raise RunFolderError(f"cannot open the run folder {self.url}: {e}") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
     @classmethod
@@ -131,6 +137,14 @@ class StageFolder:
         return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)
                       if p.endswith(suffix) and self.fs.isfile(p))
 
+    def files_under(self, folder: str, suffix: str = "") -> list[str]:
+        """The files in a sub-folder ending in `suffix`, as paths relative to the stage."""
+        base = self.path(folder)
+        if not self.fs.isdir(base):
+            return []
+        return sorted(posixpath.relpath(p, self.root) for p in self.fs.find(base)
+                      if p.endswith(suffix))
+
     def remove(self, file: str) -> None:
         if self.fs.exists(self.path(file)):
             self.fs.rm(self.path(file), recursive=True)
@@ -159,7 +173,27 @@ class StageFolder:
     def drop_manifest(self) -> None:
         self.remove(MANIFEST)
 
-    def begin(self, fingerprint: str, settings: dict, force: bool = False) -> dict | None:
+    def plan(self) -> dict | None:
+        """The plan the stage's work started from (fingerprint, settings, shards), or None."""
+        try:
+            return self.read_json(PLAN)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def claim_plan(self, plan: dict) -> dict:
+        """Write `plan` unless a plan is there already (create-if-absent, so of many workers
+        starting at once exactly one writes it); return the plan in force."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.create_json(PLAN, {**plan, "started_at": _now()}):
+            return self.plan()
+        found = self.plan()
+        if found is None:
+            raise RunFolderError(f"{self.where(PLAN)} exists but cannot be read; move it aside "
+                                 "and start the workers again")
+        return found
+
+    def begin(self, fingerprint: str, settings: dict, force: bool = False,
+              shards: list[dict] | None = None) -> dict | None:
         """Make the folder hold only work done with `fingerprint`.
 
         Returns the existing manifest when it was made with `fingerprint` (the caller checks
@@ -168,10 +202,7 @@ class StageFolder:
         """
         self.fs.makedirs(self.root, exist_ok=True)
         manifest = self.manifest()
-        try:
-            plan = self.read_json(PLAN)
-        except (FileNotFoundError, json.JSONDecodeError):
-            plan = None
+        plan = self.plan()
         previous = manifest or plan
         if force and previous is not None:
             log(self.name, "--force: discarding the previous output")
@@ -184,6 +215,7 @@ class StageFolder:
             return manifest
         self.clear()
         self.write_json(PLAN, {"fingerprint": fingerprint, "settings": settings,
+                               **({"shards": shards} if shards is not None else {}),
                                "started_at": _now()})
         return None
 
@@ -269,6 +301,11 @@ class StageFolder:
     def write_json(self, file: str, obj: Any) -> None:
         self.write_bytes(file, _json(obj).encode())
 
+    def create_json(self, file: str, obj: Any) -> bool:
+        """Write `obj` only if `file` does not exist yet; returns whether this call wrote it."""
+        return _write_bytes(self.fs, self.run.is_local, self.path(file), _json(obj).encode(),
+                            exclusive=True)
+
     def read_json(self, file: str) -> Any:
         with self.fs.open(self.path(file), "rb") as f:
             return json.loads(f.read())
@@ -305,6 +342,29 @@ class StageFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def scratch(self, name: str) -> Path:
+        """A path on this machine's disk that belongs to this stage of this run (under the
+        cache folder, never in the run folder): for files a worker keeps to itself, such as
+        its live SQLite request cache, which a shared or object-storage folder cannot hold."""
+        from pipeline.models import cache_dir
+
+        key = hashlib.sha256(str(self).encode()).hexdigest()[:16]
+        path = cache_dir() / "scratch" / f"{self.run.name}-{key}" / self.name / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def download(self, file: str, dest: Path) -> bool:
+        """Copy `file` from the stage folder to `dest` on the local disk; False when absent."""
+        if not self.exists(file):
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self.path(file), str(dest))
+        return True
+
+    def upload(self, src: Path, file: str) -> None:
+        """Publish a local file as `file` in the stage folder, whole (see `_write_bytes`)."""
+        self.write_bytes(file, Path(src).read_bytes())
+
     def publish_dir(self, built: Path, name: str) -> None:
         """Move a folder built elsewhere on the local disk (`save_pretrained`'s output) into
         place as `name`, replacing what was there."""
@@ -317,14 +377,26 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
 
 
-def _write_bytes(fs, is_local: bool, path: str, data: bytes) -> None:
+def _write_bytes(fs, is_local: bool, path: str, data: bytes, exclusive: bool = False) -> bool:
     """Write a whole file: on a local disk through a synced temporary file and a rename, on
-    object storage straight to its key."""
+    object storage straight to its key. `exclusive`: only when no file is there yet
+    (create-if-absent: a hard link on a local disk, a conditional PUT on S3); returns whether
+    this call wrote it."""
     parent = posixpath.dirname(path)
     if not is_local:
         fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
-        return
+        if not exclusive:
+            fs.pipe_file(path, data)
+            return True
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # a store with no create-if-absent
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+        return True
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.", suffix=".tmp",
                                dir=parent)
@@ -334,10 +406,16 @@ def _write_bytes(fs, is_local: bool, path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails when the file exists: the first writer wins, whole
+        except FileExistsError:
+            return False
+        return True
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def as_run_folder(run: "RunFolder | str | os.PathLike") -> RunFolder:

@@ -156,8 +156,10 @@ class Models:
             if g.backend == "openai":  # the teacher is only reachable through its API
                 from stages.backends.registry import make_backend
 
-                return make_backend(g, self.run.stage("eval").local_path(
-                    "requests.sqlite", "the openai backend's request cache"))
+                folder = self.run.stage("eval")
+                return make_backend(g, folder.local_path(
+                    "requests.sqlite", "the openai backend's request cache")
+                    if self.run.is_local else folder.scratch("requests.sqlite"))
             # vllm's teacher is local too: its weights run here through transformers
             return HFBackend(g.model, e.dtype, g.chat_template)
         path = resolve_model(job.model)

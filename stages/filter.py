@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, FilterConfig
-from pipeline.executors import run_stage
+from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
@@ -308,7 +308,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         raise FileNotFoundError(f"no finished generate stage in {generated}; run `make "
                                 "generate` (or `distill generate`) for this run first")
     checker = answer_checker(cfg, cfg.filter.extractors)
-    settings = {"filter": {k: v for k, v in cfg.section("filter").items() if k != "plot"},
+    settings = {"filter": {k: v for k, v in cfg.section("filter").items()
+                          if k not in ("plot", "executor", "workers")},
                 "answer_kind": checker.kind, "extractors": checker.order,
                 "labels": checker.labels if checker.kind == "label" else None}
     shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
@@ -322,11 +323,16 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         unit="trace")
 
 
-def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
-    """Run the filter stage, print its funnel and write `funnel.json` and `funnel.png`."""
+def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
+         role: ArrayRole | None = None) -> dict | None:
+    """Run the filter stage, print its funnel and write `funnel.json` and `funnel.png`
+    (`role`: this process's part of a job array; None from an array worker)."""
     run = as_run_folder(run)
     folder = run.stage("filter")
-    manifest = run_stage(plan(cfg, run), folder, force)
+    executor = executor_for(cfg.filter.executor, cfg.filter.workers, cfg.ray, role)
+    manifest = run_stage(plan(cfg, run), folder, force, executor)
+    if manifest is None:
+        return None
     counters = manifest["counters"]
     folder.write_json("funnel.json", {
         "counters": counters, "reasons": REASONS, "explained": EXPLAINED,

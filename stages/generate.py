@@ -9,13 +9,14 @@ generated (`plan(..., teacher=...)` hands in another one).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config, GenerateConfig
-from pipeline.executors import run_stage
+from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint
 from pipeline.log import log
 from pipeline.prompts import PromptTemplate
@@ -28,7 +29,7 @@ from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings
 
 # Settings that do not change what is asked of the teacher, so changing them keeps the shards.
 _NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
-                      "backoff_max", "api_key_env"}
+                      "backoff_max", "api_key_env", "executor", "workers"}
 _OPENAI_ONLY = {"base_url", "endpoint", "server_token_ids", "tokenizer"}
 # vLLM engine settings that change speed or memory, not the distribution sampled from.
 _VLLM_NOT_FINGERPRINTED = {"tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
@@ -161,46 +162,141 @@ def kd_usability(manifest: dict) -> None:
         facts.pop("kd_unusable_because", None)
 
 
-def teacher_factory(cfg: Config, folder: StageFolder) -> Callable[[], Backend]:
-    """The configured teacher, built when called (the openai backend's request cache lives in
-    the stage folder)."""
+REQUEST_CACHE = "requests.sqlite"
+WORKER_CACHES = "requests"  # one published cache per worker, merged into REQUEST_CACHE
+
+
+class _PublishingTeacher:
+    """A teacher whose worker-local request cache is published to the stage folder after
+    every call and at the end, so responses paid for by a worker are never only on its disk."""
+
+    def __init__(self, backend: Backend, publish: Callable[[], None]):
+        self._backend, self._publish = backend, publish
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def generate(self, prompts, settings):
+        try:
+            return self._backend.generate(prompts, settings)
+        finally:
+            self._publish()
+
+    def close(self) -> None:
+        try:
+            self._publish()
+        finally:
+            self._backend.close()
+
+
+def teacher_factory(cfg: Config, folder: StageFolder,
+                    per_worker: bool = False) -> Callable[[], Backend]:
+    """The configured teacher, built when called.
+
+    The openai backend's request cache: `generate/requests.sqlite` when one process on a local
+    run folder does the stage; with several workers (Ray, a job array) or a run folder on
+    object storage (`per_worker`), each worker keeps its own SQLite file on its own disk, reads
+    the run's merged cache under it, and publishes a copy as `generate/requests/<worker>.sqlite`
+    after every shard; the commit merges them into `requests.sqlite`.
+    """
     def build() -> Backend:
         from stages.backends.registry import make_backend
 
         g = cfg.generate
         log("generate", f"loading teacher {g.model} ({g.backend}, {g.dtype})")
-        cache = (folder.local_path("requests.sqlite", "the openai backend's request cache")
-                 if g.backend == "openai" else None)
         t0 = time.time()
-        teacher = make_backend(g, cache, cfg.vllm)
+        if g.backend != "openai":
+            teacher = make_backend(g, None, cfg.vllm)
+        elif not per_worker:
+            teacher = make_backend(g, folder.local_path(REQUEST_CACHE, "the openai backend's "
+                                                        "request cache"), cfg.vllm)
+        else:
+            import socket
+
+            worker = f"{socket.gethostname()}-{os.getpid()}"
+            seed = folder.scratch(f"seed-{worker}.sqlite")
+            backend = make_backend(g, folder.scratch(f"live-{worker}.sqlite"), cfg.vllm,
+                                   seed if folder.download(REQUEST_CACHE, seed) else None)
+
+            def publish() -> None:
+                copy = folder.scratch(f"copy-{worker}.sqlite")
+                backend.cache.snapshot(copy)
+                folder.upload(copy, f"{WORKER_CACHES}/{worker}.sqlite")
+
+            teacher = _PublishingTeacher(backend, publish)
         log("generate", f"teacher ready in {time.time() - t0:.0f}s")
         return teacher
 
     return build
 
 
-def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = None) -> Stage:
+def merge_worker_caches(folder: StageFolder) -> None:
+    """Merge the request caches the workers published into the run's `requests.sqlite` (then
+    remove the merged copies; the responses live on in the merged cache)."""
+    from stages.backends.openai_api import merge_request_caches
+
+    found = folder.files_under(WORKER_CACHES, ".sqlite")
+    if not found:
+        return
+    local = folder.run.is_local
+    merged = (folder.local_path(REQUEST_CACHE, "the request cache") if local
+              else folder.scratch("merged.sqlite"))
+    if not local:
+        merged.unlink(missing_ok=True)
+        folder.download(REQUEST_CACHE, merged)
+    copies = []
+    for i, file in enumerate(found):
+        copy = folder.scratch(f"merge-{i}.sqlite")
+        folder.download(file, copy)
+        copies.append(copy)
+    total = merge_request_caches(merged, copies)
+    if not local:
+        folder.upload(merged, REQUEST_CACHE)
+    for file, copy in zip(found, copies):
+        folder.remove(file)
+        copy.unlink(missing_ok=True)
+    log("generate", f"merged {len(found)} worker request cache(s) into "
+        f"{folder.where(REQUEST_CACHE)} ({total} responses)")
+
+
+def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = None,
+         per_worker: bool = False) -> Stage:
     """The generate stage of `run`: one shard per `rows_per_shard` task rows."""
     g = cfg.generate
+    folder = run.stage("generate")
     settings = generate_settings(cfg)
     template = PromptTemplate(g.prompt_template)
     facts = {"k": g.top_k, "schema_version": SCHEMA_VERSION, "template": g.prompt_template,
              "template_sha256": template.sha256, "sampling": {
                  "n": g.n_samples, "temperature": g.temperature, "top_p": g.top_p,
                  "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop}}
+
+    def finalize(manifest: dict) -> None:
+        kd_usability(manifest)
+        if g.backend == "openai":
+            merge_worker_caches(folder)
+
     return Stage(
         name="generate", settings=settings, fingerprint=fingerprint(settings),
         shards=task_shards(cfg), work=generate_shard, params=GenerateParams(g, template),
-        outputs=["traces"], resources=teacher or teacher_factory(cfg, run.stage("generate")),
-        facts=facts, upstream={"task": cfg.section("task")}, finalize=kd_usability,
+        outputs=["traces"], resources=teacher or teacher_factory(cfg, folder, per_worker),
+        facts=facts, upstream={"task": cfg.section("task")}, finalize=finalize,
         rates=("tokens", "requests"))
 
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
-         teacher: Callable[[], Backend] | None = None) -> dict:
-    """Run the generate stage; `teacher` builds the backend instead of the configured one."""
-    run = as_run_folder(run)
-    manifest = run_stage(plan(cfg, run, teacher), run.stage("generate"), force)
+         teacher: Callable[[], Backend] | None = None,
+         role: ArrayRole | None = None) -> dict | None:
+    """Run the generate stage; `teacher` builds the backend instead of the configured one;
+    `role`: this process's part of a job array (None: the whole stage, with the executor of
+    `generate.executor`). Returns the manifest (None from an array worker)."""
+    run, g = as_run_folder(run), cfg.generate
+    executor = executor_for(g.executor, g.workers, cfg.ray, role)
+    per_worker = role is not None or g.executor == "ray" or not run.is_local
+    manifest = run_stage(plan(cfg, run, teacher, per_worker), run.stage("generate"), force,
+                         executor)
+    if manifest is None:
+        return None
     c = manifest["counters"]
     log("generate", f"{c.get('rows', 0)} rows -> {c.get('traces', 0)} traces, "
         f"{c.get('tokens', 0)} tokens, {c.get('truncated', 0)} truncated, "

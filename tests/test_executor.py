@@ -129,3 +129,107 @@ def test_a_stage_runs_on_an_fsspec_url_as_on_a_local_disk():
     assert again.calls == []
     with pytest.raises(Exception, match="local disk"):
         folder.local_path("checkpoints", "training checkpoints")
+
+
+# ---------------------------------------------------------------- job arrays
+
+def _stage(fn, settings=None, shards=None):
+    settings = settings or {"k": 1}
+    return Stage(name="s", settings=settings, fingerprint=fingerprint(settings),
+                 shards=shards or _shards(5), work=fn, params={"factor": 2}, outputs=["out"],
+                 resources=fn.resources, facts={"k": 1})
+
+
+def _worker(i, n):
+    from pipeline.executors import executor_for
+    from pipeline.executors.array import ArrayRole
+    return executor_for(role=ArrayRole(n, i))
+
+
+def _finalizer():
+    from pipeline.executors.array import ArrayRole, ArrayWorker
+    return ArrayWorker(ArrayRole(finalize=True))
+
+
+def test_array_workers_then_finalize_equal_a_local_run(tmp_path):
+    local = RunFolder(tmp_path / "local").stage("s")
+    expected = run_stage(_stage(Doubler()), local)
+    folder = RunFolder(tmp_path / "array").stage("s")
+    fns = [Doubler(), Doubler()]
+    for i, fn in enumerate(fns):
+        assert run_stage(_stage(fn), folder, executor=_worker(i, 2)) is None
+        assert folder.manifest() is None  # workers never commit
+    assert fns[0].calls == ["00000", "00002", "00004"] and fns[1].calls == ["00001", "00003"]
+    manifest = run_stage(_stage(Doubler()), folder, executor=_finalizer())
+    assert manifest["counters"] == expected["counters"]
+    assert [f["sha256"] for f in manifest["files"]] == [f["sha256"] for f in expected["files"]]
+    again = Doubler()  # the plain command now finds the stage up to date
+    run_stage(_stage(again), folder)
+    assert again.calls == []
+
+
+def test_finalize_names_missing_shards_and_a_rerun_worker_fills_them(tmp_path):
+    from pipeline.run_folder import RunFolderError
+    folder = RunFolder(tmp_path / "run").stage("s")
+    with pytest.raises(RunFolderError, match="no worker has started"):
+        run_stage(_stage(Doubler()), folder, executor=_finalizer())
+    run_stage(_stage(Doubler()), folder, executor=_worker(0, 3))
+    crashing = Doubler(crash_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_stage(crashing), folder, executor=_worker(1, 3))
+    with pytest.raises(RunFolderError, match=r"2 of 5 shards are not done: 00002 \(#2\), "
+                       r"00004 \(#4\)\. Worker I of N does shards #I, #I\+N"):
+        run_stage(_stage(Doubler()), folder, executor=_finalizer())
+    rerun = Doubler()
+    run_stage(_stage(rerun), folder, executor=_worker(1, 3))
+    assert rerun.calls == ["00004"]  # 00001 was done before the crash and is kept
+    run_stage(_stage(Doubler()), folder, executor=_worker(2, 3))
+    manifest = run_stage(_stage(Doubler()), folder, executor=_finalizer())
+    assert manifest["counters"] == {"rows": 10} and manifest["shards_reused"] == 5
+
+
+def test_a_worker_with_other_settings_refuses_and_deletes_nothing(tmp_path):
+    from pipeline.executors.array import ArrayRole, ArrayWorker
+    from pipeline.run_folder import RunFolderError
+    folder = RunFolder(tmp_path / "run").stage("s")
+    run_stage(_stage(Doubler()), folder, executor=_worker(0, 2))
+    before = folder.files(".parquet")
+    other = Doubler()
+    with pytest.raises(RunFolderError, match=r"other settings \(k: 1 -> 2\).*--plan-only --force"):
+        run_stage(_stage(other, {"k": 2}), folder, executor=_worker(1, 2))
+    with pytest.raises(RunFolderError, match="--force cannot be given to an array worker"):
+        run_stage(_stage(Doubler(), {"k": 2}), folder, force=True, executor=_worker(1, 2))
+    with pytest.raises(RunFolderError, match="input of .* differs"):
+        run_stage(_stage(Doubler(), shards=_shards(5, tag="x")), folder, executor=_worker(1, 2))
+    assert other.calls == [] and folder.files(".parquet") == before
+    # the documented way to start over: --plan-only --force once, then the workers
+    ArrayWorker(ArrayRole(plan_only=True)).run(_stage(Doubler(), {"k": 2}), folder, force=True)
+    assert folder.files(".parquet") == [] and folder.plan()["fingerprint"] == fingerprint({"k": 2})
+    run_stage(_stage(Doubler(), {"k": 2}), folder, executor=_worker(1, 2))
+
+
+def test_bad_worker_index_is_a_clear_error():
+    from pipeline.executors.array import ArrayRole
+    with pytest.raises(ValueError, match=r"--worker-index must be in 0..1 .*SLURM_ARRAY_TASK_ID"):
+        ArrayRole(2, 2)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_create_if_absent_has_exactly_one_winner(tmp_path, where):
+    import threading
+    url = str(tmp_path / "run") if where == "local" else f"memory://excl-{id(tmp_path)}/run"
+    folder = RunFolder(url).stage("s")
+    wins, barrier = [], threading.Barrier(8)
+
+    def claim(i):
+        barrier.wait()
+        if folder.create_json("plan.json", {"by": i}):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and folder.read_json("plan.json") == {"by": wins[0]}
+    assert folder.files() == ["plan.json"]  # no temporary file left behind

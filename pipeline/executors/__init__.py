@@ -1,22 +1,53 @@
-"""Executors run a stage's shards: the same stage, run in a loop here or spread over workers.
+"""Executors run a stage's shards: the same stage, run in a loop here, spread over Ray actors,
+or split over the independent processes of a job array.
 
-`run_stage` runs a planned stage with the named executor (today `local`, the default).
+`run_stage(stage, folder, force, executor)` runs a planned stage; `executor_for` picks the
+executor a stage's settings and the command line ask for:
+
+- `local` (the default): every shard in turn in this process (`local.py`);
+- `ray`: `workers` Ray actors take shards from one queue (`ray.py`);
+- a job array: `--num-workers N --worker-index I` does every N-th shard, `--finalize` commits
+  (`array.py`).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
+from pipeline.executors.array import ArrayRole, ArrayWorker
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage
 
-EXECUTORS = {"local": "pipeline.executors.local:LocalExecutor"}
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict | None:
+        """Run the stage's missing shards; the manifest, or None when this process only did
+        its part (an array worker)."""
+
+
+def executor_for(kind: str = "local", workers: int = 1, ray_cfg=None,
+                 role: ArrayRole | None = None) -> Executor:
+    """The executor for a stage: a job-array role when one is given, else `kind`."""
+    if role is not None:
+        return ArrayWorker(role)
+    if kind == "local":
+        from pipeline.executors.local import LocalExecutor
+
+        return LocalExecutor()
+    if kind == "ray":
+        from pipeline.config import RayConfig
+        from pipeline.executors.ray import RayExecutor
+
+        return RayExecutor.from_config(workers, ray_cfg or RayConfig())
+    raise ValueError(f"unknown executor {kind!r}; available: local, ray")
 
 
 def run_stage(stage: Stage, folder: StageFolder, force: bool = False,
-              executor: str = "local") -> dict:
-    """Run every shard of `stage` that has no valid output in `folder`; return the manifest."""
-    import importlib
-
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; available: {', '.join(EXECUTORS)}")
-    module, _, cls = EXECUTORS[executor].partition(":")
-    return getattr(importlib.import_module(module), cls)().run(stage, folder, force)
+              executor: Executor | str = "local") -> dict | None:
+    """Run every shard of `stage` that has no valid output in `folder`; return the manifest
+    (None from an array worker, which commits nothing)."""
+    if isinstance(executor, str):
+        executor = executor_for(executor)
+    return executor.run(stage, folder, force)

@@ -29,18 +29,34 @@ class ShardDone:
     reused: bool
 
 
+def planned_shards(stage: Stage) -> list[dict]:
+    """The plan's list of shards: what every worker must agree on."""
+    return [{"name": s.name, "checksum": s.checksum, "rows": s.rows} for s in stage.shards]
+
+
+def complete(stage: Stage, folder: StageFolder, manifest: dict | None) -> bool:
+    """Whether `manifest` is this stage's, for this input, with every file in place."""
+    if manifest is None or manifest.get("fingerprint") != stage.fingerprint:
+        return False
+    wanted = {s.name: s.checksum for s in stage.shards}
+    recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
+    return recorded == wanted and folder.intact(manifest)
+
+
+def said_up_to_date(stage: Stage) -> None:
+    log(stage.name, f"up to date ({len(stage.shards)} shards, fingerprint "
+        f"{stage.fingerprint}): nothing to do")
+
+
 def up_to_date(stage: Stage, folder: StageFolder, force: bool) -> dict | None:
     """The stage's manifest when its output is complete for these settings and this input;
     otherwise None, and the folder is ready for work (other settings' output removed, a stale
     manifest dropped)."""
-    manifest = folder.begin(stage.fingerprint, stage.settings, force)
+    manifest = folder.begin(stage.fingerprint, stage.settings, force, planned_shards(stage))
     if manifest is None:
         return None
-    wanted = {s.name: s.checksum for s in stage.shards}
-    recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
-    if recorded == wanted and folder.intact(manifest):
-        log(stage.name, f"up to date ({len(stage.shards)} shards, fingerprint "
-            f"{stage.fingerprint}): nothing to do")
+    if complete(stage, folder, manifest):
+        said_up_to_date(stage)
         return manifest
     folder.drop_manifest()
     log(stage.name, "output incomplete or input changed: redoing the missing shards")
@@ -56,6 +72,33 @@ def reuse(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
         return None
     return ShardDone(shard, metas[0].get("counters", {}), metas[0].get("facts", {}),
                      {kind: folder.entry(f) for kind, f in files.items()}, reused=True)
+
+
+def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],
+                 progress) -> list[ShardDone]:
+    """Do `shards` in turn in this process: reuse a finished one, else build the worker's
+    resources (once, at the first shard with work), run the shard function and write its
+    outputs. Resources are closed at the end, also on a crash."""
+    resources, built = None, False
+    done: list[ShardDone] = []
+    try:
+        for shard in shards:
+            reused = reuse(stage, folder, shard)
+            if reused is not None:
+                done.append(reused)
+                progress(shard.rows)
+                continue
+            if not built:
+                resources = stage.resources() if stage.resources is not None else None
+                built = True
+                progress()
+                if hasattr(progress, "start_clock"):
+                    progress.start_clock()
+            out = stage.work(stage.params, shard, resources, progress)
+            done.append(write_outputs(stage, folder, shard, out))
+    finally:
+        close(resources)
+    return done
 
 
 def write_outputs(stage: Stage, folder: StageFolder, shard: Shard,

@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from pipeline.executors.base import ShardDone, close, commit, reuse, up_to_date, write_outputs
+from pipeline.executors.base import commit, up_to_date, work_through
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage
 
@@ -16,9 +16,9 @@ class ProgressBar:
     beside it: `rates` per second since the work started, the others as totals. The bar
     appears on first use, so a stage that is up to date prints none."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, shards: list | None = None):
         self.stage = stage
-        self.total = sum(s.rows for s in stage.shards)
+        self.total = sum(s.rows for s in (stage.shards if shards is None else shards))
         self.bar: tqdm | None = None
         self.counts: dict[str, float] = {}
         self.started: float | None = None
@@ -56,24 +56,8 @@ class LocalExecutor:
             return manifest
         started = time.time()
         progress = ProgressBar(stage)
-        resources = None
-        built = False
-        done: list[ShardDone] = []
         try:
-            for shard in stage.shards:
-                reused = reuse(stage, folder, shard)
-                if reused is not None:
-                    done.append(reused)
-                    progress(shard.rows)
-                    continue
-                if not built:  # the first shard that has work: build the worker's resources
-                    resources = stage.resources() if stage.resources is not None else None
-                    built = True
-                    progress()
-                    progress.start_clock()
-                out = stage.work(stage.params, shard, resources, progress)
-                done.append(write_outputs(stage, folder, shard, out))
+            done = work_through(stage, folder, stage.shards, progress)
         finally:
             progress.close()
-            close(resources)
         return commit(stage, folder, done, started)

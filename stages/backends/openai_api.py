@@ -36,22 +36,57 @@ _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 class RequestCache:
-    """Successful responses by request hash, in one SQLite file (safe to kill at any point)."""
+    """Successful responses by request hash, in one SQLite file (safe to kill at any point).
 
-    def __init__(self, path: Path):
+    `seed`: another cache file read when a request is not in this one (a worker's cache on top
+    of the run's merged cache, which the worker never writes)."""
+
+    def __init__(self, path: Path, seed: Path | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
         self.db.commit()
+        self.seeded = False
+        if seed is not None and seed.is_file():
+            self.db.execute("ATTACH DATABASE ? AS seed", (f"file:{seed}?mode=ro",))
+            self.seeded = True
 
     def get(self, key: str) -> dict | None:
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is None and self.seeded:
+            row = self.db.execute("SELECT body FROM seed.responses WHERE key = ?",
+                                  (key,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def snapshot(self, dest: Path) -> None:
+        """A consistent copy of this worker's own entries in `dest` (SQLite's backup API)."""
+        dest.unlink(missing_ok=True)
+        target = sqlite3.connect(dest)
+        try:
+            self.db.backup(target, name="main")
+        finally:
+            target.close()
 
     def put(self, key: str, body: dict) -> None:
         self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(body)))
         self.db.commit()
+
+
+def merge_request_caches(dest: Path, sources: list[Path]) -> int:
+    """Add every response of the `sources` caches to the cache `dest` (an entry already there
+    is kept); returns how many entries `dest` holds after."""
+    cache = RequestCache(dest)
+    try:
+        for source in sources:
+            cache.db.execute("ATTACH DATABASE ? AS other", (f"file:{source}?mode=ro",))
+            cache.db.execute("INSERT OR IGNORE INTO responses SELECT key, body FROM "
+                             "other.responses")
+            cache.db.commit()
+            cache.db.execute("DETACH DATABASE other")
+        return cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    finally:
+        cache.db.close()
 
 
 def _retry_after(error) -> float | None:
@@ -206,7 +241,7 @@ class OpenAIBackend:
     name = "openai"
     whole_shards = True  # concurrency is bounded by a semaphore, not by our batches
 
-    def __init__(self, cfg, cache_path: Path):
+    def __init__(self, cfg, cache_path: Path, cache_seed: Path | None = None):
         t0 = time.time()
         import openai
 
@@ -224,7 +259,7 @@ class OpenAIBackend:
         self.loop = asyncio.new_event_loop()
         self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key or "none",
                                          max_retries=0, timeout=cfg.request_timeout)
-        self.cache = RequestCache(cache_path)
+        self.cache = RequestCache(cache_path, cache_seed)
         tokenizer = None
         if cfg.tokenizer:  # maps strings to ids, or checks the ids a server sends
             from pipeline.models import load_tokenizer, resolve_model

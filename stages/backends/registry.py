@@ -12,9 +12,10 @@ BACKENDS = ("hf", "vllm", "openai")
 
 
 def make_backend(cfg: GenerateConfig, cache_path: Path | None = None,
-                 vllm_cfg: VLLMConfig | None = None) -> Backend:
-    """The backend named in `cfg`. `cache_path`: the openai backend's SQLite request cache;
-    `vllm_cfg`: the vLLM engine's settings."""
+                 vllm_cfg: VLLMConfig | None = None, cache_seed: Path | None = None) -> Backend:
+    """The backend named in `cfg`. `cache_path`: the openai backend's SQLite request cache
+    (`cache_seed`: a read-only cache consulted after it); `vllm_cfg`: the vLLM engine's
+    settings."""
     if cfg.backend == "hf":
         from stages.backends.hf import HFBackend
 
@@ -28,5 +29,5 @@ def make_backend(cfg: GenerateConfig, cache_path: Path | None = None,
 
         if cache_path is None:
             raise ValueError("the openai backend needs a path for its request cache")
-        return OpenAIBackend(cfg, cache_path)
+        return OpenAIBackend(cfg, cache_path, cache_seed)
     raise ValueError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")

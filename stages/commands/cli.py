@@ -15,9 +15,11 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
+from pipeline.executors.array import ArrayRole
 from pipeline.run_folder import RunFolder, as_run_folder
 
 STAGES = ["generate", "filter", "train", "eval"]
+ARRAY_STAGES = ("generate", "filter")  # the stages a job array can split
 
 
 def _stage_main(name: str):
@@ -33,15 +35,19 @@ def _stage_main(name: str):
 
 
 def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
-               force: bool = False) -> None:
+               force: bool = False, role: ArrayRole | None = None) -> None:
     """Run the named stages in order on one run folder (its `config.yaml` is the last
-    configuration a stage ran with)."""
+    configuration a stage ran with); `role`: a job-array part of a generate or filter run."""
     run = as_run_folder(run)
-    run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if role is None or role.plan_only:  # array workers leave the run's config to the plan
+        run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for name in names:
         t0 = time.time()
         print(f"==> {name} ({run})", file=sys.stderr, flush=True)
-        _stage_main(name)(cfg, run, force=force)
+        if role is not None:
+            _stage_main(name)(cfg, run, force=force, role=role)
+        else:
+            _stage_main(name)(cfg, run, force=force)
         print(f"==> {name} finished in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -58,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where run folders live")
         p.add_argument("--force", action="store_true",
                        help="discard this stage's previous output and redo it")
+        if name in ARRAY_STAGES:
+            g = p.add_argument_group(
+                "job arrays", "split the stage over processes a scheduler starts (Slurm "
+                "--array, Kubernetes indexed jobs), with the same config and overrides in each")
+            g.add_argument("--num-workers", type=int, metavar="N",
+                           help="how many workers share the stage")
+            g.add_argument("--worker-index", type=int, metavar="I",
+                           help="this worker's index, 0..N-1: it does shards I, I+N, ...")
+            g.add_argument("--finalize", action="store_true",
+                           help="after every worker is done: check all shards, write the "
+                           "manifest")
+            g.add_argument("--plan-only", action="store_true",
+                           help="write the stage's plan and stop (with --force: after "
+                           "clearing its previous output); run once before an array")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="settings that override the config file")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
@@ -66,6 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every key of every section with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
+
+
+def array_role(args: argparse.Namespace) -> ArrayRole | None:
+    """The job-array part the options ask for, or None (the whole stage)."""
+    if args.command not in ARRAY_STAGES:
+        return None
+    n, i = args.num_workers, args.worker_index
+    modes = sum([n is not None or i is not None, args.finalize, args.plan_only])
+    if modes > 1:
+        raise ConfigError(["--num-workers/--worker-index, --finalize and --plan-only are "
+                           "separate steps of a job array; give one of them"])
+    if args.finalize:
+        return ArrayRole(finalize=True)
+    if args.plan_only:
+        return ArrayRole(plan_only=True)
+    if n is None and i is None:
+        return None
+    if n is None or i is None:
+        raise ConfigError(["--num-workers and --worker-index go together (worker I of N)"])
+    try:
+        return ArrayRole(n, i)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
 
 
 def reported(work) -> int:
@@ -99,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return
         names = STAGES if args.command == "all" else [args.command]
-        run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force)
+        run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,
+                   role=array_role(args))
 
     return reported(work)
 

@@ -1,0 +1,143 @@
+"""Scaling out: the Ray executor on a local cluster and job-array workers in separate processes,
+on a toy stage and on the real embedded teacher (marked slow: each Ray test starts a local
+cluster; CI runs them)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import RayConfig, load_config
+from pipeline.executors import executor_for, run_stage
+from pipeline.fingerprints import fingerprint
+from pipeline.run_folder import RunFolder
+from pipeline.stage import Shard, ShardOutput, Stage
+
+pytestmark = pytest.mark.slow
+
+RAY = RayConfig(local_cpus=2, max_retries=2)
+
+
+@pytest.fixture(autouse=True)
+def _by_value():
+    """Ray workers cannot import this test module: send its functions by value."""
+    pytest.importorskip("ray")
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def dying_doubler(params, shard, resources, progress):
+    """Doubles `x`; the process that first reaches shard `params['die_on']` kills itself (as
+    the OOM killer would), and every shard in `params['fail']` raises."""
+    if shard.name == params.get("die_on") and not os.path.exists(params["marker"]):
+        open(params["marker"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if shard.name in params.get("fail", ()):
+        raise ValueError(f"bad rows in {shard.name}")
+    table = shard.load()
+    progress(table.num_rows, tokens=3)
+    return ShardOutput({"out": pa.table({"x": [2 * v for v in table.column("x").to_pylist()],
+                                         "pid": [os.getpid()] * table.num_rows})},
+                       {"rows": table.num_rows})
+
+
+def toy_stage(params, n=6):
+    shards = [Shard(f"{i:05d}", f"sum{i}", 2, lambda i=i: pa.table({"x": [10 * i, 10 * i + 1]}))
+              for i in range(n)]
+    return Stage(name="toy", settings={"k": 1}, fingerprint=fingerprint({"k": 1}),
+                 shards=shards, work=dying_doubler, params=params, outputs=["out"],
+                 resources=lambda: None, rates=("tokens",))
+
+
+def test_ray_worker_killed_mid_run_loses_and_duplicates_no_row(tmp_path, capsys):
+    folder = RunFolder(tmp_path / "run").stage("toy")
+    params = {"die_on": "00002", "marker": str(tmp_path / "died")}
+    manifest = run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
+    assert os.path.exists(params["marker"])  # a worker did die
+    assert "shard 00002: its worker died" in capsys.readouterr().err
+    table = folder.read_tables([f["file"] for f in manifest["files"]])
+    assert table.column("x").to_pylist() == [v for i in range(6) for v in (20 * i, 20 * i + 2)]
+    assert manifest["counters"] == {"rows": 12} and manifest["shards_written"] == 6
+    assert len(set(table.column("pid").to_pylist())) >= 2  # the shards were spread out
+    assert set(table.column("pid").to_pylist()).isdisjoint({os.getpid()})
+
+
+def test_ray_shard_that_keeps_failing_stops_the_stage_and_keeps_the_rest(tmp_path):
+    folder = RunFolder(tmp_path / "run").stage("toy")
+    params = {"fail": ["00004"]}
+    with pytest.raises(RuntimeError, match=r"toy shard 00004 failed 3 times \(last: it failed: "
+                       r"ValueError: bad rows in 00004\).*run the command again"):
+        run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
+    assert folder.manifest() is None
+    assert "out-00004.parquet" not in folder.files() and len(folder.files(".parquet")) == 5
+    # fixed: the rerun (local this time) does only the failed shard
+    manifest = run_stage(toy_stage({}), folder)
+    assert manifest["shards_written"] == 1 and manifest["shards_reused"] == 5
+
+
+# ---------------------------------------------------------------- the real teacher
+
+TINY = ["generate.backend=hf", "generate.dtype=float32", "task.n_train=8",
+        "generate.rows_per_shard=2", "generate.n_samples=2", "generate.max_new_tokens=16",
+        "generate.batch_size=4"]
+COLUMNS = ["id", "sample", "completion", "finish_reason", "token_ids", "topk_ids",
+           "topk_logprobs", "token_logprobs"]
+
+
+def _traces(run_dir):
+    folder = RunFolder(run_dir).stage("generate")
+    manifest = folder.manifest()
+    return manifest, folder.read_tables([f["file"] for f in manifest["files"]], COLUMNS)
+
+
+def _same_rows(a: pa.Table, b: pa.Table) -> None:
+    for col in ("id", "sample", "completion", "finish_reason", "token_ids", "topk_ids"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    for col in ("topk_logprobs", "token_logprobs"):  # thread counts differ: float sums may too
+        x = np.concatenate([np.ravel(np.array(v, dtype=np.float64)) for v in
+                            a.column(col).to_pylist()])
+        y = np.concatenate([np.ravel(np.array(v, dtype=np.float64)) for v in
+                            b.column(col).to_pylist()])
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path):
+    import stages.generate as generate
+
+    generate.main(load_config("configs/demo.yaml", TINY), tmp_path / "local")
+    local_manifest, local = _traces(tmp_path / "local")
+
+    ray_cfg = load_config("configs/demo.yaml", TINY + [
+        "generate.executor=ray", "generate.workers=2", "ray.local_cpus=2"])
+    generate.main(ray_cfg, tmp_path / "ray")
+    ray_manifest, on_ray = _traces(tmp_path / "ray")
+    _same_rows(local, on_ray)
+    assert ray_manifest["fingerprint"] == local_manifest["fingerprint"]
+    assert ray_manifest["counters"] == local_manifest["counters"]
+
+    # two array workers at once, as a scheduler would start them, then --finalize
+    cmd = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",
+           "configs/demo.yaml", "--runs-dir", str(tmp_path), "--run", "array"]
+    workers = [subprocess.Popen(cmd + ["--num-workers", "2", "--worker-index", str(i)] + TINY,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [w.communicate(timeout=600)[1] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert [w.returncode for w in workers] == [0, 0], errs
+    assert "worker 1 of 2: 2 shard(s) written" in errs[1]
+    assert RunFolder(tmp_path / "array").stage("generate").manifest() is None
+    done = subprocess.run(cmd + ["--finalize"] + TINY, stderr=subprocess.PIPE, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    array_manifest, on_array = _traces(tmp_path / "array")
+    _same_rows(local, on_array)
+    assert array_manifest["counters"] == local_manifest["counters"]
