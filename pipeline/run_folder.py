@@ -53,8 +53,12 @@ class RunFolder:
         from fsspec.implementations.local import LocalFileSystem
 
         self.url = os.fspath(location)
+        # Object stores: no listing cache, as other processes (workers) write the same folder.
+        # A fresh client each time: its endpoint and credentials come from the environment.
+        options = {} if "://" not in self.url or self.url.startswith("file://") else {
+            "use_listings_cache": False, "skip_instance_cache": True}
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         except ImportError as e:  # e.g. s3:// without s3fs
             raise RunFolderError(f"cannot open the run folder {self.url}: {e} (for S3: pip "
                                  "install 'stepdistill[s3]')") from None
@@ -365,9 +369,58 @@ class StageFolder:
         """Publish a local file as `file` in the stage folder, whole (see `_write_bytes`)."""
         self.write_bytes(file, Path(src).read_bytes())
 
+    def working_dir(self, name: str) -> Path:
+        """A folder on this machine for files that libraries write to a local path
+        (checkpoints, `save_pretrained`): inside the stage folder on a local disk; for a run
+        folder on object storage, a scratch folder that `mirror_up` copies to the store."""
+        if self.run.is_local:
+            return self.local_path(name, name)
+        return self.scratch(name)
+
+    def mirror_up(self, local: Path, name: str) -> None:
+        """Make `name/` in the stage folder hold the files of the local folder `local`: new and
+        changed files uploaded, files no longer there removed (nothing to do on a local run
+        folder, where `local` is `name/` itself)."""
+        if self.run.is_local and Path(self.path(name)) == Path(local):
+            return
+        remote = {posixpath.relpath(f, f"{name}"): self.fs.size(self.path(f))
+                  for f in self.files_under(name)}
+        here = {p.relative_to(local).as_posix(): p for p in sorted(Path(local).rglob("*"))
+                if p.is_file()}
+        for rel, path in here.items():
+            if remote.get(rel) != path.stat().st_size:
+                self.upload(path, f"{name}/{rel}")
+        for rel in set(remote) - set(here):
+            self.remove(f"{name}/{rel}")
+
+    def mirror_down(self, name: str, local: Path) -> bool:
+        """Copy the files of `name/` into the local folder `local` (what is there already with
+        the same size is kept); False when the stage folder has no `name/`."""
+        found = self.files_under(name)
+        for f in found:
+            dest = Path(local) / posixpath.relpath(f, name)
+            if not (dest.is_file() and dest.stat().st_size == self.fs.size(self.path(f))):
+                self.download(f, dest)
+        return bool(found)
+
+    def local_copy(self, name: str) -> Path:
+        """A folder of the stage (an adapter) on this machine's disk: itself on a local run
+        folder, else a fresh copy in a scratch folder."""
+        if self.run.is_local:
+            return Path(self.path(name))
+        local = self.scratch(f"copy-of-{name}")
+        shutil.rmtree(local, ignore_errors=True)
+        if not self.mirror_down(name, local):
+            raise FileNotFoundError(f"{self.where(name)} does not exist")
+        return local
+
     def publish_dir(self, built: Path, name: str) -> None:
         """Move a folder built elsewhere on the local disk (`save_pretrained`'s output) into
         place as `name`, replacing what was there."""
+        if not self.run.is_local:
+            self.mirror_up(built, name)
+            shutil.rmtree(built, ignore_errors=True)
+            return
         target = self.local_path(name, f"the folder {name}/")
         shutil.rmtree(target, ignore_errors=True)
         built.rename(target)

@@ -14,6 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -58,7 +59,7 @@ class Job:
     system: str                  # teacher, base, predict, explain
     variant: str = ""            # the student's train.name ('' = train/)
     model: str = ""              # the teacher or the base student
-    adapter_dir: str = ""        # a distilled student's adapter
+    adapter_from: Any = None     # a distilled student's train folder (its adapter/)
     max_new_tokens: int = 16
     first_line: bool = False     # score only the first non-empty line (the predict: mode)
     spec: dict = field(default_factory=dict)   # what produced it: the shard's checksum
@@ -167,10 +168,11 @@ class Models:
         if job.system == "base":
             return HFBackend(job.model, e.dtype, loaded=(student.load(path, e.dtype).eval(),
                                                          load_tokenizer(path)))
-        model = load_distilled(path, job.adapter_dir, e.dtype, student)
+        adapter_dir = str(job.adapter_from.local_copy("adapter"))
+        model = load_distilled(path, adapter_dir, e.dtype, student)
         name = self.run.student(job.variant).name
         return HFBackend(f"{job.model}+{name}", e.dtype,
-                         loaded=(model, load_tokenizer(job.adapter_dir)))
+                         loaded=(model, load_tokenizer(adapter_dir)))
 
     def close(self) -> None:
         if self.backend is not None and hasattr(self.backend, "close"):
@@ -244,7 +246,7 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
             if system in e.systems:
                 budget = e.predict_max_new_tokens if system == "predict" else e.max_new_tokens
                 jobs.append(Job(system, variant, model=student,
-                                adapter_dir=str(folder.local_path("adapter", "a student")),
+                                adapter_from=folder,
                                 max_new_tokens=budget, first_line=system == "predict",
                                 spec={"adapter": manifest_digest(manifest), "student": student,
                                       "first_line": system == "predict",

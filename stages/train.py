@@ -78,7 +78,9 @@ def target_plan(cfg: Config, facts: dict, tokenizer) -> tuple[bool, float]:
     return True, t.kd_lam
 
 
-def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
+def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict | None:
+    """Train the student; under `torchrun` / `accelerate launch` every process trains and the
+    main one writes (the others return None)."""
     import torch
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -86,7 +88,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
 
     from pipeline.models import load_tokenizer, model_revision, resolve_model, \
         tokenizer_fingerprint
-    from trainer.dss import DSSTrainer, JsonlLogCallback
+    from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave
     from trainer.examples import DSSCollator, build_examples
     from trainer.lora import lora_student
     from trainer.losses import terms_from_settings
@@ -104,13 +106,12 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
     student = student_for(student_path)
     settings = train_settings(cfg, upstream, student)
     fp = fingerprint(settings)
-    manifest = folder.begin(fp, settings, force)
-    if manifest is not None and folder.intact(manifest):
+    # Read-only here: every process of a multi-process run must come to the same answer.
+    manifest = folder.manifest()
+    if (not force and manifest is not None and manifest.get("fingerprint") == fp
+            and folder.intact(manifest)):
         log(folder.name, f"up to date (fingerprint {fp}): nothing to do")
         return manifest
-    if manifest is not None:
-        folder.drop_manifest()
-        log(folder.name, "the adapter is missing or damaged: training again")
 
     # ---- the examples
     tokenizer = load_tokenizer(student_path, padding_side="right")
@@ -145,7 +146,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log(folder.name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
-    ckpt_dir = folder.local_path("checkpoints", "training checkpoints")
+    ckpt_dir = folder.working_dir("checkpoints")
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
@@ -155,11 +156,25 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
         data_seed=t.seed, report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         logging_first_step=True, disable_tqdm=False)
+    # The main process alone prepares the folder (dropping other settings' output); the others
+    # wait for it, then each machine's first process fetches the checkpoints of a run folder
+    # on object storage, so that every process resumes from the same one.
+    with args.main_process_first(local=False, desc="prepare the train folder"):
+        if args.process_index == 0:
+            if folder.begin(fp, settings, force) is not None:
+                folder.drop_manifest()
+                log(folder.name, "the adapter is missing or damaged: training again")
+    with args.main_process_first(local=True, desc="fetch checkpoints"):
+        if not run.is_local and args.local_process_index == 0:
+            folder.mirror_down("checkpoints", ckpt_dir)
     training_log = JsonlLogCallback(lambda records: folder.write_jsonl("log.jsonl", records),
                                     folder.read_jsonl("log.jsonl"))
+    callbacks = [training_log]
+    if not run.is_local:
+        callbacks.append(OnSave(lambda: folder.mirror_up(ckpt_dir, "checkpoints")))
     trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          data_collator=DSSCollator(student, tokenizer.pad_token_id),
-                         terms=terms, student=student, callbacks=[training_log])
+                         terms=terms, student=student, callbacks=callbacks)
 
     # ---- train (resuming from the last checkpoint), then publish the adapter and commit
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -167,9 +182,11 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
         log(folder.name, f"resuming from {last}")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
-    built = folder.local_path("adapter.tmp", "the adapter")
+    if args.process_index != 0:  # the main process writes the adapter and the manifest
+        return None
+    built = folder.working_dir("adapter.tmp")
     shutil.rmtree(built, ignore_errors=True)
-    trainer.model.save_pretrained(built)
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
     tokenizer.save_pretrained(built)
     folder.publish_dir(built, "adapter")
     manifest = {

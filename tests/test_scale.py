@@ -141,3 +141,67 @@ def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path
     array_manifest, on_array = _traces(tmp_path / "array")
     _same_rows(local, on_array)
     assert array_manifest["counters"] == local_manifest["counters"]
+
+
+# ---------------------------------------------------------------- multi-process training
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "run-before-house")
+TRAIN = ["--config", "configs/demo.yaml", "task.n_train=8", "generate.rows_per_shard=4",
+         "generate.n_samples=2", "generate.top_k=3", "generate.backend=hf", "filter.min_steps=0",
+         "train.dtype=float32", "train.max_steps=3", "train.batch_size=2", "train.save_steps=2"]
+
+
+def _distill() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "distill")
+
+
+def _train_in_two_processes(launcher, runs_dir, env=None):
+    cmd = launcher + [_distill(), "--" if "torch.distributed.run" in launcher else "train"]
+    if cmd[-1] == "--":
+        cmd.append("train")
+    cmd += ["--runs-dir", str(runs_dir), "--run", "r"] + TRAIN
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embedded_path):
+    import json
+    import shutil
+
+    shutil.copytree(FIXTURE, tmp_path / "r")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+    done = _train_in_two_processes(torchrun, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = RunFolder(tmp_path / "r").student()
+    manifest = folder.manifest()
+    assert manifest["counters"]["steps"] == 3
+    assert done.stderr.count("[train] done: 3 steps") == 1  # one process speaks and writes
+    ckpt = tmp_path / "r" / "train" / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    assert (tmp_path / "r" / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "r" / "train").glob("adapter.tmp*"))
+
+    # killed after checkpoint 2: both processes resume from it and do step 3 only
+    folder.drop_manifest()
+    shutil.rmtree(tmp_path / "r" / "train" / "adapter")
+    shutil.rmtree(tmp_path / "r" / "train" / "checkpoints" / "checkpoint-3")
+    resumed = _train_in_two_processes(torchrun, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    again = folder.manifest()
+    assert again["fingerprint"] == manifest["fingerprint"] and again["counters"]["steps"] == 3
+    steps = [r["step"] for r in folder.read_jsonl("log.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice
+    assert json.loads((tmp_path / "r" / "train" / "manifest.json").read_text())["files"]
+
+    # accelerate launch with the shipped DDP config trains the same student
+    shutil.copytree(FIXTURE, tmp_path / "acc" / "r")
+    accelerate = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+                  "--config_file", "configs/accelerate/ddp.yaml"]
+    launched = _train_in_two_processes(accelerate, tmp_path / "acc", {"ACCELERATE_USE_CPU": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    other = RunFolder(tmp_path / "acc" / "r").student().manifest()
+    assert other["counters"]["train_loss"] == manifest["counters"]["train_loss"]
+    assert (tmp_path / "acc" / "r" / "train" / "checkpoints" / "checkpoint-2" /
+            "rng_state_1.pth").is_file()

@@ -297,3 +297,14 @@ def test_explain_targets_follow_the_tokenizer(embedded_path):
     # the same checks hold for settings built in code
     with pytest.raises(ConfigError, match="explain_targets=text cannot carry KD"):
         TrainConfig(explain_targets="text", kd_lam=0.5)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_shipped_accelerate_configs_are_read_by_accelerate(name):
+    """The configs/accelerate examples parse (accelerate refuses unknown keys); ddp.yaml is also
+    launched for real in tests/test_scale.py."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(f"configs/accelerate/{name}.yaml")
+    assert config.num_processes == 2 and config.distributed_type.name == {
+        "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}[name]

@@ -72,3 +72,15 @@ class JsonlLogCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             self.records.append({"step": state.global_step, **logs})
             self.write(self.records)
+
+
+class OnSave(TrainerCallback):
+    """Calls `then()` in the main process after every checkpoint is saved (to mirror the
+    checkpoints to a run folder on object storage)."""
+
+    def __init__(self, then: Callable[[], None]):
+        self.then = then
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.then()

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
 from pipeline.executors.array import ArrayRole
+from pipeline.log import is_main_process
 from pipeline.run_folder import RunFolder, as_run_folder
 
 STAGES = ["generate", "filter", "train", "eval"]
@@ -35,20 +36,68 @@ def _stage_main(name: str):
 
 
 def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
-               force: bool = False, role: ArrayRole | None = None) -> None:
+               force: bool = False, role: ArrayRole | None = None,
+               separate_processes: bool = False) -> None:
     """Run the named stages in order on one run folder (its `config.yaml` is the last
-    configuration a stage ran with); `role`: a job-array part of a generate or filter run."""
+    configuration a stage ran with); `role`: a job-array part of a generate or filter run.
+    `separate_processes`: each stage in a fresh process (what `distill all` does), so the
+    teacher engine's memory is given back before the student trains."""
     run = as_run_folder(run)
-    if role is None or role.plan_only:  # array workers leave the run's config to the plan
+    if len(names) > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("under torchrun / accelerate launch run one stage (`distill train`), "
+                         "not several: generate, filter and eval run once, in one process")
+    # array workers leave the run's config to the plan; other ranks to the main process
+    if (role is None or role.plan_only) and is_main_process():
         run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for name in names:
         t0 = time.time()
-        print(f"==> {name} ({run})", file=sys.stderr, flush=True)
+        say(f"==> {name} ({run})")
         if role is not None:
             _stage_main(name)(cfg, run, force=force, role=role)
+        elif len(names) > 1 and separate_processes:
+            _in_child(name, cfg, run, force)
         else:
             _stage_main(name)(cfg, run, force=force)
-        print(f"==> {name} finished in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+        say(f"==> {name} finished in {time.time() - t0:.1f}s")
+
+
+class StageFailed(Exception):
+    """A stage run in a child process failed; the child has said why."""
+
+    def __init__(self, code: int):
+        super().__init__(f"exit code {code}")
+        self.code = code
+
+
+def _child(name: str, cfg: Config, url: str, force: bool) -> None:
+    import resource
+
+    code = reported(lambda: _stage_main(name)(cfg, RunFolder(url), force=force))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    say(f"==> {name}: peak resident memory {peak:,.0f} MiB")
+    sys.exit(code)
+
+
+def _in_child(name: str, cfg: Config, run: RunFolder, force: bool) -> None:
+    """Run one stage in a fresh process (spawned: no engine, thread pool or CUDA context is
+    inherited) and wait for it; its memory is the operating system's again when it ends."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(name, cfg, run.url, force), name=f"distill-{name}")
+    child.start()
+    try:
+        child.join()
+    except KeyboardInterrupt:
+        child.join()
+        raise
+    if child.exitcode != 0:
+        raise StageFailed(130 if child.exitcode in (-2, 130) else child.exitcode or 1)
+
+
+def say(line: str) -> None:
+    if is_main_process():
+        print(line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +175,8 @@ def reported(work) -> int:
         print("\ninterrupted: finished work is kept; run the same command again to resume",
               file=sys.stderr)
         return 130
+    except StageFailed as e:  # the stage's own process has printed the error
+        return e.code
     return 0
 
 
@@ -143,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         names = STAGES if args.command == "all" else [args.command]
         run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,
-                   role=array_role(args))
+                   role=array_role(args), separate_processes=args.command == "all")
 
     return reported(work)
 
