@@ -103,7 +103,8 @@ def eval_shard(params: EvalParams, shard: Shard, models: "Models",
     prompts = prompts_for(job, [r["question"] for r in rows], params.template)
     stop = params.stop if job.system == "teacher" else []
     t0 = time.time()
-    outcomes = generate_in_batches(models.get(job), prompts, greedy(job.max_new_tokens, stop),
+    backend = models.get(job)
+    outcomes = generate_in_batches(backend, prompts, greedy(job.max_new_tokens, stop),
                                    params.batch_size, on_batch=lambda outs: progress(len(outs)))
     checker, records = params.checker, []
     for prompt, row, out in zip(prompts, rows, outcomes):
@@ -126,7 +127,7 @@ def eval_shard(params: EvalParams, shard: Shard, models: "Models",
                 "tokens": sum(r["n_tokens"] for r in records),
                 "seconds": round(time.time() - t0, 1)}
     return ShardOutput({"predictions": pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA)},
-                       counters)
+                       counters, {f"backend:{job.key}": getattr(backend, "name", "")})
 
 
 class Models:
@@ -154,14 +155,15 @@ class Models:
         g, e = self.cfg.generate, self.cfg.eval
         if job.system == "teacher":
             log("eval", f"teacher {g.model}: few-shot chain of thought")
-            if g.backend == "openai":  # the teacher is only reachable through its API
-                from stages.backends.registry import make_backend
+            from stages.backends.registry import make_backend
 
+            if g.backend == "openai":  # the teacher is only reachable through its API
                 folder = self.run.stage("eval")
                 return make_backend(g, folder.local_path(
                     "requests.sqlite", "the openai backend's request cache")
                     if self.run.is_local else folder.scratch("requests.sqlite"))
-            # vllm's teacher is local too: its weights run here through transformers
+            if g.backend == "vllm":  # the engine that generated the traces scores it too
+                return make_backend(g, None, self.cfg.vllm)
             return HFBackend(g.model, e.dtype, g.chat_template)
         path = resolve_model(job.model)
         student = student_for(path)
@@ -233,6 +235,10 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
                 "stop": g.stop, "max_new_tokens": e.max_new_tokens}
         if g.backend == "openai":  # scored through its API
             spec.update(base_url=g.base_url, endpoint=g.endpoint)
+        elif g.backend == "vllm":  # scored by the engine that generated
+            spec.update(backend="vllm", vllm={k: v for k, v in cfg.section("vllm").items()
+                                              if k in ("dtype", "max_model_len", "seed")},
+                        engine_dtype=g.dtype)
         jobs.append(Job("teacher", model=g.model, max_new_tokens=e.max_new_tokens, spec=spec))
     if "base" in e.systems:
         jobs.append(Job("base", model=t.student, max_new_tokens=e.predict_max_new_tokens,

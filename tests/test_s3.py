@@ -110,8 +110,8 @@ def test_all_stages_on_s3_then_up_to_date(s3, embedded_path):
 
     args = [sys.executable, "-m", "stages.commands.cli", "all", "--config", "configs/demo.yaml",
             "--run", "demo", "--runs-dir", s3, "generate.backend=hf", "generate.dtype=float32",
-            "task.n_train=8", "task.n_test=4", "generate.rows_per_shard=4",
-            "generate.max_new_tokens=24", "filter.min_steps=0", "train.dtype=float32",
+            "task.n_train=16", "task.n_test=4", "generate.rows_per_shard=8",
+            "generate.max_new_tokens=40", "filter.min_steps=0", "train.dtype=float32",
             "train.max_steps=2", "train.batch_size=4", "train.save_steps=1", "eval.n=4",
             "eval.dtype=float32", "eval.max_new_tokens=16"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=900)

@@ -96,6 +96,12 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     run_stages(["filter", "train"], cfg, tmp_path / "v")
     assert (tmp_path / "v" / "train" / "adapter" / "adapter_config.json").is_file()
 
+    # eval scores the teacher with the engine that generated (the students with transformers)
+    distill(tmp_path, "v", "generate.backend=vllm", "eval.n=8", "eval.max_new_tokens=32",
+            "eval.systems=[teacher,predict]", stage="eval")
+    facts = RunFolder(tmp_path / "v").stage("eval").manifest()["facts"]
+    assert facts["backend:teacher"] == "vllm" and facts["backend:predict"] == "hf"
+
 
 @pytest.fixture(scope="module")
 def vllm_server(embedded_path):

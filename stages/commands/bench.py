@@ -1,6 +1,6 @@
 """`make bench`: throughput of each stage on this machine, printed as a table.
 
-    python -m stages.commands.bench [--rows 64] [--gen-rows 128] [--skip-backends] [--only train]
+    python -m stages.commands.bench [--rows 64] [--gen-rows 128] [--skip-backends] [--only scale]
 
 - generate backends: the demo's generate stage on the same prompts through the hf backend,
   the vLLM engine and the openai backend against a local vLLM server (each in its own
@@ -10,6 +10,8 @@
 - generate: the hf backend on demo prompts, with and without top-k capture (its overhead);
 - filter: traces/s over GSM8K's human train solutions (../shared/datasets/gsm8k, when
   present) treated as teacher traces, else over synthetic demo traces;
+- scale: the generate stage on the hf backend with 2 Ray workers vs 1 local worker, one
+  thread each, same rows (checked): the whole stage's wall time, Ray's start-up included;
 - train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
   traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
   stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
@@ -132,6 +134,50 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
                     + (f" (+{r['server_startup_s']:.0f}s server)" if "server_startup_s" in r
                        else "")))
     return out + notes
+
+
+def scale_once(executor: str, rows: int) -> dict:
+    """The generate stage on the hf backend (float32) with the local executor or 2 Ray workers,
+    each worker on one thread; wall time of the whole stage (Ray's start-up and every worker's
+    model load included) and a digest of the rows it wrote."""
+    import hashlib
+    import tempfile
+
+    from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages import generate
+
+    over = [f"task.n_train={rows}", "generate.backend=hf", "generate.dtype=float32",
+            "generate.rows_per_shard=4", "generate.batch_size=8"]
+    if executor == "ray":
+        over += ["generate.executor=ray", "generate.workers=2", "ray.num_cpus_per_worker=1",
+                 "ray.local_cpus=2"]
+    cfg = load_config("configs/demo.yaml", over)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        manifest = generate.main(cfg, RunFolder(tmp), force=True)
+        wall = time.perf_counter() - t
+        folder = RunFolder(tmp).stage("generate")
+        table = folder.read_tables([f["file"] for f in manifest["files"]],
+                                   ["id", "sample", "token_ids", "topk_ids"])
+    digest = hashlib.sha256(json.dumps(table.to_pylist()).encode()).hexdigest()[:16]
+    return {"executor": executor, "wall_s": wall, "rows": manifest["counters"]["rows"],
+            "tokens": manifest["counters"]["tokens"], "digest": digest}
+
+
+def bench_scale(rows: int) -> list[tuple[str, str]]:
+    """2 Ray workers vs 1 local worker, same rows, one thread per worker (each in a process of
+    its own: OMP_NUM_THREADS=1 for the local one, Ray gives an actor as many threads as CPUs)."""
+    local = _in_child(["--one-scale", "local", "--gen-rows", str(rows)], "local generate",
+                      {"OMP_NUM_THREADS": "1"})
+    ray = _in_child(["--one-scale", "ray", "--gen-rows", str(rows)], "Ray generate")
+    same = "same rows and token ids" if local["digest"] == ray["digest"] else "ROWS DIFFER"
+    name = f"generate hf float32, {local['rows']} rows x 2, 1 thread per worker"
+    return [(name + ": 1 local worker", f"{local['tokens'] / local['wall_s']:.1f} tokens/s, "
+             f"{local['wall_s']:.0f}s"),
+            (name + ": 2 Ray workers", f"{ray['tokens'] / ray['wall_s']:.1f} tokens/s, "
+             f"{ray['wall_s']:.0f}s, {local['wall_s'] / ray['wall_s']:.2f}x the local worker "
+             f"(Ray start-up included); {same}")]
 
 
 def bench_filter() -> list[tuple[str, str]]:
@@ -319,12 +365,12 @@ def train_once(variant: str, steps: int) -> dict:
     return out
 
 
-def _in_child(args: list[str], what: str) -> dict:
+def _in_child(args: list[str], what: str, env: dict | None = None) -> dict:
     import subprocess
     import sys
 
     done = subprocess.run([sys.executable, "-m", "stages.commands.bench", *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"the {what} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -370,9 +416,12 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)        # internal: one backend run
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--one-train", help=argparse.SUPPRESS)  # internal: one training run
+    parser.add_argument("--one-scale", help=argparse.SUPPRESS)  # internal: one executor run
+    parser.add_argument("--scale-rows", type=int, default=48,
+                        help="task rows for the Ray vs local comparison (2 samples each)")
     parser.add_argument("--train-steps", type=int, default=8,
                         help="timed optimizer steps per training variant (after one warm-up)")
-    parser.add_argument("--only", choices=["filter", "generate", "backends", "train"],
+    parser.add_argument("--only", choices=["filter", "generate", "backends", "scale", "train"],
                         help="run one part of the benchmark")
     args = parser.parse_args()
     if args.one_train:
@@ -380,6 +429,9 @@ def main() -> None:
         return
     if args.one:
         print(json.dumps(generate_once(args.one, args.gen_rows, args.base_url)))
+        return
+    if args.one_scale:
+        print(json.dumps(scale_once(args.one_scale, args.gen_rows)))
         return
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}")]
@@ -390,6 +442,8 @@ def main() -> None:
         rows += bench_generate(args.rows)
     if part == "backends" or (part is None and not args.skip_backends):
         rows += bench_backends(args.gen_rows)
+    if part in (None, "scale"):
+        rows += bench_scale(args.scale_rows)
     if part in (None, "train"):
         rows += bench_train(args.train_steps)
     width = max(len(r[0]) for r in rows)
