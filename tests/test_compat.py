@@ -48,3 +48,24 @@ def test_a_student_trained_before_keeps_its_fingerprint():
     for extra, recorded in (([], "0cf3676e72053af2"), (["train.kd_lam=0.5"], "a792cafa399bb6e2")):
         cfg = load_config("configs/demo.yaml", OVERRIDES + extra)
         assert fingerprint(train_settings(cfg, upstream, CausalLMStudent())) == recorded
+
+
+def test_filter_as_a_job_array_equals_the_local_filter(tmp_path):
+    """The filter stage takes the same job-array flags as generate: two workers and a finalize
+    on the recorded traces write the files a local run writes, and the funnel."""
+    from pipeline.executors.array import ArrayRole
+
+    cfg = load_config("configs/demo.yaml", OVERRIDES[:-1] + ["filter.min_steps=1"])
+    for name in ("local", "array"):
+        shutil.copytree(FIXTURE, tmp_path / name)
+    local = filter_stage.main(cfg, RunFolder(tmp_path / "local"))
+    run = RunFolder(tmp_path / "array")
+    # the recorded filter ran with other settings: an array starts over with a new plan
+    assert filter_stage.main(cfg, run, force=True, role=ArrayRole(plan_only=True)) is None
+    for i in range(2):
+        assert filter_stage.main(cfg, run, role=ArrayRole(2, i)) is None
+    assert run.stage("filter").manifest() is None
+    done = filter_stage.main(cfg, run, role=ArrayRole(finalize=True))
+    assert [f["sha256"] for f in done["files"]] == [f["sha256"] for f in local["files"]]
+    assert done["counters"] == local["counters"]
+    assert run.stage("filter").read_json("funnel.json")["counters"] == local["counters"]

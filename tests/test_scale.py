@@ -205,3 +205,19 @@ def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embe
     assert other["counters"]["train_loss"] == manifest["counters"]["train_loss"]
     assert (tmp_path / "acc" / "r" / "train" / "checkpoints" / "checkpoint-2" /
             "rng_state_1.pth").is_file()
+
+
+def test_filter_on_ray_writes_the_files_of_a_local_filter(tmp_path):
+    import shutil
+
+    import stages.filter as filter_stage
+
+    over = ["task.n_train=8", "generate.rows_per_shard=4", "generate.n_samples=2",
+            "generate.top_k=3", "generate.backend=hf", "filter.min_steps=1"]
+    for name in ("local", "ray"):
+        shutil.copytree(FIXTURE, tmp_path / name)
+    local = filter_stage.main(load_config("configs/demo.yaml", over), tmp_path / "local")
+    on_ray = filter_stage.main(load_config("configs/demo.yaml", over + [
+        "filter.executor=ray", "filter.workers=2", "ray.local_cpus=2"]), tmp_path / "ray")
+    assert [f["sha256"] for f in on_ray["files"]] == [f["sha256"] for f in local["files"]]
+    assert on_ray["counters"] == local["counters"] and on_ray["shards_written"] == 2

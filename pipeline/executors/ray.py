@@ -150,11 +150,12 @@ class RayExecutor:
                 idle.append(actor)
                 progress(shard.rows, **counts)
         finally:
-            for actor in idle + [a for _, a in pending.values()]:
+            for actor in idle:  # let idle workers release their engines cleanly
                 try:
                     ray.get(actor.close.remote(), timeout=60)
                 except Exception:  # a dead or stuck actor: killing it below is enough
                     pass
+            for actor in idle + [a for _, a in pending.values()]:  # busy ones: stopped at once
                 ray.kill(actor, no_restart=True)
             if started_cluster:
                 ray.shutdown()

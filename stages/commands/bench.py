@@ -10,8 +10,9 @@
 - generate: the hf backend on demo prompts, with and without top-k capture (its overhead);
 - filter: traces/s over GSM8K's human train solutions (../shared/datasets/gsm8k, when
   present) treated as teacher traces, else over synthetic demo traces;
-- scale: the generate stage on the hf backend with 2 Ray workers vs 1 local worker, one
-  thread each, same rows (checked): the whole stage's wall time, Ray's start-up included;
+- scale: the generate stage on the hf backend with 2 Ray workers, and with 2 job-array
+  processes, vs 1 local worker, one thread each, same rows (checked): the whole stage's wall
+  time, start-up included;
 - train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
   traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
   stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
@@ -137,9 +138,10 @@ def bench_backends(rows: int) -> list[tuple[str, str]]:
 
 
 def scale_once(executor: str, rows: int) -> dict:
-    """The generate stage on the hf backend (float32) with the local executor or 2 Ray workers,
-    each worker on one thread; wall time of the whole stage (Ray's start-up and every worker's
-    model load included) and a digest of the rows it wrote."""
+    """The generate stage on the hf backend (float32) with the local executor, 2 Ray workers
+    or 2 job-array processes, each worker on one thread: wall time of the whole stage (every
+    worker's model load included; the local Ray cluster's start-up timed apart) and a digest
+    of the rows it wrote."""
     import hashlib
     import tempfile
 
@@ -153,31 +155,66 @@ def scale_once(executor: str, rows: int) -> dict:
         over += ["generate.executor=ray", "generate.workers=2", "ray.num_cpus_per_worker=1",
                  "ray.local_cpus=2"]
     cfg = load_config("configs/demo.yaml", over)
+    cluster_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        manifest = generate.main(cfg, RunFolder(tmp), force=True)
+        if executor == "array":  # two worker processes at once, then --finalize
+            import subprocess
+            import sys
+
+            cmd = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",
+                   "configs/demo.yaml", "--runs-dir", tmp, "--run", "r", *over]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            workers = [subprocess.Popen(cmd + ["--num-workers", "2", "--worker-index", str(i)],
+                                        env=env, stderr=subprocess.DEVNULL) for i in range(2)]
+            if [w.wait() for w in workers] != [0, 0]:
+                raise RuntimeError("a job-array worker failed")
+            subprocess.run(cmd + ["--finalize"], check=True, stderr=subprocess.DEVNULL)
+            run = RunFolder(f"{tmp}/r")
+            manifest = run.stage("generate").manifest()
+        else:
+            if executor == "ray":  # the cluster first, timed on its own; the stage joins it
+                import ray
+
+                ray.init(num_cpus=2, include_dashboard=False)
+                cluster_s = time.perf_counter() - t
+                t = time.perf_counter()
+            run = RunFolder(tmp)
+            manifest = generate.main(cfg, run, force=True)
+            if executor == "ray":
+                ray.shutdown()
         wall = time.perf_counter() - t
-        folder = RunFolder(tmp).stage("generate")
+        folder = run.stage("generate")
         table = folder.read_tables([f["file"] for f in manifest["files"]],
                                    ["id", "sample", "token_ids", "topk_ids"])
     digest = hashlib.sha256(json.dumps(table.to_pylist()).encode()).hexdigest()[:16]
-    return {"executor": executor, "wall_s": wall, "rows": manifest["counters"]["rows"],
+    return {"executor": executor, "wall_s": wall, "cluster_s": cluster_s,
+            "rows": manifest["counters"]["rows"],
             "tokens": manifest["counters"]["tokens"], "digest": digest}
 
 
 def bench_scale(rows: int) -> list[tuple[str, str]]:
     """2 Ray workers vs 1 local worker, same rows, one thread per worker (each in a process of
-    its own: OMP_NUM_THREADS=1 for the local one, Ray gives an actor as many threads as CPUs)."""
+    its own: OMP_NUM_THREADS=1 for the local one, Ray gives an actor as many threads as CPUs);
+    and two job-array processes, the same parallelism without Ray."""
     local = _in_child(["--one-scale", "local", "--gen-rows", str(rows)], "local generate",
                       {"OMP_NUM_THREADS": "1"})
-    ray = _in_child(["--one-scale", "ray", "--gen-rows", str(rows)], "Ray generate")
-    same = "same rows and token ids" if local["digest"] == ray["digest"] else "ROWS DIFFER"
     name = f"generate hf float32, {local['rows']} rows x 2, 1 thread per worker"
-    return [(name + ": 1 local worker", f"{local['tokens'] / local['wall_s']:.1f} tokens/s, "
-             f"{local['wall_s']:.0f}s"),
-            (name + ": 2 Ray workers", f"{ray['tokens'] / ray['wall_s']:.1f} tokens/s, "
-             f"{ray['wall_s']:.0f}s, {local['wall_s'] / ray['wall_s']:.2f}x the local worker "
-             f"(Ray start-up included); {same}")]
+    out = [(name + ": 1 local worker", f"{local['tokens'] / local['wall_s']:.1f} tokens/s, "
+            f"{local['wall_s']:.0f}s")]
+    for executor, label in (("ray", "2 Ray workers"),
+                            ("array", "2 job-array processes + --finalize")):
+        r = _in_child(["--one-scale", executor, "--gen-rows", str(rows)], f"{executor} generate")
+        same = "same rows and token ids" if r["digest"] == local["digest"] else "ROWS DIFFER"
+        started = ""
+        if r["cluster_s"]:
+            with_start = r["wall_s"] + r["cluster_s"]
+            started = (f" (+{r['cluster_s']:.0f}s to start the local Ray cluster: "
+                       f"{local['wall_s'] / with_start:.2f}x with it)")
+        out.append((name + ": " + label, f"{r['tokens'] / r['wall_s']:.1f} tokens/s, "
+                    f"{r['wall_s']:.0f}s, {local['wall_s'] / r['wall_s']:.2f}x the local "
+                    f"worker{started}; {same}"))
+    return out
 
 
 def bench_filter() -> list[tuple[str, str]]:
