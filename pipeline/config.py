@@ -229,7 +229,8 @@ class RayConfig(Section):
                                      "transformers teacher on a GPU node; fractions share one).",
                                      ge=0.0)
     max_retries: int = opt(3, "Times a shard is tried again after its worker failed or died "
-                           "(a dead worker is replaced) before the stage stops.", ge=0, le=100)
+                           "(a dead worker is replaced); then it is given up, the other shards "
+                           "are still made, and the stage ends with its error.", ge=0, le=100)
     local_cpus: int | None = opt(None, "CPUs of the local cluster started when `address` is "
                                  "empty; null = this machine's.", ge=1)
 

@@ -71,8 +71,9 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_no_row(tmp_path, capsys)
 def test_ray_shard_that_keeps_failing_stops_the_stage_and_keeps_the_rest(tmp_path):
     folder = RunFolder(tmp_path / "run").stage("toy")
     params = {"fail": ["00004"]}
-    with pytest.raises(RuntimeError, match=r"toy shard 00004 failed 3 times \(last: it failed: "
-                       r"ValueError: bad rows in 00004\).*run the command again"):
+    with pytest.raises(RuntimeError, match=r"toy: 1 shard\(s\) could not be made: 00004 failed 3 "
+                       r"times \(last: it failed: ValueError: bad rows in 00004\)\. The 5 other "
+                       r"shards are written and kept"):
         run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
     assert folder.manifest() is None
     assert "out-00004.parquet" not in folder.files() and len(folder.files(".parquet")) == 5

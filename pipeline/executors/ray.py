@@ -5,9 +5,10 @@ at its first shard, and then takes shards one at a time from the driver's queue,
 shard's outputs straight into the run folder (a shared disk or object storage that every node
 reaches). The driver keeps one progress bar over all shards, and commits the manifest when
 every shard is done. A shard whose worker failed is tried again on another worker; a worker
-that died (killed, out of memory, its node lost) is replaced first. After `ray.max_retries`
-failed tries of one shard the stage stops with the last error; the shards already written are
-kept, so running the command again resumes.
+that died (killed, out of memory, its node lost) is replaced first. A shard that still fails
+after `ray.max_retries` more tries is given up, the other shards are still made, and then the
+stage stops naming it and its last error; the shards written are kept, so running the command
+again makes only what is missing.
 
 `ray.address` empty starts a local cluster for the command and stops it after; `auto` or an
 address joins a running cluster (our package must be installed on its nodes).
@@ -126,6 +127,7 @@ class RayExecutor:
         idle = [Actor.remote(bare, folder) for _ in range(n)]
         pending: dict = {}
         tries: Counter = Counter()
+        failed: dict[str, str] = {}
         progress()
         progress.start_clock()
         try:
@@ -138,17 +140,23 @@ class RayExecutor:
                 try:
                     counters, facts, entries, counts = ray.get(ready[0])
                 except ray.exceptions.RayActorError as e:
-                    self._retry(stage, shard, tries, todo, "its worker died", e)
+                    self._retry(stage, shard, tries, todo, failed, "its worker died", e)
                     ray.kill(actor, no_restart=True)
                     idle.append(Actor.remote(bare, folder))
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    self._retry(stage, shard, tries, todo, "it failed", e)
+                    self._retry(stage, shard, tries, todo, failed, "it failed", e)
                     idle.append(actor)
                     continue
                 done[shard.name] = ShardDone(shard, counters, facts, entries, reused=False)
                 idle.append(actor)
                 progress(shard.rows, **counts)
+            if failed:
+                said = "; ".join(f"{name} {why}" for name, why in sorted(failed.items()))
+                raise RuntimeError(
+                    f"{stage.name}: {len(failed)} shard(s) could not be made: {said}. The "
+                    f"{len(done)} other shards are written and kept; fix the cause and run the "
+                    "command again to make only these, or raise ray.max_retries")
         finally:
             for actor in idle:  # let idle workers release their engines cleanly
                 try:
@@ -160,15 +168,16 @@ class RayExecutor:
             if started_cluster:
                 ray.shutdown()
 
-    def _retry(self, stage: Stage, shard: Shard, tries: Counter, todo: deque, what: str,
-               error: Exception) -> None:
+    def _retry(self, stage: Stage, shard: Shard, tries: Counter, todo: deque,
+               failed: dict, what: str, error: Exception) -> None:
+        """Queue a failed shard again, or give up on it (the other shards go on)."""
         tries[shard.name] += 1
         cause = _first_sentence(error)
         if tries[shard.name] > self.max_retries:
-            raise RuntimeError(
-                f"{stage.name} shard {shard.name} failed {tries[shard.name]} times (last: {what}: "
-                f"{cause}); the shards already written are kept, so run the command again to "
-                "resume, or raise ray.max_retries") from error
+            failed[shard.name] = f"failed {tries[shard.name]} times (last: {what}: {cause})"
+            log(stage.name, f"shard {shard.name} {failed[shard.name]}: giving up on it; the "
+                "other shards go on")
+            return
         log(stage.name, f"shard {shard.name}: {what} ({cause}); trying it again on another "
             f"worker ({tries[shard.name]} of {self.max_retries})")
         todo.append(shard)
