@@ -140,10 +140,37 @@ class Models:
         self.backend: Backend | None = None
 
     def get(self, job: Job) -> Backend:
+        if self.cfg.generate.backend == "vllm" and job.system != "teacher":
+            return self._vllm_student(job)
         key = job.variant if job.system in ("predict", "explain") else job.system
         if key != self.key or job.system not in ("predict", "explain"):
             self.close()
             self.backend, self.key = self._load(job), key
+        return self.backend
+
+    def _vllm_student(self, job: Job) -> Backend:
+        """Students of a vLLM run are scored by the vLLM engine too: one engine for the
+        student model, serving the base model and each distilled student's LoRA adapter."""
+        key = f"vllm:{job.model}"
+        if key != self.key:
+            import dataclasses
+
+            from stages.backends.registry import make_vllm_student
+
+            self.close()
+            ranks = [(self.run.student(n).manifest() or {}).get("settings", {}).get(
+                "train", {}).get("lora_r", 0) for n in self.run.students()]
+            g = dataclasses.replace(self.cfg.generate, model=job.model, chat_template=False,
+                                    dtype=self.cfg.eval.dtype)
+            log("eval", f"student {job.model} in the vLLM engine, adapters through its LoRA "
+                "support")
+            self.backend = make_vllm_student(g, self.cfg.vllm, max(ranks + [8]))
+            self.key = key
+        if job.adapter_from is None:
+            self.backend.use_adapter(None)
+        else:
+            self.backend.use_adapter(job.adapter_from.name,
+                                     str(job.adapter_from.local_copy("adapter")))
         return self.backend
 
     def _load(self, job: Job) -> Backend:
@@ -240,10 +267,13 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
                                               if k in ("dtype", "max_model_len", "seed")},
                         engine_dtype=g.dtype)
         jobs.append(Job("teacher", model=g.model, max_new_tokens=e.max_new_tokens, spec=spec))
+    # the engine that scores the students: transformers, or vLLM (with LoRA) for a vLLM run
+    scorer = {"scorer": "vllm"} if g.backend == "vllm" else {}
     if "base" in e.systems:
         jobs.append(Job("base", model=t.student, max_new_tokens=e.predict_max_new_tokens,
                         first_line=True, spec={"model": t.student, "first_line": True,
-                                               "max_new_tokens": e.predict_max_new_tokens}))
+                                               "max_new_tokens": e.predict_max_new_tokens,
+                                               **scorer}))
     for variant in variants:
         folder = run.student(variant)
         manifest = folder.manifest()
@@ -256,7 +286,7 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
                                 max_new_tokens=budget, first_line=system == "predict",
                                 spec={"adapter": manifest_digest(manifest), "student": student,
                                       "first_line": system == "predict",
-                                      "max_new_tokens": budget}))
+                                      "max_new_tokens": budget, **scorer}))
     shards = [Shard.of(job.key, test, fingerprint(job.system, {**job.spec, **common}))
               for job in jobs]
     params = EvalParams({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,

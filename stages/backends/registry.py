@@ -31,3 +31,10 @@ def make_backend(cfg: GenerateConfig, cache_path: Path | None = None,
             raise ValueError("the openai backend needs a path for its request cache")
         return OpenAIBackend(cfg, cache_path, cache_seed)
     raise ValueError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def make_vllm_student(cfg: GenerateConfig, vllm_cfg: VLLMConfig, lora_rank: int) -> Backend:
+    """A vLLM engine for a student model (`cfg.model`) that also serves its LoRA adapters."""
+    from stages.backends.vllm_engine import VLLMBackend
+
+    return VLLMBackend(cfg, vllm_cfg, 0, lora_rank=lora_rank)

