@@ -105,7 +105,7 @@ def test_api_teacher_array_on_s3_merges_worker_caches_and_pays_once(s3, tmp_path
 
 
 @pytest.mark.slow
-def test_all_stages_on_s3_then_up_to_date(s3, embedded_path):
+def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, embedded_path):
     import s3fs
 
     args = [sys.executable, "-m", "stages.commands.cli", "all", "--config", "configs/demo.yaml",
@@ -126,3 +126,17 @@ def test_all_stages_on_s3_then_up_to_date(s3, embedded_path):
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("up to date") == 4, second.stderr[-3000:]
+
+    # a training stopped after its first checkpoint, resumed on a machine that has nothing
+    # local: the checkpoint comes back from the store
+    import shutil
+    folder = RunFolder(f"{s3}/demo").student()
+    shutil.rmtree(folder.scratch("checkpoints"))
+    for gone in ("manifest.json", "adapter", "checkpoints/checkpoint-2"):
+        fs.rm(f"{root}/train/{gone}", recursive=True)
+    train = args[:3] + ["train"] + args[4:]
+    resumed = subprocess.run(train, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-1" in resumed.stderr
+    assert fs.exists(f"{root}/train/checkpoints/checkpoint-2/trainer_state.json")
+    assert folder.manifest()["counters"]["steps"] == 2
