@@ -214,11 +214,17 @@ def test_bad_worker_index_is_a_clear_error():
         ArrayRole(2, 2)
 
 
-@pytest.mark.parametrize("where", ["local", "memory"])
-def test_create_if_absent_has_exactly_one_winner(tmp_path, where):
+def test_create_if_absent_through_fsspec_keeps_the_first_file():
+    folder = RunFolder("memory://excl/run").stage("s")
+    assert folder.create_json("plan.json", {"by": 1}) is True
+    assert folder.create_json("plan.json", {"by": 2}) is False
+    assert folder.read_json("plan.json") == {"by": 1}
+
+
+def test_create_if_absent_has_exactly_one_winner(tmp_path):
+    """Racing writers on a local disk (S3's conditional PUT is tested in test_s3.py)."""
     import threading
-    url = str(tmp_path / "run") if where == "local" else f"memory://excl-{id(tmp_path)}/run"
-    folder = RunFolder(url).stage("s")
+    folder = RunFolder(tmp_path / "run").stage("s")
     wins, barrier = [], threading.Barrier(8)
 
     def claim(i):
