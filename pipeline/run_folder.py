@@ -35,10 +35,27 @@ from pipeline.log import log
 META_KEY = b"stepdistill"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+LOCK = "lock.json"
+ASIDE = "by-fingerprint"  # output of other settings, kept: `by-fingerprint/<fingerprint>/`
+QUARANTINE = "quarantine"  # damaged files, moved aside (never deleted)
+RECORDS = "done"  # one record per finished shard: `done/<shard>.json`, written after its files
+# What belongs to the stage folder itself rather than to the output of one set of settings:
+# never set aside with an output, never pruned (the request cache is keyed by the request, so
+# it serves every setting).
+FOLDER_OWN = {LOCK, ASIDE, QUARANTINE, "requests.sqlite", "requests.sqlite-wal",
+              "requests.sqlite-shm", "requests"}
 
 
 class RunFolderError(RuntimeError):
     """A run folder cannot do what was asked of it (the message says why and what to do)."""
+
+
+class DamagedFile(RunFolderError):
+    """A file does not match what its manifest recorded (size, sha256 or rows)."""
+
+    def __init__(self, where: str, why: str, then: str = ""):
+        self.where, self.why = where, why
+        super().__init__(f"{where} is damaged: {why}" + (f". {then}" if then else ""))
 
 
 def _now() -> str:
@@ -153,12 +170,69 @@ class StageFolder:
         if self.fs.exists(self.path(file)):
             self.fs.rm(self.path(file), recursive=True)
 
-    def clear(self) -> None:
-        """Delete everything the stage holds (its previous output)."""
-        if self.fs.isdir(self.root):
-            for p in self.fs.ls(self.root, detail=False):
-                self.fs.rm(p, recursive=True)
-        self.fs.makedirs(self.root, exist_ok=True)
+    def move(self, src: str, dest: str) -> None:
+        """Move a file or folder inside the stage folder (a rename on a local disk)."""
+        self.fs.makedirs(posixpath.dirname(self.path(dest)), exist_ok=True)
+        if self.run.is_local:
+            os.replace(self.path(src), self.path(dest))
+        else:
+            self.fs.mv(self.path(src), self.path(dest), recursive=True)
+
+    def output_names(self) -> list[str]:
+        """The top-level names of the folder that belong to one settings' output (everything
+        but the lock, the request cache, the set-aside outputs and the quarantine)."""
+        if not self.fs.isdir(self.root):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        return sorted(n for n in names if n not in FOLDER_OWN)
+
+    def set_aside(self, label: str, names: list[str] | None = None) -> str | None:
+        """Move the current output (or just `names`) into `by-fingerprint/<label>/`, kept
+        until the user removes it (`distill gc`); returns where it went, None when there was
+        nothing to move."""
+        names = self.output_names() if names is None else names
+        if not names:
+            return None
+        if self.exists(f"{ASIDE}/{label}"):
+            label = f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        for name in names:
+            self.move(name, f"{ASIDE}/{label}/{name}")
+        return f"{ASIDE}/{label}"
+
+    def bring_back(self, label: str) -> bool:
+        """Move an output set aside as `label` back into place; False when there is none."""
+        base = f"{ASIDE}/{label}"
+        if not self.fs.isdir(self.path(base)):
+            return False
+        for p in self.fs.ls(self.path(base), detail=False):
+            name = posixpath.basename(p.rstrip("/"))
+            self.remove(name)
+            self.move(f"{base}/{name}", name)
+        self.remove(base)
+        return True
+
+    def quarantine(self, file: str, why: str) -> str:
+        """Move a damaged file to `quarantine/` (kept for the user to look at, never deleted)
+        with a note of why; returns where it went."""
+        dest = f"{QUARANTINE}/{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}/{file}"
+        self.move(file, dest)
+        self.write_bytes(dest + ".why.txt", f"{why}\n".encode())
+        log(self.name, f"{self.where(file)} is damaged ({why}): moved to {self.where(dest)}")
+        return self.where(dest)
+
+    def clean_temporary(self) -> int:
+        """Remove the temporary files of writers that died before renaming them into place
+        (only called by the stage's lock holder); returns how many were removed."""
+        if not self.run.is_local or not os.path.isdir(self.root):
+            return 0
+        found = [p for p in Path(self.root).rglob(".*.tmp") if p.is_file()
+                 and ASIDE not in p.relative_to(self.root).parts]
+        for p in found:
+            p.unlink(missing_ok=True)
+        if found:
+            log(self.name, f"removed {len(found)} temporary file(s) left by a writer that "
+                "stopped before finishing them")
+        return len(found)
 
     # ------------------------------------------------------------------ manifest and plan
 
@@ -198,38 +272,74 @@ class StageFolder:
 
     def begin(self, fingerprint: str, settings: dict, force: bool = False,
               shards: list[dict] | None = None) -> dict | None:
-        """Make the folder hold only work done with `fingerprint`.
+        """Make the folder hold the work done with `fingerprint`, keeping every other output.
 
         Returns the existing manifest when it was made with `fingerprint` (the caller checks
         that its files are intact and its input unchanged), else None. Output made with other
-        settings is deleted, and the keys that changed are said.
+        settings is moved to `by-fingerprint/<its fingerprint>/` (the keys that changed are
+        said), and output made with `fingerprint` before is brought back from there; with
+        `force` the current output is set aside too. Nothing is deleted.
         """
         self.fs.makedirs(self.root, exist_ok=True)
         manifest = self.manifest()
         plan = self.plan()
         previous = manifest or plan
-        if force and previous is not None:
-            log(self.name, "--force: discarding the previous output")
-        elif previous is not None and previous.get("fingerprint") != fingerprint:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if previous is None:
+            moved = self.set_aside(f"unknown-{stamp}")
+            if moved:
+                log(self.name, f"files of an unknown earlier run are kept in {self.where(moved)}")
+        elif force:
+            moved = self.set_aside(f"{previous.get('fingerprint')}-replaced-{stamp}")
+            log(self.name, "--force: redoing the stage; the previous output is kept in "
+                f"{self.where(moved or ASIDE)} (`distill gc` removes it)")
+        elif previous.get("fingerprint") != fingerprint:
             diff = changed_keys(previous.get("settings", {}), settings)
             why = "; ".join(diff) if diff else "its input changed"
-            log(self.name, f"settings or input changed since the last run ({why}): redoing "
-                "the stage")
-        elif previous is not None:
+            moved = self.set_aside(str(previous.get("fingerprint")))
+            log(self.name, f"settings changed since the last run ({why}); the previous output "
+                f"is kept in {self.where(moved or ASIDE)}")
+            if self.bring_back(fingerprint):
+                log(self.name, f"output made with these settings before (fingerprint "
+                    f"{fingerprint}) is back in place: only what it lacks is done")
+                manifest = self.manifest()
+                if manifest is not None and manifest.get("fingerprint") == fingerprint:
+                    return manifest
+        else:
             return manifest
-        self.clear()
         self.write_json(PLAN, {"fingerprint": fingerprint, "settings": settings,
                                **({"shards": shards} if shards is not None else {}),
                                "started_at": _now()})
         return None
 
     def intact(self, manifest: dict) -> bool:
-        """Every file the manifest lists is there with its size."""
-        for entry in manifest.get("files", []):
-            path = self.path(entry["file"])
-            if not self.fs.isfile(path) or self.fs.size(path) != entry["bytes"]:
-                return False
-        return True
+        """Every file the manifest lists is there with its size and sha256 (read-only)."""
+        return not self.problems(manifest.get("files", []))
+
+    def problem(self, entry: dict) -> str | None:
+        """What is wrong with a file against its manifest entry (missing, size, sha256), or
+        None when it is as recorded."""
+        path = self.path(entry["file"])
+        if not self.fs.isfile(path):
+            return "missing"
+        size = self.fs.size(path)
+        if size != entry["bytes"]:
+            return f"{size} bytes where {entry['bytes']} were written"
+        if "sha256" in entry and _sha256(self.fs, path) != entry["sha256"]:
+            return "its sha256 is not the one recorded when it was written"
+        return None
+
+    def problems(self, entries: list[dict], quarantine: bool = False) -> dict[str, str]:
+        """What is wrong with each file of `entries` that is not as recorded ({file: why});
+        `quarantine`: files there but damaged are moved to `quarantine/` on the way."""
+        out = {}
+        for entry in entries:
+            why = self.problem(entry)
+            if why is not None:
+                out[entry["file"]] = why
+                if quarantine and why != "missing":
+                    self.quarantine(entry["file"], why)
+        return out
 
     # ------------------------------------------------------------------ shards
 
@@ -248,13 +358,50 @@ class StageFolder:
                 "sha256": hashlib.sha256(data).hexdigest()}
 
     def read_table(self, file: str, columns: list[str] | None = None) -> pa.Table:
+        """A Parquet file of the folder as it is (unchecked: see `read_checked`)."""
         if self.run.is_local:
             return pq.read_table(self.path(file), columns=columns)
         with self.fs.open(self.path(file), "rb") as f:
             return pq.read_table(f, columns=columns)
 
-    def read_tables(self, files: list[str], columns: list[str] | None = None) -> pa.Table:
-        tables = [self.read_table(f, columns) for f in files]
+    def read_checked(self, entry: dict, columns: list[str] | None = None,
+                     then: str = "") -> pa.Table:
+        """The Parquet file of a manifest entry, checked against it (size, sha256, rows) as it
+        is read: the bytes are read once, hashed and parsed. A file that does not match is
+        moved to `quarantine/` and the stage's manifest dropped (so the stage is no longer
+        finished), then `DamagedFile` says which file, why, and `then` (how to remake it)."""
+        file = entry["file"]
+        try:
+            with self.fs.open(self.path(file), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self.drop_manifest()
+            raise DamagedFile(self.where(file), "it is missing", then) from None
+        why = None
+        if len(data) != entry["bytes"]:
+            why = f"{len(data)} bytes where {entry['bytes']} were written"
+        elif "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            why = "its sha256 is not the one recorded when it was written"
+        table = None
+        if why is None:
+            try:
+                table = pq.read_table(pa.BufferReader(data), columns=columns)
+            except (OSError, pa.ArrowException) as e:
+                why = f"it cannot be read as Parquet ({e})"
+        if why is None and "rows" in entry and table.num_rows != entry["rows"]:
+            why = f"{table.num_rows} rows where {entry['rows']} were written"
+        if why is not None:
+            moved = self.quarantine(file, why)
+            self.drop_manifest()
+            raise DamagedFile(self.where(file), why, f"It was moved to {moved} (kept, never "
+                              f"deleted) and the {self.name} stage is no longer finished. "
+                              + then)
+        return table
+
+    def read_tables(self, entries: list[dict], columns: list[str] | None = None,
+                    then: str = "") -> pa.Table:
+        """The Parquet files of manifest entries, each checked (`read_checked`), as one table."""
+        tables = [self.read_checked(e, columns, then) for e in entries]
         if not tables:
             raise FileNotFoundError(f"no shards listed for {self}")
         return pa.concat_tables(tables, promote_options="default")
@@ -284,11 +431,7 @@ class StageFolder:
             else:
                 with self.fs.open(path, "rb") as f:
                     out["rows"] = pq.ParquetFile(f).metadata.num_rows
-        h = hashlib.sha256()
-        with self.fs.open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out.update(bytes=self.fs.size(path), sha256=h.hexdigest())
+        out.update(bytes=self.fs.size(path), sha256=_sha256(self.fs, path))
         return out
 
     def entries_under(self, folder: str) -> list[dict]:
@@ -424,6 +567,14 @@ class StageFolder:
         target = self.local_path(name, f"the folder {name}/")
         shutil.rmtree(target, ignore_errors=True)
         built.rename(target)
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json(obj: Any) -> str:

@@ -29,6 +29,8 @@ class Shard:
     checksum: str
     rows: int
     load: Callable[[], pa.Table]
+    # its earlier output tables by kind, when it is redone on purpose (`Stage.redo`)
+    previous: Callable[[], dict[str, pa.Table]] | None = None
 
     @classmethod
     def of(cls, name: str, table: pa.Table, checksum: str = "") -> "Shard":
@@ -81,6 +83,11 @@ class Stage:
     finalize: called with the manifest before it is written (to derive facts from counters).
     prune: remove output files of shards that are no longer planned.
     rates: counts shown per second beside the progress bar (others as totals).
+    paid: the outputs cost money or accelerator time (generate): a shard's outputs that are
+        about to be remade are set aside first, never overwritten.
+    redo: given a finished shard's record (counters, facts), whether to do it again anyway
+        (`--retry-failed`: shards with failed rows); the shard function then gets the record
+        as `shard.previous`.
     """
 
     name: str
@@ -98,3 +105,5 @@ class Stage:
     rates: tuple[str, ...] = ()
     unit: str = "row"
     output_name: Callable[[str, str], str] = output_file
+    paid: bool = False
+    redo: Callable[[dict], bool] | None = None

@@ -23,7 +23,7 @@ from pipeline.executors import run_stage
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.prompts import PromptTemplate
-from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.run_folder import DamagedFile, RunFolder, as_run_folder
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
@@ -277,6 +277,12 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
     for variant in variants:
         folder = run.student(variant)
         manifest = folder.manifest()
+        damaged = folder.problems(manifest.get("files", []))
+        if damaged:
+            file, why = next(iter(damaged.items()))
+            raise DamagedFile(folder.where(file), why, f"The student's adapter cannot be "
+                              f"trusted: run `distill train` (train.name={variant or 'unset'}) "
+                              "again to rebuild it from its last checkpoint, then eval")
         student = manifest["facts"]["student"]
         for system in ("predict", "explain"):
             if system in e.systems:

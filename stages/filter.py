@@ -300,6 +300,19 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def remake_generate_hint(manifest: dict) -> str:
+    """How to remake a generate shard found damaged, by the teacher that made it."""
+    backend = manifest.get("facts", {}).get("backend")
+    if backend == "openai":
+        return ("The teacher was an API: `distill generate` remakes only that shard, from the "
+                "request cache (generate/requests.sqlite) for every response it still holds; "
+                "any other request is sent (and paid for) again. If you would rather not, put "
+                "an intact copy of the file back in place of the damaged one and run the "
+                "filter again")
+    return ("Run `distill generate` (`make generate`) to remake only that shard (the same "
+            "settings and seed give the same traces), then the filter again")
+
+
 def plan(cfg: Config, run: RunFolder) -> Stage:
     """The filter stage of `run`: one shard per generate shard."""
     generated = run.stage("generate")
@@ -312,8 +325,9 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
                           if k not in ("plot", "executor", "workers")},
                 "answer_kind": checker.kind, "extractors": checker.order,
                 "labels": checker.labels if checker.kind == "label" else None}
+    then = remake_generate_hint(upstream)
     shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
-                    lambda f=s["outputs"]["traces"]["file"]: generated.read_table(f))
+                    lambda e=s["outputs"]["traces"]: generated.read_checked(e, then=then))
               for s in upstream["shards"]]
     return Stage(
         name="filter", settings=settings, fingerprint=fingerprint(settings), shards=shards,

@@ -82,14 +82,11 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     """Train the student; under `torchrun` / `accelerate launch` every process trains and the
     main one writes (the others return None)."""
     import torch
-    from datasets import Dataset
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from pipeline.models import load_tokenizer, model_revision, resolve_model, \
-        tokenizer_fingerprint
-    from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave
-    from trainer.examples import DSSCollator, build_examples
+    from pipeline.lock import StageLock
+    from pipeline.models import load_tokenizer, resolve_model
+    from trainer.examples import build_examples
     from trainer.lora import lora_student
     from trainer.losses import terms_from_settings
     from trainer.students import student_for
@@ -124,8 +121,9 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
         columns += ["completion", "token_ids"]
     if with_topk:
         columns += ["topk_ids", "topk_logprobs"]
-    rows = kept.read_tables([s["outputs"]["kept"]["file"] for s in upstream["shards"]],
-                            columns=columns).to_pylist()
+    rows = kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
+                            columns=columns, then="Run `distill filter` (`make filter`) to "
+                            "remake it, then train again").to_pylist()
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "
@@ -159,17 +157,43 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     # The main process alone prepares the folder (dropping other settings' output); the others
     # wait for it, then each machine's first process fetches the checkpoints of a run folder
     # on object storage, so that every process resumes from the same one.
+    # The main process holds the stage's lock (one writer) until the adapter is published.
+    lock = StageLock(folder)
     with args.main_process_first(local=False, desc="prepare the train folder"):
         if args.process_index == 0:
+            lock.acquire()
+            folder.clean_temporary()
             if folder.begin(fp, settings, force) is not None:
                 folder.drop_manifest()
                 log(folder.name, "the adapter is missing or damaged: training again")
+    try:
+        return _train(folder, run, args, ckpt_dir, model, student, tokenizer, examples, terms,
+                      lock, {"fp": fp, "settings": settings, "upstream": upstream, "t": t,
+                             "student_path": student_path, "kd_lam": kd_lam, "rows": rows,
+                             "token_targets": token_targets, "n_trainable": n_trainable})
+    finally:
+        if args.process_index == 0:
+            lock.release()
+
+
+def _train(folder, run, args, ckpt_dir, model, student, tokenizer, examples, terms, lock,
+           done: dict) -> dict | None:
+    """Train (resuming from the last complete checkpoint), then publish the adapter and commit
+    (the main process; the others return None)."""
+    from datasets import Dataset
+
+    from pipeline.models import model_revision, tokenizer_fingerprint
+    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
+                             last_complete_checkpoint)
+    from trainer.examples import DSSCollator
+
+    fp, settings, upstream, t = done["fp"], done["settings"], done["upstream"], done["t"]
     with args.main_process_first(local=True, desc="fetch checkpoints"):
         if not run.is_local and args.local_process_index == 0:
             folder.mirror_down("checkpoints", ckpt_dir)
     training_log = JsonlLogCallback(lambda records: folder.write_jsonl("log.jsonl", records),
                                     folder.read_jsonl("log.jsonl"))
-    callbacks = [training_log]
+    callbacks = [training_log, SealCheckpoints()]
     if not run.is_local:
         callbacks.append(OnSave(lambda: folder.mirror_up(ckpt_dir, "checkpoints")))
     trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
@@ -177,13 +201,14 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
                          terms=terms, student=student, callbacks=callbacks)
 
     # ---- train (resuming from the last checkpoint), then publish the adapter and commit
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir, lambda line: log(folder.name, line))
     if last:
         log(folder.name, f"resuming from {last}")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     if args.process_index != 0:  # the main process writes the adapter and the manifest
         return None
+    lock.check()
     built = folder.working_dir("adapter.tmp")
     shutil.rmtree(built, ignore_errors=True)
     trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
@@ -192,13 +217,14 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     manifest = {
         "stage": "train", "fingerprint": fp, "settings": settings,
         "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},
-        "facts": {"student": t.student, "student_revision": model_revision(student_path),
+        "facts": {"student": t.student,
+                  "student_revision": model_revision(done["student_path"]),
                   "student_kind": student.kind,
                   "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                  "trainable_parameters": n_trainable, "kd_lam_used": kd_lam,
-                  "explain_targets": "tokens" if token_targets else "text",
+                  "trainable_parameters": done["n_trainable"], "kd_lam_used": done["kd_lam"],
+                  "explain_targets": "tokens" if done["token_targets"] else "text",
                   "loss_terms": {term.name: term.weight for term in terms}, "name": t.name},
-        "counters": {"traces": len(rows), "steps": result.global_step,
+        "counters": {"traces": len(done["rows"]), "steps": result.global_step,
                      "train_loss": round(result.training_loss, 4)},
         "files": folder.entries_under("adapter"),
         "seconds": round(time.time() - t0, 1),

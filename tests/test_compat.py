@@ -32,7 +32,7 @@ def test_a_run_folder_written_before_is_up_to_date(tmp_path, capsys):
     for stage, manifest in (("generate", generated), ("filter", filtered)):
         assert manifest["fingerprint"] == before[stage]["fingerprint"]
         assert manifest["files"] == before[stage]["files"]
-    kept = run.stage("filter").read_tables([s["outputs"]["kept"]["file"]
+    kept = run.stage("filter").read_tables([s["outputs"]["kept"]
                                             for s in filtered["shards"]])
     assert kept.num_rows == 8 and set(kept.column("sample").to_pylist()) == {0}
 

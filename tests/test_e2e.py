@@ -19,7 +19,7 @@ SMALL = ["generate.backend=hf", "task.n_train=12", "task.n_test=8", "generate.ro
 def _traces(run_dir):
     folder = RunFolder(run_dir).stage("generate")
     m = folder.manifest()
-    return m, folder.read_tables([f["file"] for f in m["files"]])
+    return m, folder.read_tables(m["files"])
 
 
 def _manifest(run_dir, stage):
@@ -195,7 +195,7 @@ def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
     run_dir = tmp_path / "run"
     run_stages(["generate", "filter"], cfg, run_dir)
     folder = RunFolder(run_dir).stage("filter")
-    kept = folder.read_tables([s["outputs"]["kept"]["file"]
+    kept = folder.read_tables([s["outputs"]["kept"]
                                for s in folder.manifest()["shards"]]).to_pylist()
     assert kept, "the teacher should get a few of these right"
     tok = load_tokenizer(embedded_path, padding_side="right")

@@ -67,7 +67,7 @@ def test_crash_then_resume_redoes_only_missing_shards(folder):
     m = run(folder, resumed)
     assert resumed.calls == ["00002", "00003"]
     assert m["shards_reused"] == 2 and m["facts"]["made_by"] == "doubler"
-    table = folder.read_tables([f["file"] for f in m["files"]])
+    table = folder.read_tables(m["files"])
     assert table.column("x").to_pylist() == [0, 2, 2, 4, 4, 6, 6, 8]
 
 
@@ -123,7 +123,7 @@ def test_a_stage_runs_on_an_fsspec_url_as_on_a_local_disk():
     folder = run_folder.stage("s")
     m = run(folder, Doubler())
     assert m["counters"] == {"rows": 8} and folder.intact(m)
-    assert folder.read_tables([f["file"] for f in m["files"]]).num_rows == 8
+    assert folder.read_tables(m["files"]).num_rows == 8
     again = Doubler()
     run(folder, again)
     assert again.calls == []

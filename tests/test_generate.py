@@ -51,8 +51,7 @@ def run(cfg, tmp_path, teacher):
 
 
 def traces(tmp_path, manifest):
-    return RunFolder(tmp_path).stage("generate").read_tables([f["file"]
-                                                              for f in manifest["files"]])
+    return RunFolder(tmp_path).stage("generate").read_tables(manifest["files"])
 
 
 def test_the_shard_function_alone_on_an_in_memory_table(teacher):

@@ -121,7 +121,7 @@ def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_
         assert rerun.returncode == 0, rerun.stderr
     folder = RunFolder(tmp_path / "r").stage("generate")
     manifest = folder.manifest()
-    table = folder.read_tables([f["file"] for f in manifest["files"]])
+    table = folder.read_tables(manifest["files"])
     assert sorted(table.column("id").to_pylist()) == [f"demo-train-{i:06d}" for i in range(48)]
     # the rerun sent exactly the requests that had not finished: none was paid for twice
     assert sum(server.successes.values()) - served == 48 - finished

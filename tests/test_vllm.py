@@ -30,7 +30,7 @@ def distill(tmp_path, run: str, *overrides: str, stage: str = "generate"):
     assert done.returncode == 0, done.stderr[-4000:]
     folder = RunFolder(tmp_path / run).stage("generate")
     manifest = folder.manifest()
-    table = folder.read_tables([f["file"] for f in manifest["files"]])
+    table = folder.read_tables(manifest["files"])
     return manifest, table
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.executors.base import (commit, complete, planned_shards, reuse, said_up_to_date,
-                                     work_through)
+                                     work_through, writing)
 from pipeline.executors.local import ProgressBar
 from pipeline.fingerprints import changed_keys
 from pipeline.log import log
@@ -74,6 +74,17 @@ def _check_plan(stage: Stage, folder: StageFolder, plan: dict, what: str) -> Non
             f"{stage.name} --plan-only --force` once, then start the workers again")
 
 
+def _refuse_if_locked(folder: StageFolder, what: str) -> None:
+    """Array workers share a stage by design and take no lock; they refuse while a single
+    writer (`distill <stage>` without array options, a finalize) holds it."""
+    from pipeline.lock import StageLock, describe, stale
+
+    held = StageLock(folder).holder()
+    if held and stale(held) is None:
+        raise RunFolderError(f"{what} refused: {folder} is being written by a single writer "
+                             f"({describe(held)}); wait for it to finish")
+
+
 class ArrayWorker:
     """Does one worker's shards of a stage; never commits, never deletes."""
 
@@ -94,6 +105,7 @@ class ArrayWorker:
         if complete(stage, folder, folder.manifest()):
             said_up_to_date(stage)
             return None
+        _refuse_if_locked(folder, str(self.role))
         _check_plan(stage, folder, folder.claim_plan(
             {"fingerprint": stage.fingerprint, "settings": stage.settings,
              "shards": planned_shards(stage)}), str(self.role))
@@ -111,6 +123,10 @@ class ArrayWorker:
         return None
 
     def plan_only(self, stage: Stage, folder: StageFolder, force: bool) -> None:
+        with writing(folder):
+            return self._plan_only(stage, folder, force)
+
+    def _plan_only(self, stage: Stage, folder: StageFolder, force: bool) -> None:
         manifest = folder.begin(stage.fingerprint, stage.settings, force,
                                 planned_shards(stage))
         if complete(stage, folder, manifest):
@@ -121,6 +137,10 @@ class ArrayWorker:
         return None
 
     def finalize(self, stage: Stage, folder: StageFolder, force: bool) -> dict:
+        with writing(folder) as lock:
+            return self._finalize(stage, folder, force, lock)
+
+    def _finalize(self, stage: Stage, folder: StageFolder, force: bool, lock) -> dict:
         if force:
             raise RunFolderError("--force and --finalize do not go together: finalize only "
                                  "checks the workers' shards and writes the manifest")
@@ -149,4 +169,4 @@ class ArrayWorker:
                 f"{shown}{more}. Worker I of N does shards #I, #I+N, ...; run the workers whose "
                 "shards are missing again (they keep what is done), then finalize")
         folder.drop_manifest()
-        return commit(stage, folder, done, started)
+        return commit(stage, folder, done, started, lock)

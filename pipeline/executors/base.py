@@ -1,20 +1,23 @@
 """What every executor shares: deciding whether a stage is up to date, reusing finished shards,
 writing a shard's outputs, and committing the manifest.
 
-A finished shard is recognised by its own files: each output's Parquet metadata records the
-stage fingerprint and the checksum of the input shard it came from, so a stopped stage resumes
-with exactly the missing shards, and a deleted or stale one is redone alone. The manifest is
-written last.
+A finished shard is recognised by its record, `done/<shard>.json`, written after its output
+files: the stage fingerprint, the checksum of the input shard, and every output file's size and
+sha256. A stopped stage resumes with exactly the missing shards; a shard whose files do not
+match their record (damaged on disk) is quarantined and redone alone; the manifest is written
+last. Every check of a finished stage reads its files against the sha256 its manifest holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pipeline.log import log
-from pipeline.run_folder import MANIFEST, PLAN, StageFolder
+from pipeline.run_folder import MANIFEST, PLAN, RECORDS, StageFolder
 from pipeline.stage import Shard, ShardOutput, Stage
 
 
@@ -34,13 +37,23 @@ def planned_shards(stage: Stage) -> list[dict]:
     return [{"name": s.name, "checksum": s.checksum, "rows": s.rows} for s in stage.shards]
 
 
-def complete(stage: Stage, folder: StageFolder, manifest: dict | None) -> bool:
-    """Whether `manifest` is this stage's, for this input, with every file in place."""
+def record_name(shard: str) -> str:
+    return f"{RECORDS}/{shard}.json"
+
+
+def complete(stage: Stage, folder: StageFolder, manifest: dict | None,
+             repair: bool = False) -> bool:
+    """Whether `manifest` is this stage's, for this input, with every file in place as
+    written (sizes and sha256). `repair`: damaged files are quarantined on the way."""
     if manifest is None or manifest.get("fingerprint") != stage.fingerprint:
         return False
     wanted = {s.name: s.checksum for s in stage.shards}
     recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
-    return recorded == wanted and folder.intact(manifest)
+    if recorded != wanted:
+        return False
+    if stage.redo is not None and any(stage.redo(s) for s in manifest.get("shards", [])):
+        return False
+    return not folder.problems(manifest.get("files", []), quarantine=repair)
 
 
 def said_up_to_date(stage: Stage) -> None:
@@ -49,29 +62,69 @@ def said_up_to_date(stage: Stage) -> None:
 
 
 def up_to_date(stage: Stage, folder: StageFolder, force: bool) -> dict | None:
-    """The stage's manifest when its output is complete for these settings and this input;
-    otherwise None, and the folder is ready for work (other settings' output removed, a stale
-    manifest dropped)."""
+    """The stage's manifest when its output is complete for these settings and this input
+    (every file checked against its sha256); otherwise None, and the folder is ready for work
+    (other settings' output set aside, damaged files quarantined, a stale manifest dropped)."""
     manifest = folder.begin(stage.fingerprint, stage.settings, force, planned_shards(stage))
     if manifest is None:
         return None
-    if complete(stage, folder, manifest):
+    if complete(stage, folder, manifest, repair=True):
         said_up_to_date(stage)
         return manifest
     folder.drop_manifest()
-    log(stage.name, "output incomplete or input changed: redoing the missing shards")
+    log(stage.name, "output incomplete, damaged or made from another input: redoing the "
+        "shards concerned")
     return None
 
 
 def reuse(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
-    """The shard's outputs when they are on disk, made with these settings from this input."""
+    """The shard's outputs when they are on disk as its record says, made with these settings
+    from this input; files that do not match their record are quarantined (and the shard is
+    done again)."""
+    try:
+        record = folder.read_json(record_name(shard.name))
+    except (FileNotFoundError, ValueError):
+        return _reuse_unrecorded(stage, folder, shard)
+    if (record.get("fingerprint") != stage.fingerprint
+            or record.get("input_checksum") != shard.checksum
+            or set(record.get("outputs", {})) != set(stage.outputs)):
+        return None
+    entries = record["outputs"]
+    if folder.problems(list(entries.values()), quarantine=True):
+        return None
+    if stage.redo is not None and stage.redo(record):
+        return None
+    return ShardDone(shard, record.get("counters", {}), record.get("facts", {}),
+                     entries, reused=True)
+
+
+def _reuse_unrecorded(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
+    """A shard written before shards had records: recognised by its files' own metadata."""
     files = {kind: stage.output_name(kind, shard.name) for kind in stage.outputs}
     metas = [folder.table_meta(f) for f in files.values()]
     if not all(m is not None and m.get("fingerprint") == stage.fingerprint
                and m.get("input_checksum") == shard.checksum for m in metas):
         return None
-    return ShardDone(shard, metas[0].get("counters", {}), metas[0].get("facts", {}),
+    counters, facts = metas[0].get("counters", {}), metas[0].get("facts", {})
+    if stage.redo is not None and stage.redo({"counters": counters, "facts": facts}):
+        return None
+    return ShardDone(shard, counters, facts,
                      {kind: folder.entry(f) for kind, f in files.items()}, reused=True)
+
+
+def previous_outputs(stage: Stage, folder: StageFolder, shard: Shard) -> Shard:
+    """The shard with its previous outputs attached (checked against its record), when it is
+    redone on purpose (`Stage.redo`)."""
+    try:
+        record = folder.read_json(record_name(shard.name))
+    except (FileNotFoundError, ValueError):
+        return shard
+    if (stage.redo is None or record.get("fingerprint") != stage.fingerprint
+            or record.get("input_checksum") != shard.checksum or not stage.redo(record)):
+        return shard
+    entries = record["outputs"]
+    tables = {kind: folder.read_checked(entry) for kind, entry in entries.items()}
+    return dataclasses.replace(shard, previous=lambda: tables)
 
 
 def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],
@@ -94,6 +147,7 @@ def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],
                 progress()
                 if hasattr(progress, "start_clock"):
                     progress.start_clock()
+            shard = previous_outputs(stage, folder, shard)
             out = stage.work(stage.params, shard, resources, progress)
             done.append(write_outputs(stage, folder, shard, out))
     finally:
@@ -103,27 +157,47 @@ def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],
 
 def write_outputs(stage: Stage, folder: StageFolder, shard: Shard,
                   out: ShardOutput) -> ShardDone:
-    """Write a shard's output tables, each recording what made it."""
+    """Write a shard's output tables, each recording what made it, then the shard's record.
+    A paid-for stage's earlier outputs of the shard are set aside first, never overwritten."""
     missing = [kind for kind in stage.outputs if kind not in out.tables]
     if missing:
         raise RuntimeError(f"the {stage.name} shard function returned no {missing} table for "
                            f"shard {shard.name}")
+    names = {kind: stage.output_name(kind, shard.name) for kind in stage.outputs}
+    if stage.paid:
+        there = [n for n in names.values() if folder.exists(n)]
+        if there:
+            moved = folder.set_aside(f"{stage.fingerprint}-replaced-"
+                                     f"{time.strftime('%Y%m%dT%H%M%S')}", there)
+            log(stage.name, f"shard {shard.name}: its earlier output is kept in "
+                f"{folder.where(moved)}")
     facts = {**stage.facts, **out.facts}
     meta = {"stage": stage.name, "fingerprint": stage.fingerprint, "input": shard.name,
             "input_checksum": shard.checksum, "counters": out.counters, "facts": facts}
-    entries = {kind: folder.write_table(stage.output_name(kind, shard.name), out.tables[kind],
-                                        meta) for kind in stage.outputs}
+    entries = {kind: folder.write_table(names[kind], out.tables[kind], meta)
+               for kind in stage.outputs}
+    folder.write_json(record_name(shard.name), {
+        "shard": shard.name, "fingerprint": stage.fingerprint, "input_checksum": shard.checksum,
+        "counters": dict(out.counters), "facts": dict(out.facts), "outputs": entries})
     return ShardDone(shard, dict(out.counters), dict(out.facts), entries, reused=False)
 
 
-def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: float) -> dict:
-    """Write the manifest of a stage whose every shard is done (in plan order)."""
+def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: float,
+           lock=None) -> dict:
+    """Write the manifest of a stage whose every shard is done (in plan order). Output files
+    of shards no longer planned are set aside (`by-fingerprint/`), never deleted. `lock`: the
+    stage's lock, checked first (a writer that lost it must not commit)."""
+    if lock is not None:
+        lock.check()
     files = [e for d in done for e in d.entries.values()]
     if stage.prune:
         keep = {f["file"] for f in files} | {MANIFEST, PLAN}
-        for name in folder.files(".parquet"):
-            if name not in keep:
-                folder.remove(name)
+        stale = [n for n in folder.files(".parquet") if n not in keep]
+        planned = {record_name(d.shard.name) for d in done}
+        stale += [f for f in folder.files_under(RECORDS, ".json") if f not in planned]
+        if stale:
+            folder.set_aside(f"{stage.fingerprint}-unplanned-{time.strftime('%Y%m%dT%H%M%S')}",
+                             stale)
     totals: Counter = Counter()
     facts = dict(stage.facts)
     for d in done:
@@ -154,6 +228,17 @@ def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: fl
     log(stage.name, f"done: {written} shard(s) written, {len(done) - written} reused, in "
         f"{time.time() - started:.1f}s -> {folder}")
     return manifest
+
+
+@contextmanager
+def writing(folder: StageFolder):
+    """Hold the stage's lock while writing it (a second writer is refused, naming the holder);
+    the temporary files of writers that died are cleaned first. Yields the lock."""
+    from pipeline.lock import StageLock
+
+    with StageLock(folder) as lock:
+        folder.clean_temporary()
+        yield lock
 
 
 def close(resources) -> None:

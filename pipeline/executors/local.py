@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from pipeline.executors.base import commit, up_to_date, work_through
+from pipeline.executors.base import commit, up_to_date, work_through, writing
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage
 
@@ -51,13 +51,14 @@ class LocalExecutor:
     name = "local"
 
     def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict:
-        manifest = up_to_date(stage, folder, force)
-        if manifest is not None:
-            return manifest
-        started = time.time()
-        progress = ProgressBar(stage)
-        try:
-            done = work_through(stage, folder, stage.shards, progress)
-        finally:
-            progress.close()
-        return commit(stage, folder, done, started)
+        with writing(folder) as lock:
+            manifest = up_to_date(stage, folder, force)
+            if manifest is not None:
+                return manifest
+            started = time.time()
+            progress = ProgressBar(stage)
+            try:
+                done = work_through(stage, folder, stage.shards, progress)
+            finally:
+                progress.close()
+            return commit(stage, folder, done, started, lock)

@@ -21,7 +21,8 @@ import os
 import time
 from collections import Counter, deque
 
-from pipeline.executors.base import ShardDone, close, commit, reuse, up_to_date, write_outputs
+from pipeline.executors.base import (ShardDone, close, commit, previous_outputs, reuse,
+                                     up_to_date, write_outputs, writing)
 from pipeline.executors.local import ProgressBar
 from pipeline.log import log
 from pipeline.run_folder import StageFolder
@@ -50,6 +51,7 @@ class ShardWorker:
         def progress(rows: int = 0, **more: float) -> None:
             counts.update(more)
 
+        shard = previous_outputs(self.stage, self.folder, shard)
         out = self.stage.work(self.stage.params, shard, self.resources, progress)
         done = write_outputs(self.stage, self.folder, shard, out)
         return done.counters, done.facts, done.entries, dict(counts)
@@ -94,6 +96,10 @@ class RayExecutor:
         return ray, True
 
     def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict:
+        with writing(folder) as lock:
+            return self._run(stage, folder, force, lock)
+
+    def _run(self, stage: Stage, folder: StageFolder, force: bool, lock) -> dict:
         manifest = up_to_date(stage, folder, force)
         if manifest is not None:
             return manifest
@@ -113,7 +119,7 @@ class RayExecutor:
                 self._run_pool(stage, folder, todo, done, progress)
         finally:
             progress.close()
-        return commit(stage, folder, [done[s.name] for s in stage.shards], started)
+        return commit(stage, folder, [done[s.name] for s in stage.shards], started, lock)
 
     def _run_pool(self, stage: Stage, folder: StageFolder, todo: deque, done: dict,
                   progress: ProgressBar) -> None:

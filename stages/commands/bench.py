@@ -185,7 +185,7 @@ def scale_once(executor: str, rows: int) -> dict:
                 ray.shutdown()
         wall = time.perf_counter() - t
         folder = run.stage("generate")
-        table = folder.read_tables([f["file"] for f in manifest["files"]],
+        table = folder.read_tables(manifest["files"],
                                    ["id", "sample", "token_ids", "topk_ids"])
     digest = hashlib.sha256(json.dumps(table.to_pylist()).encode()).hexdigest()[:16]
     return {"executor": executor, "wall_s": wall, "cluster_s": cluster_s,
