@@ -167,6 +167,10 @@ class GenerateConfig(Section):
                                  "(vLLM's `return_tokens_as_token_ids`).")
     tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
                                 "map token strings to ids when the server cannot send ids.")
+    max_failed_share: float = opt(0.05, "The stage stops (non-zero exit, no manifest) when more "
+                                  "than this share of the rows ended with an error; the rows "
+                                  "made are kept, and `--retry-failed` re-sends only the failed "
+                                  "ones. 1 = never stop.", ge=0.0, le=1.0)
     executor: str = opt("local", "How the generate shards are run: `local` (one after the other "
                         "in this process) or `ray` (`generate.workers` Ray actors, settings in "
                         "the `ray` section). Job arrays need no setting: see `--worker-index`.",

@@ -119,6 +119,25 @@ class RunFolder:
         """The names of the students with a train folder ('' for `train/`), sorted."""
         return [n[len("train-"):] if n != "train" else "" for n in self.stage_names("train")]
 
+    def kept_aside(self, quarantine: bool = False) -> list[tuple[str, str, int]]:
+        """What the stages keep aside: (stage, folder relative to the run, bytes) for every
+        output of other settings (`<stage>/by-fingerprint/<fingerprint>/`) and, with
+        `quarantine`, every quarantined file's folder."""
+        out = []
+        if not self.fs.isdir(self.root):
+            return out
+        kinds = [ASIDE] + ([QUARANTINE] if quarantine else [])
+        for p in sorted(self.fs.ls(self.root, detail=False)):
+            stage = posixpath.basename(p.rstrip("/"))
+            for kind in kinds:
+                base = posixpath.join(self.root, stage, kind)
+                if not self.fs.isdir(base):
+                    continue
+                for entry in sorted(self.fs.ls(base, detail=False)):
+                    name = posixpath.basename(entry.rstrip("/"))
+                    out.append((stage, f"{stage}/{kind}/{name}", int(self.fs.du(entry))))
+        return out
+
     def write_text(self, name: str, text: str) -> None:
         _write_bytes(self.fs, self.is_local, self.path(name), text.encode())
 

@@ -31,6 +31,7 @@ class Shard:
     load: Callable[[], pa.Table]
     # its earlier output tables by kind, when it is redone on purpose (`Stage.redo`)
     previous: Callable[[], dict[str, pa.Table]] | None = None
+    previous_counters: dict | None = None
 
     @classmethod
     def of(cls, name: str, table: pa.Table, checksum: str = "") -> "Shard":

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.config import Config, GenerateConfig
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint
@@ -29,7 +32,7 @@ from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings
 
 # Settings that do not change what is asked of the teacher, so changing them keeps the shards.
 _NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
-                      "backoff_max", "api_key_env", "executor", "workers"}
+                      "backoff_max", "api_key_env", "executor", "workers", "max_failed_share"}
 _OPENAI_ONLY = {"base_url", "endpoint", "server_token_ids", "tokenizer"}
 # vLLM engine settings that change speed or memory, not the distribution sampled from.
 _VLLM_NOT_FINGERPRINTED = {"tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
@@ -90,6 +93,11 @@ def generate_shard(params: GenerateParams, shard: Shard, teacher: Backend,
     """
     g = params.cfg
     rows = shard.load().to_pylist()
+    previous = shard.previous()["traces"] if shard.previous is not None else None
+    if previous is not None:  # --retry-failed: only the rows that ended with an error
+        failed = {r["id"] for r in previous.select(["id", "error"]).to_pylist()
+                  if r["error"] is not None}
+        rows = [r for r in rows if r["id"] in failed]
     prompts = [params.template.render(r["question"]) for r in rows]
     sampling = SamplingSettings(n=g.n_samples, temperature=g.temperature, top_p=g.top_p,
                                 max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=0,
@@ -135,8 +143,31 @@ def generate_shard(params: GenerateParams, shard: Shard, teacher: Backend,
             counters["truncated"] += gen.finish_reason == "length"
     for key, value in getattr(teacher, "kd_check", {}).items():
         counters[f"kd_{key}"] = value - kd_before.get(key, 0)
-    return ShardOutput({"traces": traces_table(records, gens, g.top_k)}, counters,
-                       teacher.facts())
+    table = traces_table(records, gens, g.top_k)
+    if previous is not None:
+        table, counters = _merge_retried(shard, previous, table, counters)
+    return ShardOutput({"traces": table}, counters, teacher.facts())
+
+
+def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
+                   counters: dict) -> tuple[pa.Table, dict]:
+    """The shard's earlier rows with the retried ones in place of its failed rows, in the
+    shard's row order; counters recounted (the KD checks of the earlier rows added)."""
+    order = {row_id: i for i, row_id in enumerate(shard.load().column("id").to_pylist())}
+    kept = previous.filter(pc.is_null(previous.column("error"))).replace_schema_metadata(None)
+    both = pa.concat_tables([kept.cast(retried.schema), retried])
+    rank = [order[i] * 1000 + s for i, s in zip(both.column("id").to_pylist(),
+                                                 both.column("sample").to_pylist())]
+    both = both.take(pc.sort_indices(pa.array(rank)))
+    ok = both.column("error").null_count
+    out = {"rows": len(order), "traces": ok, "errors": both.num_rows - ok,
+           "tokens": int(pc.sum(pc.list_value_length(both.column("token_ids"))).as_py() or 0),
+           "truncated": int(pc.sum(pc.equal(both.column("finish_reason"), "length")).as_py()
+                            or 0)}
+    for key, value in counters.items():
+        if key.startswith("kd_"):
+            out[key] = value + (shard.previous_counters or {}).get(key, 0)
+    return both, out
 
 
 def kd_usability(manifest: dict) -> None:
@@ -259,9 +290,25 @@ def merge_worker_caches(folder: StageFolder) -> None:
         f"{folder.where(REQUEST_CACHE)} ({total} responses)")
 
 
+def too_many_failed(manifest: dict, share: float) -> None:
+    """Stop before the manifest is written when more than `share` of the rows failed."""
+    c = manifest["counters"]
+    failed, total = c.get("errors", 0), c.get("traces", 0) + c.get("errors", 0)
+    if not total or failed / total <= share:
+        return
+    first = next((s["name"] for s in manifest["shards"] if s["counters"].get("errors")), "?")
+    raise RuntimeError(
+        f"{failed} of {total} traces ({failed / total:.0%}) ended with an error, more than "
+        f"generate.max_failed_share={share:g}; the stage is not finished. The {total - failed} "
+        f"traces made are kept. See the error column of the shards (first: shard {first}); "
+        "fix the cause, then run `distill generate --retry-failed` to re-send only the failed "
+        "rows (or raise generate.max_failed_share to accept them)")
+
+
 def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = None,
-         per_worker: bool = False) -> Stage:
-    """The generate stage of `run`: one shard per `rows_per_shard` task rows."""
+         per_worker: bool = False, retry_failed: bool = False) -> Stage:
+    """The generate stage of `run`: one shard per `rows_per_shard` task rows; with
+    `retry_failed`, shards with failed rows are done again, only for those rows."""
     g = cfg.generate
     folder = run.stage("generate")
     settings = generate_settings(cfg)
@@ -275,26 +322,33 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
         kd_usability(manifest)
         if g.backend == "openai":
             merge_worker_caches(folder)
+        too_many_failed(manifest, g.max_failed_share)
 
     return Stage(
         name="generate", settings=settings, fingerprint=fingerprint(settings),
         shards=task_shards(cfg), work=generate_shard, params=GenerateParams(g, template),
         outputs=["traces"], resources=teacher or teacher_factory(cfg, folder, per_worker),
         facts=facts, upstream={"task": cfg.section("task")}, finalize=finalize,
-        rates=("tokens", "requests"))
+        rates=("tokens", "requests"), paid=True,
+        redo=_has_failed_rows if retry_failed else None)
+
+
+def _has_failed_rows(record: dict) -> bool:
+    return record.get("counters", {}).get("errors", 0) > 0
 
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
          teacher: Callable[[], Backend] | None = None,
-         role: ArrayRole | None = None) -> dict | None:
+         role: ArrayRole | None = None, retry_failed: bool = False) -> dict | None:
     """Run the generate stage; `teacher` builds the backend instead of the configured one;
     `role`: this process's part of a job array (None: the whole stage, with the executor of
-    `generate.executor`). Returns the manifest (None from an array worker)."""
+    `generate.executor`); `retry_failed`: re-send only the rows that ended with an error.
+    Returns the manifest (None from an array worker)."""
     run, g = as_run_folder(run), cfg.generate
     executor = executor_for(g.executor, g.workers, cfg.ray, role)
     per_worker = role is not None or g.executor == "ray" or not run.is_local
-    manifest = run_stage(plan(cfg, run, teacher, per_worker), run.stage("generate"), force,
-                         executor)
+    manifest = run_stage(plan(cfg, run, teacher, per_worker, retry_failed),
+                         run.stage("generate"), force, executor)
     if manifest is None:
         return None
     c = manifest["counters"]

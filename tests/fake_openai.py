@@ -3,8 +3,10 @@ real HTTP on 127.0.0.1, scripted failures.
 
 Each request's user message selects its script (`SCRIPTS`), a list of what to do on the first,
 second, ... attempt: "ok", "429" (with Retry-After), "500", "400" (permanent), "stall" (answer
-after the client's timeout), "malformed" (200 with a body that is not JSON) or "truncated"
-(200 whose body stops short of its Content-Length). Unscripted prompts always get "ok".
+after the client's timeout), "malformed" (200 with a body that is not JSON), "truncated"
+(200 whose body stops short of its Content-Length), "drop" (the connection closed with no
+answer), "401" (a rejected key, whose message echoes the key it was sent, as some servers do)
+or "404" (no such model). Unscripted prompts get `default` ("ok" unless told).
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def completion(prompt: str, n: int, k: int, max_tokens: int, endpoint: str = "ch
 
 class FakeServer:
     def __init__(self, scripts: dict[str, list[str]] | None = None, stall_seconds: float = 2.0,
-                 delay: float = 0.0, stop_token: bool = False, strings: bool = False):
+                 delay: float = 0.0, stop_token: bool = False, strings: bool = False,
+                 default: str = "ok"):
         self.scripts = scripts or {}
+        self.default = default
         self.stop_token = stop_token
         self.strings = strings
         self.delay = delay
@@ -100,8 +104,21 @@ class FakeServer:
                     server.attempts[prompt] += 1
                     server.times.setdefault(prompt, []).append(time.monotonic())
                 script = server.scripts.get(prompt, [])
-                action = script[attempt] if attempt < len(script) else "ok"
-                if action == "429":
+                action = script[attempt] if attempt < len(script) else (
+                    "ok" if script else server.default)
+                if action == "401":
+                    sent = self.headers.get("Authorization", "")
+                    self._send(401, json.dumps({"error": {
+                        "message": f"Incorrect API key provided: {sent.split()[-1]}. You can "
+                                   "find your API key at https://example.invalid/keys",
+                        "type": "invalid_request_error", "code": "invalid_api_key"}}).encode())
+                elif action == "404":
+                    self._send(404, json.dumps({"error": {
+                        "message": f"The model `{body.get('model')}` does not exist."}}).encode())
+                elif action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif action == "429":
                     self._send(429, b'{"error": {"message": "slow down"}}',
                                {"Retry-After": "0.2"})
                 elif action == "500":

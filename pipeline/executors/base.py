@@ -124,7 +124,8 @@ def previous_outputs(stage: Stage, folder: StageFolder, shard: Shard) -> Shard:
         return shard
     entries = record["outputs"]
     tables = {kind: folder.read_checked(entry) for kind, entry in entries.items()}
-    return dataclasses.replace(shard, previous=lambda: tables)
+    return dataclasses.replace(shard, previous=lambda: tables,
+                               previous_counters=record.get("counters", {}))
 
 
 def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],

@@ -14,8 +14,14 @@ from typing import Callable, Protocol
 import numpy as np
 
 from pipeline.models import tokens_within
+from pipeline.secrets import scrub
 
 LOGPROB_SOURCE = "raw_logits"  # log_softmax of the logits before temperature / top-p
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher cannot answer any request (a rejected key, a missing model): the stage
+    stops at once instead of recording the same error on every row."""
 
 
 @dataclass
@@ -86,15 +92,19 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
             settings.seed = seed_of(b)
         try:
             results = backend.generate(batch, settings)
+        except TeacherUnavailable:
+            raise
         except Exception:
             results = []
             for prompt in batch:
                 try:
                     results.append(backend.generate([prompt], settings)[0])
+                except TeacherUnavailable:
+                    raise
                 except Exception as e:  # recorded on the row; the run goes on
-                    results.append(f"{type(e).__name__}: {e}\n"
-                                   f"{traceback.format_exc(limit=3)}")
-        outcomes = [r if isinstance(r, (list, str)) else str(r) for r in results]
+                    results.append(scrub(f"{type(e).__name__}: {e}\n"
+                                         f"{traceback.format_exc(limit=3)}"))
+        outcomes = [r if isinstance(r, list) else scrub(str(r)) for r in results]
         out.extend(outcomes)
         if on_batch is not None:
             on_batch(outcomes)

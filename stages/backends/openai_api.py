@@ -29,10 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.models import tokens_within
-from stages.backends.base import Generation, SamplingSettings
+from pipeline.secrets import remember, scrub
+from stages.backends.base import Generation, SamplingSettings, TeacherUnavailable
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Answers that no retry or other row can change: the stage stops with one line.
+_FATAL_STATUS = {401: "the server rejected the API key (401 Unauthorized)",
+                 403: "the API key is not allowed to do this (403 Forbidden)",
+                 404: "not found (404): the model is not served there, or the base URL is "
+                      "wrong"}
 
 
 class RequestCache:
@@ -250,6 +256,7 @@ class OpenAIBackend:
                              "the most top_logprobs an OpenAI-compatible API returns; lower it "
                              "or use the hf backend")
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        remember(key)  # scrubbed from every error text from now on
         if cfg.api_key_env and not key and not cfg.base_url:
             raise ValueError(f"environment variable {cfg.api_key_env} is not set; export the "
                              "API key there (it is never written to disk)")
@@ -323,7 +330,10 @@ class OpenAIBackend:
                     self.cache.put(key, result)
                     return result
                 except Exception as error:  # sorted below into retryable and permanent
-                    last = f"{type(error).__name__}: {error}"
+                    last = scrub(f"{type(error).__name__}: {error}")
+                    status = getattr(error, "status_code", None)
+                    if status in _FATAL_STATUS:
+                        raise TeacherUnavailable(self._fatal(status, last)) from None
                     if not _is_retryable(error) or attempt == self.cfg.max_retries:
                         break
                     wait = _retry_after(error)
@@ -334,9 +344,27 @@ class OpenAIBackend:
         self.stats["failed"] += 1
         return last
 
+    def _fatal(self, status: int, error: str) -> str:
+        where = self.cfg.base_url or "the OpenAI API"
+        what = _FATAL_STATUS[status]
+        if status in (401, 403):
+            what += f"; check the key in ${self.cfg.api_key_env}"
+        else:
+            what += f" (generate.model={self.cfg.model!r}, generate.base_url={where!r})"
+        return (f"the teacher at {where} cannot be used: {what}. Responses already received "
+                f"are kept in the request cache. Server said: {error[:300]}")
+
     async def _all(self, bodies: list[dict]) -> list:
+        """Every request, at most `concurrency` in flight; a fatal answer cancels the rest."""
         semaphore = asyncio.Semaphore(self.cfg.concurrency)
-        return await asyncio.gather(*(self._one(b, semaphore) for b in bodies))
+        tasks = [asyncio.ensure_future(self._one(b, semaphore)) for b in bodies]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list:
         """One request per prompt; a prompt whose request failed for good gives a RuntimeError

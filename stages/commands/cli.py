@@ -18,6 +18,7 @@ from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_c
 from pipeline.executors.array import ArrayRole
 from pipeline.log import is_main_process
 from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.secrets import scrub
 
 STAGES = ["generate", "filter", "train", "eval"]
 ARRAY_STAGES = ("generate", "filter")  # the stages a job array can split
@@ -37,11 +38,12 @@ def _stage_main(name: str):
 
 def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
                force: bool = False, role: ArrayRole | None = None,
-               separate_processes: bool = False) -> None:
+               separate_processes: bool = False, retry_failed: bool = False) -> None:
     """Run the named stages in order on one run folder (its `config.yaml` is the last
     configuration a stage ran with); `role`: a job-array part of a generate or filter run.
     `separate_processes`: each stage in a fresh process (what `distill all` does), so the
-    teacher engine's memory is given back before the student trains."""
+    teacher engine's memory is given back before the student trains. `retry_failed`: the
+    generate stage re-sends the rows that ended with an error."""
     run = as_run_folder(run)
     if len(names) > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("under torchrun / accelerate launch run one stage (`distill train`), "
@@ -52,12 +54,13 @@ def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
     for name in names:
         t0 = time.time()
         say(f"==> {name} ({run})")
+        extra = {"retry_failed": True} if retry_failed and name == "generate" else {}
         if role is not None:
-            _stage_main(name)(cfg, run, force=force, role=role)
+            _stage_main(name)(cfg, run, force=force, role=role, **extra)
         elif len(names) > 1 and separate_processes:
-            _in_child(name, cfg, run, force)
+            _in_child(name, cfg, run, force, extra)
         else:
-            _stage_main(name)(cfg, run, force=force)
+            _stage_main(name)(cfg, run, force=force, **extra)
         say(f"==> {name} finished in {time.time() - t0:.1f}s")
 
 
@@ -69,22 +72,22 @@ class StageFailed(Exception):
         self.code = code
 
 
-def _child(name: str, cfg: Config, url: str, force: bool) -> None:
+def _child(name: str, cfg: Config, url: str, force: bool, extra: dict) -> None:
     import resource
 
-    code = reported(lambda: _stage_main(name)(cfg, RunFolder(url), force=force))
+    code = reported(lambda: _stage_main(name)(cfg, RunFolder(url), force=force, **extra))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     say(f"==> {name}: peak resident memory {peak:,.0f} MiB")
     sys.exit(code)
 
 
-def _in_child(name: str, cfg: Config, run: RunFolder, force: bool) -> None:
+def _in_child(name: str, cfg: Config, run: RunFolder, force: bool, extra: dict) -> None:
     """Run one stage in a fresh process (spawned: no engine, thread pool or CUDA context is
     inherited) and wait for it; its memory is the operating system's again when it ends."""
     import multiprocessing
 
     child = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(name, cfg, run.url, force), name=f"distill-{name}")
+        target=_child, args=(name, cfg, run.url, force, extra), name=f"distill-{name}")
     child.start()
     try:
         child.join()
@@ -112,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
                        help="where run folders live")
         p.add_argument("--force", action="store_true",
-                       help="discard this stage's previous output and redo it")
+                       help="redo the stage; its previous output is kept aside (`distill gc` "
+                       "removes it) and an API teacher's cached responses are reused")
+        if name in ("generate", "all"):
+            p.add_argument("--retry-failed", action="store_true",
+                           help="re-send only the rows whose generation ended with an error")
         if name in ARRAY_STAGES:
             g = p.add_argument_group(
                 "job arrays", "split the stage over processes a scheduler starts (Slurm "
@@ -129,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "clearing its previous output); run once before an array")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="settings that override the config file")
+    p = sub.add_parser("gc", help="list (and with --yes remove) the output a run keeps "
+                       "aside: other settings' output and quarantined files")
+    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--yes", action="store_true", help="remove them (default: only list)")
+    p.add_argument("--quarantine", action="store_true",
+                   help="also the damaged files moved to <stage>/quarantine/")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--keys", action="store_true",
@@ -169,7 +183,13 @@ def reported(work) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a permission, a lost mount: the system's words
+        what = f"{e.strerror or e} ({e.filename})" if e.filename else (e.strerror or str(e))
+        print(f"error: {scrub(what)}. Finished work is kept and nothing half-written is "
+              "trusted: fix the cause (free disk space, permissions) and run the same command "
+              "again to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is kept; run the same command again to resume",
@@ -184,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> None:
+        if args.command == "gc":
+            from stages.commands.gc import gc
+
+            gc(RunFolder.at(args.runs_dir, args.run), args.yes, args.quarantine)
+            return
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             if args.keys:
@@ -194,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         names = STAGES if args.command == "all" else [args.command]
         run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,
-                   role=array_role(args), separate_processes=args.command == "all")
+                   role=array_role(args), separate_processes=args.command == "all",
+                   retry_failed=getattr(args, "retry_failed", False))
 
     return reported(work)
 
