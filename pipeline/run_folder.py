@@ -212,11 +212,18 @@ class StageFolder:
         names = self.output_names() if names is None else names
         if not names:
             return None
-        if self.exists(f"{ASIDE}/{label}"):
-            label = f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        label = self._unused(ASIDE, label)
         for name in names:
             self.move(name, f"{ASIDE}/{label}/{name}")
         return f"{ASIDE}/{label}"
+
+    def _unused(self, folder: str, label: str) -> str:
+        """`label`, or `label-2`, `label-3`, ...: the first name not taken in `folder`."""
+        name, n = label, 1
+        while self.exists(f"{folder}/{name}"):
+            n += 1
+            name = f"{label}-{n}"
+        return name
 
     def bring_back(self, label: str) -> bool:
         """Move an output set aside as `label` back into place; False when there is none."""
@@ -233,7 +240,7 @@ class StageFolder:
     def quarantine(self, file: str, why: str) -> str:
         """Move a damaged file to `quarantine/` (kept for the user to look at, never deleted)
         with a note of why; returns where it went."""
-        dest = f"{QUARANTINE}/{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}/{file}"
+        dest = f"{QUARANTINE}/{self._unused(QUARANTINE, time.strftime('%Y%m%dT%H%M%S'))}/{file}"
         self.move(file, dest)
         self.write_bytes(dest + ".why.txt", f"{why}\n".encode())
         log(self.name, f"{self.where(file)} is damaged ({why}): moved to {self.where(dest)}")

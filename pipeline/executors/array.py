@@ -11,8 +11,8 @@ worker ever deletes or rewrites a shard made by another (a finished shard is rec
 own metadata and kept). `--finalize` checks that every shard of the plan is there, made with
 these settings from this input, and writes the manifest, last. A shard's content does not
 depend on which worker made it or how many there were: its seeds come from the shard's name.
-`--plan-only` writes the plan and stops (with `--force`, after clearing the stage's previous
-output): the step to run once before an array whose settings changed.
+`--plan-only` writes the plan and stops (with `--force`, after setting the stage's previous
+output aside): the step to run once before an array whose settings changed.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def _check_plan(stage: Stage, folder: StageFolder, plan: dict, what: str) -> Non
         raise RunFolderError(
             f"{what} refused: {folder} was planned with other settings ({why}). Every worker "
             "of an array must run with the same config and overrides. To start over with these "
-            f"settings, run `distill {stage.name} --plan-only --force` once (it clears the "
-            "stage's output), then start the workers again")
+            f"settings, run `distill {stage.name} --plan-only --force` once (it sets the "
+            "stage's output aside), then start the workers again")
     if "shards" in plan and plan["shards"] != planned_shards(stage):
         raise RunFolderError(
             f"{what} refused: the input of {folder} differs from the plan its workers share "

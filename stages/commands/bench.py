@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -142,7 +143,6 @@ def scale_once(executor: str, rows: int) -> dict:
     or 2 job-array processes, each worker on one thread: wall time of the whole stage (every
     worker's model load included; the local Ray cluster's start-up timed apart) and a digest
     of the rows it wrote."""
-    import hashlib
     import tempfile
 
     from pipeline.config import load_config
@@ -270,7 +270,56 @@ def bench_filter() -> list[tuple[str, str]]:
     print()
     return [(f"filter, {source}, default settings, 1 thread",
              f"{len(texts) / best:,.0f} traces/s, kept {kept}/{len(texts)} "
-             f"({100 * (1 - kept / len(texts)):.2f}% rejected)")]
+             f"({100 * (1 - kept / len(texts)):.2f}% rejected)"),
+            verification_cost(recs[:2000], gens[:2000], params)]
+
+
+def verification_cost(recs: list[dict], gens: list, params) -> tuple[str, str]:
+    """What checking a shard against its manifest costs the stage that reads it: the traces
+    as a generate shard with top-20 log-probabilities (random values of the real shape, so the
+    file is as large as a real one), written to a run folder; then the filter's read of it,
+    with and without the sha256 check, and its work on it. Best of three each."""
+    import tempfile
+
+    from pipeline.run_folder import RunFolder
+    from pipeline.schema import traces_table
+    from pipeline.stage import Shard
+    from stages.backends.base import Generation
+    from stages.filter import filter_shard
+
+    rng = np.random.default_rng(0)
+    k = 20
+    full = [Generation(g.text, g.finish_reason, g.token_ids,
+                       -rng.random(len(g.token_ids), dtype=np.float32),
+                       rng.integers(0, 49152, (len(g.token_ids), k), dtype=np.int32),
+                       np.sort(-rng.exponential(2.0, (len(g.token_ids), k))
+                               .astype(np.float32), axis=1)[:, ::-1].copy())
+            for g in gens]
+    table = traces_table(recs, full, k)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = RunFolder(tmp).stage("generate")
+        entry = folder.write_table("traces-00000.parquet", table, {})
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        data = Path(folder.path(entry["file"])).read_bytes()
+        plain = best(lambda: folder.read_table(entry["file"]))
+        checked = best(lambda: folder.read_checked(entry))
+        digest = best(lambda: hashlib.sha256(data).hexdigest())
+        work = best(lambda: filter_shard(params, Shard.of("x", table)))
+    stage = checked + work
+    return (f"shard check on read (sha256), {len(recs)} traces with top-{k}, "
+            f"{entry['bytes'] / 2**20:.0f} MiB shard",
+            f"the sha256 takes {1000 * digest:.0f} ms of the {1000 * stage:.0f} ms the filter "
+            f"takes to read and filter the shard: {100 * digest / stage:.1f}% (the checked "
+            f"read, bytes read once then hashed and parsed: {1000 * checked:.0f} ms; pyarrow's "
+            f"own read, unchecked: {1000 * plain:.0f} ms)")
 
 
 def _train_rows(tok, n: int, k: int = 20) -> list[dict]:

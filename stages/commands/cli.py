@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "manifest")
             g.add_argument("--plan-only", action="store_true",
                            help="write the stage's plan and stop (with --force: after "
-                           "clearing its previous output); run once before an array")
+                           "setting its previous output aside); run once before an array")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="settings that override the config file")
     p = sub.add_parser("gc", help="list (and with --yes remove) the output a run keeps "
