@@ -194,8 +194,14 @@ class StageFolder:
         self.fs.makedirs(posixpath.dirname(self.path(dest)), exist_ok=True)
         if self.run.is_local:
             os.replace(self.path(src), self.path(dest))
-        else:
-            self.fs.mv(self.path(src), self.path(dest), recursive=True)
+            return
+        # object storage: a folder is its keys; each is copied server-side, then removed
+        source = self.path(src)
+        keys = self.fs.find(source) if self.fs.isdir(source) else [source]
+        for key in keys:
+            self.fs.copy(key, self.path(dest) + key[len(source):])
+        for key in keys:
+            self.fs.rm_file(key)
 
     def output_names(self) -> list[str]:
         """The top-level names of the folder that belong to one settings' output (everything
@@ -269,10 +275,12 @@ class StageFolder:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def write_manifest(self, manifest: dict) -> None:
-        """Write the manifest, last: from now on the stage counts as finished."""
-        self.write_json(MANIFEST, {"format_version": FORMAT_VERSION, "finished_at": _now(),
-                                   **manifest})
+    def write_manifest(self, manifest: dict) -> dict:
+        """Write the manifest, last: from now on the stage counts as finished. Returns it as
+        written."""
+        written = {"format_version": FORMAT_VERSION, "finished_at": _now(), **manifest}
+        self.write_json(MANIFEST, written)
+        return written
 
     def drop_manifest(self) -> None:
         self.remove(MANIFEST)

@@ -140,3 +140,29 @@ def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, e
     assert "resuming from" in resumed.stderr and "checkpoint-1" in resumed.stderr
     assert fs.exists(f"{root}/train/checkpoints/checkpoint-2/trainer_state.json")
     assert folder.manifest()["counters"]["steps"] == 2
+
+
+def test_one_writer_damaged_shards_and_kept_settings_on_s3(s3):
+    """The lock, the check on read and the per-fingerprint output through the store."""
+    from pipeline.lock import StageLock, StageLocked
+
+    folder = RunFolder(f"{s3}/paid").stage("toy")
+    with StageLock(folder):
+        with pytest.raises(StageLocked, match="being written by another process"):
+            StageLock(folder).acquire()
+    assert not folder.exists("lock.json")
+    first = run_stage(toy(), folder)
+    other = toy()
+    other.settings, other.fingerprint = {"k": 2}, fingerprint({"k": 2})
+    run_stage(other, folder)
+    assert folder.exists(f"by-fingerprint/{first['fingerprint']}/out-00000.parquet")
+    back = run_stage(toy(), folder)  # the first settings' output is brought back whole
+    assert back == first  # its manifest, as it was: up to date, nothing redone
+    # a damaged object is found, quarantined and its shard alone remade
+    key = folder.path("out-00003.parquet")
+    data = bytearray(folder.fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    folder.fs.pipe_file(key, bytes(data))
+    again = run_stage(toy(), folder)
+    assert again["shards_written"] == 1 and again["shards_reused"] == 4
+    assert folder.files_under("quarantine", "out-00003.parquet")

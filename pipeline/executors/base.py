@@ -225,7 +225,7 @@ def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: fl
     }
     if stage.finalize is not None:
         stage.finalize(manifest)
-    folder.write_manifest(manifest)
+    manifest = folder.write_manifest(manifest)
     log(stage.name, f"done: {written} shard(s) written, {len(done) - written} reused, in "
         f"{time.time() - started:.1f}s -> {folder}")
     return manifest
