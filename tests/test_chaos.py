@@ -109,6 +109,22 @@ def test_generate_killed_at_random_points_under_a_faulty_server(tmp_path):
     no_key_under(tmp_path)
 
 
+def test_a_server_that_echoes_the_rejected_key_gets_it_nowhere(tmp_path):
+    """401 with the key in its body, on the first run and on a rerun after a good one."""
+    with FakeServer() as server:
+        good = subprocess.run(args_for(tmp_path, server.base_url), env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert good.returncode == 0, good.stderr
+    with FakeServer(default="401") as server:
+        for args in (args_for(tmp_path, server.base_url, "generate", "generate.seed=7"),
+                     args_for(tmp_path, server.base_url, "all", "generate.seed=8")):
+            bad = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+            assert bad.returncode == 1
+            assert "401 Unauthorized" in bad.stderr and "Traceback" not in bad.stderr
+            assert KEY not in bad.stderr + bad.stdout and KEY[9:] not in bad.stderr
+    no_key_under(tmp_path)
+
+
 def test_filter_killed_at_random_points(tmp_path):
     seed = random.randrange(10**6)
     print("seed", seed)
