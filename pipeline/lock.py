@@ -21,6 +21,7 @@ import uuid
 
 from pipeline.log import log
 from pipeline.run_folder import LOCK, RunFolderError, StageFolder
+from pipeline.secrets import scrub
 
 DEFAULT_LEASE_S = 120.0
 
@@ -75,8 +76,8 @@ class StageLock:
         self.lease_s = lease_seconds() if lease_s is None else lease_s
         self.token = uuid.uuid4().hex
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "command": " ".join(os.path.basename(a) if i == 0 else a
-                                       for i, a in enumerate(sys.argv))[:300],
+                   "command": scrub(" ".join(os.path.basename(a) if i == 0 else a
+                                             for i, a in enumerate(sys.argv)))[:300],
                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started": time.time(),
                    "lease_s": self.lease_s, "token": self.token}
         self.lost: str | None = None
