@@ -311,3 +311,20 @@ def test_an_incomplete_checkpoint_is_skipped_and_said(tmp_path):
     assert last_complete_checkpoint(tmp_path, said.append) == str(good)
     assert not cut.exists() and not damaged.exists()
     assert "checkpoint-4 is incomplete" in said[0] and "optimizer.pt is not as saved" in said[1]
+
+
+def test_a_full_request_cache_stops_the_stage_instead_of_failing_rows(tmp_path):
+    from stages.backends.openai_api import OpenAIBackend
+
+    with FakeServer() as server:
+        cfg = config(server.base_url)
+        backend = OpenAIBackend(cfg.generate, tmp_path / "requests.sqlite")
+        pages = backend.cache.db.execute("PRAGMA page_count").fetchone()[0]
+        backend.cache.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's disk is full
+        settings = generate.SamplingSettings(n=1, temperature=0.5, top_p=1.0, max_new_tokens=5,
+                                             top_k=4, seed=0, stop=[])
+        from stages.backends.base import generate_in_batches
+
+        with pytest.raises(OSError, match="request cache cannot be written.*full"):
+            generate_in_batches(backend, ["q1", "q2"], settings, 2)
+        backend.close()

@@ -82,7 +82,8 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
     """Every prompt through `backend`, `per_batch` at a time, in order.
 
     A batch that raises is retried prompt by prompt, so one bad row does not sink the others;
-    a prompt that fails for good gives its error as a string. `seed_of(b)` is batch b's
+    a prompt that fails for good gives its error as a string. A teacher that cannot answer
+    at all (`TeacherUnavailable`) or an OSError of this machine (a full disk) stops the loop. `seed_of(b)` is batch b's
     sampling seed (default: `settings.seed`); `on_batch` sees each batch's outcomes.
     """
     out: list[Outcome] = []
@@ -92,14 +93,14 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
             settings.seed = seed_of(b)
         try:
             results = backend.generate(batch, settings)
-        except TeacherUnavailable:
+        except (TeacherUnavailable, OSError):  # the teacher or this machine, not a row
             raise
         except Exception:
             results = []
             for prompt in batch:
                 try:
                     results.append(backend.generate([prompt], settings)[0])
-                except TeacherUnavailable:
+                except (TeacherUnavailable, OSError):
                     raise
                 except Exception as e:  # recorded on the row; the run goes on
                     results.append(scrub(f"{type(e).__name__}: {e}\n"

@@ -75,8 +75,14 @@ class RequestCache:
             target.close()
 
     def put(self, key: str, body: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(body)))
-        self.db.commit()
+        """Store a response; a cache that cannot be written (a full disk) stops the stage: a
+        paid-for response that cannot be kept must not be taken for a failed row."""
+        try:
+            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)",
+                            (key, json.dumps(body)))
+            self.db.commit()
+        except sqlite3.OperationalError as e:
+            raise OSError(f"the request cache cannot be written ({e})") from None
 
 
 def merge_request_caches(dest: Path, sources: list[Path]) -> int:
@@ -327,8 +333,6 @@ class OpenAIBackend:
                     result = response.model_dump()
                     if not result.get("choices"):
                         raise json.JSONDecodeError("response has no choices", "", 0)
-                    self.cache.put(key, result)
-                    return result
                 except Exception as error:  # sorted below into retryable and permanent
                     last = scrub(f"{type(error).__name__}: {error}")
                     status = getattr(error, "status_code", None)
@@ -337,6 +341,9 @@ class OpenAIBackend:
                     if not _is_retryable(error) or attempt == self.cfg.max_retries:
                         break
                     wait = _retry_after(error)
+                else:
+                    self.cache.put(key, result)
+                    return result
             self.stats["retries"] += 1
             if wait is None:  # full jitter (AWS architecture blog, "Exponential Backoff")
                 wait = random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt))
