@@ -1,7 +1,10 @@
-"""The `distill` command: one subcommand per stage, plus `all` for the four in order.
+"""The `distill` command: one subcommand per stage, `all` for the four in order, `gc` to free
+what the stages keep aside, `config` to see the settings.
 
     distill generate --config configs/demo.yaml --run demo [section.key=value ...]
     distill filter   --config configs/demo.yaml --run demo filter.min_steps=2
+    distill generate --run demo --retry-failed     # re-send only the rows that failed
+    distill gc --run demo [--yes]                  # other settings' output, kept aside
 """
 
 from __future__ import annotations
