@@ -53,7 +53,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
 
 bench: setup
-	$(BIN)/python -m stages.commands.bench
+	$(BIN)/python -m stages.commands.bench $(if $(ONLY),--only $(ONLY))
 
 clean-run:
 	rm -rf data/runs/$(RUN)

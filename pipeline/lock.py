@@ -158,7 +158,3 @@ class StageLock:
         held = self.holder()
         if held and held.get("token") == self.token:
             self.folder.remove(LOCK)
-
-
-def lock_for(folder: StageFolder) -> StageLock:
-    return StageLock(folder)

@@ -356,12 +356,7 @@ class StageFolder:
         path = self.path(entry["file"])
         if not self.fs.isfile(path):
             return "missing"
-        size = self.fs.size(path)
-        if size != entry["bytes"]:
-            return f"{size} bytes where {entry['bytes']} were written"
-        if "sha256" in entry and _sha256(self.fs, path) != entry["sha256"]:
-            return "its sha256 is not the one recorded when it was written"
-        return None
+        return _mismatch(entry, self.fs.size(path), lambda: _sha256(self.fs, path))
 
     def problems(self, entries: list[dict], quarantine: bool = False) -> dict[str, str]:
         """What is wrong with each file of `entries` that is not as recorded ({file: why});
@@ -411,11 +406,7 @@ class StageFolder:
         except FileNotFoundError:
             self.drop_manifest()
             raise DamagedFile(self.where(file), "it is missing", then) from None
-        why = None
-        if len(data) != entry["bytes"]:
-            why = f"{len(data)} bytes where {entry['bytes']} were written"
-        elif "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            why = "its sha256 is not the one recorded when it was written"
+        why = _mismatch(entry, len(data), lambda: hashlib.sha256(data).hexdigest())
         table = None
         if why is None:
             try:
@@ -601,6 +592,16 @@ class StageFolder:
         target = self.local_path(name, f"the folder {name}/")
         shutil.rmtree(target, ignore_errors=True)
         built.rename(target)
+
+
+def _mismatch(entry: dict, size: int, sha256) -> str | None:
+    """Why a file of `size` bytes (and the digest `sha256()`, computed only when the size
+    matches) is not the one its manifest entry records, or None."""
+    if size != entry["bytes"]:
+        return f"{size} bytes where {entry['bytes']} were written"
+    if "sha256" in entry and sha256() != entry["sha256"]:
+        return "its sha256 is not the one recorded when it was written"
+    return None
 
 
 def _sha256(fs, path: str) -> str:

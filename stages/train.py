@@ -9,6 +9,7 @@ the sum of the loss terms the settings switch on (`trainer.losses`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -82,11 +83,15 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     """Train the student; under `torchrun` / `accelerate launch` every process trains and the
     main one writes (the others return None)."""
     import torch
+    from datasets import Dataset
     from transformers import TrainingArguments
 
     from pipeline.lock import StageLock
-    from pipeline.models import load_tokenizer, resolve_model
-    from trainer.examples import build_examples
+    from pipeline.models import load_tokenizer, model_revision, resolve_model, \
+        tokenizer_fingerprint
+    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
+                             last_complete_checkpoint)
+    from trainer.examples import DSSCollator, build_examples
     from trainer.lora import lora_student
     from trainer.losses import terms_from_settings
     from trainer.students import student_for
@@ -154,82 +159,59 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
         data_seed=t.seed, report_to="none", remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         logging_first_step=True, disable_tqdm=False)
-    # The main process alone prepares the folder (dropping other settings' output); the others
-    # wait for it, then each machine's first process fetches the checkpoints of a run folder
-    # on object storage, so that every process resumes from the same one.
-    # The main process holds the stage's lock (one writer) until the adapter is published.
-    lock = StageLock(folder)
-    with args.main_process_first(local=False, desc="prepare the train folder"):
-        if args.process_index == 0:
-            lock.acquire()
-            folder.clean_temporary()
-            if folder.begin(fp, settings, force) is not None:
-                folder.drop_manifest()
-                log(folder.name, "the adapter is missing or damaged: training again")
-    try:
-        return _train(folder, run, args, ckpt_dir, model, student, tokenizer, examples, terms,
-                      lock, {"fp": fp, "settings": settings, "upstream": upstream, "t": t,
-                             "student_path": student_path, "kd_lam": kd_lam, "rows": rows,
-                             "token_targets": token_targets, "n_trainable": n_trainable})
-    finally:
-        if args.process_index == 0:
-            lock.release()
+    # The main process holds the stage's lock (one writer) until the adapter is published and
+    # alone prepares the folder (setting other settings' output aside); the others wait for
+    # it, then each machine's first process fetches the checkpoints of a run folder on object
+    # storage, so that every process resumes from the same one.
+    lock = StageLock(folder) if args.process_index == 0 else None
+    with lock or contextlib.nullcontext():
+        with args.main_process_first(local=False, desc="prepare the train folder"):
+            if lock is not None:
+                folder.clean_temporary()
+                if folder.begin(fp, settings, force) is not None:
+                    folder.drop_manifest()
+                    log(folder.name, "the adapter is missing or damaged: training again")
+        with args.main_process_first(local=True, desc="fetch checkpoints"):
+            if not run.is_local and args.local_process_index == 0:
+                folder.mirror_down("checkpoints", ckpt_dir)
+        training_log = JsonlLogCallback(
+            lambda records: folder.write_jsonl("log.jsonl", records),
+            folder.read_jsonl("log.jsonl"))
+        callbacks = [training_log, SealCheckpoints()]
+        if not run.is_local:
+            callbacks.append(OnSave(lambda: folder.mirror_up(ckpt_dir, "checkpoints")))
+        trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                             data_collator=DSSCollator(student, tokenizer.pad_token_id),
+                             terms=terms, student=student, callbacks=callbacks)
 
-
-def _train(folder, run, args, ckpt_dir, model, student, tokenizer, examples, terms, lock,
-           done: dict) -> dict | None:
-    """Train (resuming from the last complete checkpoint), then publish the adapter and commit
-    (the main process; the others return None)."""
-    from datasets import Dataset
-
-    from pipeline.models import model_revision, tokenizer_fingerprint
-    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
-                             last_complete_checkpoint)
-    from trainer.examples import DSSCollator
-
-    fp, settings, upstream, t = done["fp"], done["settings"], done["upstream"], done["t"]
-    with args.main_process_first(local=True, desc="fetch checkpoints"):
-        if not run.is_local and args.local_process_index == 0:
-            folder.mirror_down("checkpoints", ckpt_dir)
-    training_log = JsonlLogCallback(lambda records: folder.write_jsonl("log.jsonl", records),
-                                    folder.read_jsonl("log.jsonl"))
-    callbacks = [training_log, SealCheckpoints()]
-    if not run.is_local:
-        callbacks.append(OnSave(lambda: folder.mirror_up(ckpt_dir, "checkpoints")))
-    trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                         data_collator=DSSCollator(student, tokenizer.pad_token_id),
-                         terms=terms, student=student, callbacks=callbacks)
-
-    # ---- train (resuming from the last checkpoint), then publish the adapter and commit
-    last = last_complete_checkpoint(ckpt_dir, lambda line: log(folder.name, line))
-    if last:
-        log(folder.name, f"resuming from {last}")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=last)
-    if args.process_index != 0:  # the main process writes the adapter and the manifest
-        return None
-    lock.check()
-    built = folder.working_dir("adapter.tmp")
-    shutil.rmtree(built, ignore_errors=True)
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
-    tokenizer.save_pretrained(built)
-    folder.publish_dir(built, "adapter")
-    manifest = {
-        "stage": "train", "fingerprint": fp, "settings": settings,
-        "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},
-        "facts": {"student": t.student,
-                  "student_revision": model_revision(done["student_path"]),
-                  "student_kind": student.kind,
-                  "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                  "trainable_parameters": done["n_trainable"], "kd_lam_used": done["kd_lam"],
-                  "explain_targets": "tokens" if done["token_targets"] else "text",
-                  "loss_terms": {term.name: term.weight for term in terms}, "name": t.name},
-        "counters": {"traces": len(done["rows"]), "steps": result.global_step,
-                     "train_loss": round(result.training_loss, 4)},
-        "files": folder.entries_under("adapter"),
-        "seconds": round(time.time() - t0, 1),
-    }
-    folder.write_manifest(manifest)
+        # ---- train (from the last complete checkpoint), then publish the adapter and commit
+        last = last_complete_checkpoint(ckpt_dir, lambda line: log(folder.name, line))
+        if last:
+            log(folder.name, f"resuming from {last}")
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=last)
+        if lock is None:  # the main process writes the adapter and the manifest
+            return None
+        lock.check()
+        built = folder.working_dir("adapter.tmp")
+        shutil.rmtree(built, ignore_errors=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
+        tokenizer.save_pretrained(built)
+        folder.publish_dir(built, "adapter")
+        manifest = folder.write_manifest({
+            "stage": "train", "fingerprint": fp, "settings": settings,
+            "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},
+            "facts": {"student": t.student, "student_revision": model_revision(student_path),
+                      "student_kind": student.kind,
+                      "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                      "trainable_parameters": n_trainable, "kd_lam_used": kd_lam,
+                      "explain_targets": "tokens" if token_targets else "text",
+                      "loss_terms": {term.name: term.weight for term in terms}, "name": t.name},
+            "counters": {"traces": len(rows), "steps": result.global_step,
+                         "train_loss": round(result.training_loss, 4)},
+            "files": folder.entries_under("adapter"),
+            "seconds": round(time.time() - t0, 1),
+        })
     log(folder.name, f"done: {result.global_step} steps, loss {result.training_loss:.4f}, "
         f"{time.time() - t0:.0f}s -> {folder.where('adapter')}")
     return manifest

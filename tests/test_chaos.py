@@ -165,7 +165,6 @@ def test_every_byte_flip_or_truncation_is_caught_naming_the_file(tmp_path):
         generate.main(cfg, tmp_path)
         filter_stage.main(cfg, tmp_path)
         answered = sum(server.successes.values())
-        caught = 0
         for trial in range(40):
             stage = rng.choice(["generate", "filter"])
             folder = tmp_path / stage
@@ -192,10 +191,8 @@ def test_every_byte_flip_or_truncation_is_caught_naming_the_file(tmp_path):
                 if stage == "generate":
                     filter_stage.main(cfg, tmp_path)
             assert len(list(quarantine.rglob(target.name))) == before + 1, (trial, target)
-            caught += 1
             assert RunFolder(tmp_path).stage(stage).intact(
                 RunFolder(tmp_path).stage(stage).manifest())
-        assert caught == 40
         # every remade generate shard came from the request cache: nothing paid twice
         assert sum(server.successes.values()) == answered
     every_row_once(tmp_path)

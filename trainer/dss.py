@@ -96,11 +96,8 @@ SEAL = "complete.json"  # written into a checkpoint folder once everything in it
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def seal_checkpoint(folder: Path) -> None:

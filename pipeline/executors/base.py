@@ -89,10 +89,10 @@ def reuse(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
             or record.get("input_checksum") != shard.checksum
             or set(record.get("outputs", {})) != set(stage.outputs)):
         return None
+    if stage.redo is not None and stage.redo(record):
+        return None
     entries = record["outputs"]
     if folder.problems(list(entries.values()), quarantine=True):
-        return None
-    if stage.redo is not None and stage.redo(record):
         return None
     return ShardDone(shard, record.get("counters", {}), record.get("facts", {}),
                      entries, reused=True)

@@ -83,7 +83,8 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
 
     A batch that raises is retried prompt by prompt, so one bad row does not sink the others;
     a prompt that fails for good gives its error as a string. A teacher that cannot answer
-    at all (`TeacherUnavailable`) or an OSError of this machine (a full disk) stops the loop. `seed_of(b)` is batch b's
+    at all (`TeacherUnavailable`) or an OSError of this machine (a full disk) stops the loop.
+    `seed_of(b)` is batch b's
     sampling seed (default: `settings.seed`); `on_batch` sees each batch's outcomes.
     """
     out: list[Outcome] = []
