@@ -171,6 +171,11 @@ class GenerateConfig(Section):
                                   "than this share of the rows ended with an error; the rows "
                                   "made are kept, and `--retry-failed` re-sends only the failed "
                                   "ones. 1 = never stop.", ge=0.0, le=1.0)
+    shard_format: int = opt(2, "How shards store the teacher's top-k: 2 = compact (ids packed, "
+                            "log-probabilities quantised to 1/32 nat below the exact top-1; "
+                            "about a third of the bytes, see pipeline/topk_codec.py), 1 = float32 "
+                            "lists. Not part of the fingerprint: both formats read alike, and "
+                            "`distill convert-shards` converts a run.", choices=[1, 2])
     executor: str = opt("local", "How the generate shards are run: `local` (one after the other "
                         "in this process) or `ray` (`generate.workers` Ray actors, settings in "
                         "the `ray` section). Job arrays need no setting: see `--worker-index`.",

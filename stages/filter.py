@@ -32,7 +32,8 @@ from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
-from pipeline.schema import FILTER_COLUMNS, KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA
+from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept_schema,
+                             rejected_schema, shard_format)
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker, answer_checker
 from stages.checks.arith import check_arithmetic
@@ -212,8 +213,12 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
         1 for ids in by_question.values() if small[ids[0]]["gold"] is None
         and results[ids[0]][1]["gold_source"] == "majority")
 
+    # the traces in the layout they came in (format 1 or 2); other columns are not carried
+    traces = TRACE_SCHEMA_V2 if shard_format(table.schema) == 2 else TRACE_SCHEMA
+    table = table.select(traces.names)
+
     def build(idx: list[int], adds: list[dict], schema: pa.Schema, extra=None) -> pa.Table:
-        part = table.take(pa.array(idx, type=pa.int64())).cast(TRACE_SCHEMA)
+        part = table.take(pa.array(idx, type=pa.int64())).cast(traces)
         for name, typ in FILTER_COLUMNS:
             part = part.append_column(pa.field(name, typ), pa.array([a[name] for a in adds],
                                                                   type=typ))
@@ -223,8 +228,8 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
         return part.cast(schema)
 
     progress(table.num_rows)
-    return ShardOutput({"kept": build(kept_idx, kept_add, KEPT_SCHEMA),
-                        "rejected": build(rej_idx, rej_add, REJECTED_SCHEMA, reasons)},
+    return ShardOutput({"kept": build(kept_idx, kept_add, kept_schema(traces)),
+                        "rejected": build(rej_idx, rej_add, rejected_schema(traces), reasons)},
                        counters)
 
 

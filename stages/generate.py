@@ -24,7 +24,7 @@ from pipeline.fingerprints import fingerprint
 from pipeline.log import log
 from pipeline.prompts import PromptTemplate
 from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
-from pipeline.schema import SCHEMA_VERSION, traces_table
+from pipeline.schema import SCHEMA_VERSION, as_format, shard_format, traces_table
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
@@ -32,7 +32,8 @@ from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings
 
 # Settings that do not change what is asked of the teacher, so changing them keeps the shards.
 _NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
-                      "backoff_max", "api_key_env", "executor", "workers", "max_failed_share"}
+                      "backoff_max", "api_key_env", "executor", "workers", "max_failed_share",
+                      "shard_format"}
 _OPENAI_ONLY = {"base_url", "endpoint", "server_token_ids", "tokenizer"}
 # vLLM engine settings that change speed or memory, not the distribution sampled from.
 _VLLM_NOT_FINGERPRINTED = {"tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
@@ -143,7 +144,7 @@ def generate_shard(params: GenerateParams, shard: Shard, teacher: Backend,
             counters["truncated"] += gen.finish_reason == "length"
     for key, value in getattr(teacher, "kd_check", {}).items():
         counters[f"kd_{key}"] = value - kd_before.get(key, 0)
-    table = traces_table(records, gens, g.top_k)
+    table = traces_table(records, gens, g.top_k, g.shard_format)
     if previous is not None:
         table, counters = _merge_retried(shard, previous, table, counters)
     return ShardOutput({"traces": table}, counters, teacher.facts())
@@ -155,7 +156,8 @@ def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
     shard's row order; counters recounted (the KD checks of the earlier rows added)."""
     order = {row_id: i for i, row_id in enumerate(shard.load().column("id").to_pylist())}
     kept = previous.filter(pc.is_null(previous.column("error"))).replace_schema_metadata(None)
-    both = pa.concat_tables([kept.cast(retried.schema), retried])
+    both = pa.concat_tables([as_format(kept, shard_format(retried.schema)).cast(retried.schema),
+                             retried])
     rank = [order[i] * 1000 + s for i, s in zip(both.column("id").to_pylist(),
                                                  both.column("sample").to_pylist())]
     both = both.take(pc.sort_indices(pa.array(rank)))

@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.schema import logical, topk_columns
 from trainer.lora import lora_targets
 from trainer.students.base import Student
 
@@ -124,11 +125,15 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     columns = ["id", "question", "gold", "pred_answer", "rationale"]
     if token_targets:
         columns += ["completion", "token_ids"]
-    if with_topk:
-        columns += ["topk_ids", "topk_logprobs"]
+
+    def wanted(schema):  # the top-k columns of the shard's own format (1 or 2)
+        return columns + [c for c in topk_columns(schema) if c not in columns] if with_topk \
+            else columns
+
     rows = kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
-                            columns=columns, then="Run `distill filter` (`make filter`) to "
-                            "remake it, then train again").to_pylist()
+                            columns=wanted, each=logical if with_topk else None,
+                            then="Run `distill filter` (`make filter`) to remake it, then "
+                            "train again").to_pylist()
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "

@@ -21,6 +21,7 @@ import pytest
 import stages.filter as filter_stage
 import stages.generate as generate
 from fake_openai import FakeServer
+from pipeline.schema import logical
 from pipeline.config import load_config
 from pipeline.run_folder import DamagedFile, RunFolder
 
@@ -62,7 +63,7 @@ def every_row_once(run: Path) -> None:
     folder = RunFolder(run).stage("generate")
     manifest = folder.manifest()
     assert manifest is not None
-    table = folder.read_tables(manifest["files"])  # checked against the manifest's sha256
+    table = folder.read_tables(manifest["files"], each=logical)  # checked against the manifest's sha256
     ids = table.column("id").to_pylist()
     assert sorted(ids) == [f"demo-train-{i:06d}" for i in range(ROWS)]
     assert table.column("error").null_count == ROWS

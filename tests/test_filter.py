@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import FilterConfig
-from pipeline.schema import KEPT_SCHEMA, REJECTED_SCHEMA, traces_table
+from pipeline.schema import (KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA_V2, kept_schema, logical,
+                             rejected_schema, traces_table)
 from pipeline.stage import Shard
 from stages.backends.base import Generation
 from stages.checks.answers import AnswerChecker
@@ -54,7 +55,8 @@ CASES = [
 def test_each_check_gives_its_reason_and_the_funnel_counts_them():
     out = _filter([c[0] for c in CASES], FilterConfig(max_tokens=256))
     kept, rejected = out.tables["kept"], out.tables["rejected"]
-    assert kept.schema == KEPT_SCHEMA and rejected.schema == REJECTED_SCHEMA
+    assert kept.schema == kept_schema(TRACE_SCHEMA_V2)
+    assert rejected.schema == rejected_schema(TRACE_SCHEMA_V2)
     assert rejected.column("reason").to_pylist() == [r for _, r in CASES if r]
     assert kept.num_rows == 2
     first = kept.to_pylist()[0]
@@ -63,7 +65,7 @@ def test_each_check_gives_its_reason_and_the_funnel_counts_them():
     assert first["n_steps"] == 1 and first["n_tokens"] == 12
     assert kept.to_pylist()[1]["pred_answer"] == "8"  # canonical form of "$8.00"
     # token columns pass through untouched
-    assert kept.column("topk_ids").to_pylist()[0] == [[0, 0, 0]] * 12
+    assert logical(kept).column("topk_ids").to_pylist()[0] == [[0, 0, 0]] * 12
     c = out.counters
     assert c["traces_in"] == len(CASES) and c["kept"] == 2 and c["dropped:wrong_answer"] == 1
     assert sum(v for k, v in c.items() if k.startswith("dropped:")) == len(CASES) - 2
@@ -170,14 +172,32 @@ def test_funnel_png_and_json_are_written():
 
 def test_empty_shard_keeps_schemas():
     out = _filter([])
-    assert out.tables["kept"].num_rows == 0 and out.tables["rejected"].schema == REJECTED_SCHEMA
+    assert out.tables["kept"].num_rows == 0
+    assert out.tables["rejected"].schema == rejected_schema(TRACE_SCHEMA_V2)
 
 
 def test_traces_table_round_trips_token_arrays():
     rec, gen = _trace(" 5 + 3 = 8. The answer is 8.", n_tokens=4)
     gen.topk_ids = np.arange(12, dtype=np.int32).reshape(4, 3)
-    table = traces_table([rec, rec], [gen, None], 3)
+    table = traces_table([rec, rec], [gen, None], 3, fmt=1)
     row = table.to_pylist()
     assert row[0]["topk_ids"] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert row[0]["token_logprobs"] == [-0.5] * 4 and row[1]["token_ids"] == []
     assert table.schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float32()))
+
+
+def test_format_1_shards_filter_as_before():
+    """A generate shard written before format 2 (float32 top-k) gives format-1 kept and
+    rejected shards with the same rows as a format-2 one."""
+    traces = [c[0] for c in CASES]
+    table = traces_table([t[0] for t in traces], [t[1] for t in traces], 3, fmt=1)
+    cfg = FilterConfig(max_tokens=256)
+    params = FilterParams(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
+    old = filter_shard(params, Shard.of("s", table))
+    new = filter_shard(params, Shard.of("s", traces_table([t[0] for t in traces],
+                                                          [t[1] for t in traces], 3)))
+    assert old.tables["kept"].schema == KEPT_SCHEMA
+    assert old.tables["rejected"].schema == REJECTED_SCHEMA
+    assert old.counters == new.counters
+    for kind in ("kept", "rejected"):
+        assert logical(new.tables[kind]).equals(old.tables[kind])

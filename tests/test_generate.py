@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 import stages.generate as generate
+from pipeline.schema import logical
 from pipeline.config import load_config
 from pipeline.prompts import PromptTemplate
 from pipeline.run_folder import RunFolder
@@ -51,7 +52,7 @@ def run(cfg, tmp_path, teacher):
 
 
 def traces(tmp_path, manifest):
-    return RunFolder(tmp_path).stage("generate").read_tables(manifest["files"])
+    return RunFolder(tmp_path).stage("generate").read_tables(manifest["files"], each=logical)
 
 
 def test_the_shard_function_alone_on_an_in_memory_table(teacher):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fake_openai import FakeServer
+from pipeline.schema import logical
 from pipeline.config import load_config
 from pipeline.tasks import load_split
 from stages.backends.base import SamplingSettings
@@ -121,7 +122,7 @@ def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_
         assert rerun.returncode == 0, rerun.stderr
     folder = RunFolder(tmp_path / "r").stage("generate")
     manifest = folder.manifest()
-    table = folder.read_tables(manifest["files"])
+    table = folder.read_tables(manifest["files"], each=logical)
     assert sorted(table.column("id").to_pylist()) == [f"demo-train-{i:06d}" for i in range(48)]
     # the rerun sent exactly the requests that had not finished: none was paid for twice
     assert sum(server.successes.values()) - served == 48 - finished

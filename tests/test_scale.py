@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.schema import logical
 from pipeline.config import RayConfig, load_config
 from pipeline.executors import executor_for, run_stage
 from pipeline.fingerprints import fingerprint
@@ -61,7 +62,7 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_no_row(tmp_path, capsys)
     manifest = run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
     assert os.path.exists(params["marker"])  # a worker did die
     assert "shard 00002: its worker died" in capsys.readouterr().err
-    table = folder.read_tables(manifest["files"])
+    table = folder.read_tables(manifest["files"], each=logical)
     assert table.column("x").to_pylist() == [v for i in range(6) for v in (20 * i, 20 * i + 2)]
     assert manifest["counters"] == {"rows": 12} and manifest["shards_written"] == 6
     assert len(set(table.column("pid").to_pylist())) >= 2  # the shards were spread out
@@ -94,7 +95,7 @@ COLUMNS = ["id", "sample", "completion", "finish_reason", "token_ids", "topk_ids
 def _traces(run_dir):
     folder = RunFolder(run_dir).stage("generate")
     manifest = folder.manifest()
-    return manifest, folder.read_tables(manifest["files"], COLUMNS)
+    return manifest, folder.read_tables(manifest["files"], each=logical).select(COLUMNS)
 
 
 def _same_rows(a: pa.Table, b: pa.Table) -> None:
