@@ -26,6 +26,24 @@ from trainer.students.base import Student
 _KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
 
 
+def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> list[dict]:
+    """The kept traces the examples are built from, each shard checked as it is read; with
+    `with_topk`, the teacher's top-k as float32 `topk_ids` / `topk_logprobs` whatever format
+    the shard stores them in."""
+    columns = ["id", "question", "gold", "pred_answer", "rationale"]
+    if token_targets:
+        columns += ["completion", "token_ids"]
+
+    def wanted(schema):  # the top-k columns of the shard's own format (1 or 2)
+        return columns + [c for c in topk_columns(schema) if c not in columns] if with_topk \
+            else columns
+
+    return kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
+                            columns=wanted, each=logical if with_topk else None,
+                            then="Run `distill filter` (`make filter`) to remake it, then "
+                            "train again").to_pylist()
+
+
 def train_settings(cfg: Config, upstream: dict, student: Student) -> dict:
     """What decides the adapter; the KD knobs only count when KD is on, the name never; the
     LoRA targets as the student's kind resolves them."""
@@ -122,18 +140,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     token_targets, kd_lam = target_plan(cfg, generate_facts, tokenizer)
     terms = terms_from_settings(dataclasses.replace(t, kd_lam=kd_lam))
     with_topk = any("topk" in term.needs for term in terms)
-    columns = ["id", "question", "gold", "pred_answer", "rationale"]
-    if token_targets:
-        columns += ["completion", "token_ids"]
-
-    def wanted(schema):  # the top-k columns of the shard's own format (1 or 2)
-        return columns + [c for c in topk_columns(schema) if c not in columns] if with_topk \
-            else columns
-
-    rows = kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
-                            columns=wanted, each=logical if with_topk else None,
-                            then="Run `distill filter` (`make filter`) to remake it, then "
-                            "train again").to_pylist()
+    rows = kept_rows(kept, upstream, token_targets, with_topk)
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "

@@ -5,6 +5,7 @@ what the stages keep aside, `config` to see the settings.
     distill filter   --config configs/demo.yaml --run demo filter.min_steps=2
     distill generate --run demo --retry-failed     # re-send only the rows that failed
     distill gc --run demo [--yes]                  # other settings' output, kept aside
+    distill convert-shards --run demo [--to 2]     # shards in the compact top-k format
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="remove them (default: only list)")
     p.add_argument("--quarantine", action="store_true",
                    help="also the damaged files moved to <stage>/quarantine/")
+    p = sub.add_parser("convert-shards", help="rewrite a run's generate and filter shards in "
+                       "another format (2: compact top-k, 1: float32), verified, without the "
+                       "teacher; the old files are kept aside")
+    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--to", type=int, choices=[1, 2], default=2, help="the format (default 2)")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--keys", action="store_true",
@@ -211,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             from stages.commands.gc import gc
 
             gc(RunFolder.at(args.runs_dir, args.run), args.yes, args.quarantine)
+            return
+        if args.command == "convert-shards":
+            from stages.commands.convert import convert_run
+
+            convert_run(RunFolder.at(args.runs_dir, args.run), args.to)
             return
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
