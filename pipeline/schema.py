@@ -165,13 +165,30 @@ def _topk_matrix(column: pa.ChunkedArray, n: int, dtype) -> tuple[np.ndarray, in
     return values.astype(dtype).reshape(n, k), k
 
 
-def _k_of_codes(rows: list[bytes | None], offsets: np.ndarray) -> int:
+def _packed(column: pa.ChunkedArray) -> topk_codec.Packed:
+    """A binary column's rows as the codec takes them (its data and offsets, no copy)."""
+    arr = column.combine_chunks()
+    _, offsets, data = arr.buffers()
+    starts = np.frombuffer(offsets, np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    return topk_codec.Packed(np.frombuffer(data, np.uint8) if data is not None else
+                             np.zeros(0, np.uint8), starts.astype(np.int64))
+
+
+def _binary(packed: topk_codec.Packed) -> pa.Array:
+    rows = len(packed.starts) - 1
+    return pa.BinaryArray.from_buffers(pa.binary(), rows, [
+        None, pa.py_buffer(packed.starts.astype(np.int32)), pa.py_buffer(packed.data)])
+
+
+def _k_of(ids: topk_codec.Packed, offsets: np.ndarray) -> int:
     """k from the ids' bytes: a row's id bytes / (positions x width)."""
-    for r, raw in enumerate(rows):
-        positions = int(offsets[r + 1] - offsets[r])
-        if positions and raw and len(raw) > 2:
-            return (len(raw) - 2) // (positions * raw[1])
-    return 0
+    positions = np.diff(offsets)
+    lengths = np.diff(ids.starts) - topk_codec.HEADER
+    rows = np.flatnonzero(positions > 0)
+    if not rows.size:
+        return 0
+    r = int(rows[0])
+    return int(lengths[r]) // (int(positions[r]) * int(ids.data[ids.starts[r] + 1]))
 
 
 def as_format(table: pa.Table, fmt: int, step_exp: int = topk_codec.DEFAULT_STEP_EXP
@@ -189,18 +206,17 @@ def as_format(table: pa.Table, fmt: int, step_exp: int = topk_codec.DEFAULT_STEP
     if fmt == 2:
         ids, _ = _topk_matrix(table.column("topk_ids"), n, np.int32)
         lps, _ = _topk_matrix(table.column("topk_logprobs"), n, np.float32)
-        id_rows, anchor, rows = topk_codec.encode_rows(tlp, ids, lps, offsets, step_exp)
+        packed_ids, anchor, codes = topk_codec.encode_rows(tlp, ids, lps, offsets, step_exp)
         return _replace(table, TOPK_V1, {
-            "topk_ids_packed": pa.array(id_rows, pa.binary()),
+            "topk_ids_packed": _binary(packed_ids),
             "topk_anchor": pa.ListArray.from_arrays(outer, pa.array(anchor, pa.float32())),
-            "topk_codes": pa.array(rows, pa.binary())})
-    id_rows = table.column("topk_ids_packed").to_pylist()
-    k = _k_of_codes(id_rows, offsets)
-    ids = topk_codec.unpack_ids(id_rows, offsets, k)
+            "topk_codes": _binary(codes)})
+    packed_ids = _packed(table.column("topk_ids_packed"))
+    k = _k_of(packed_ids, offsets)
+    ids = topk_codec.unpack_ids(packed_ids, offsets, k)
     anchor = table.column("topk_anchor").combine_chunks().flatten().to_numpy(
         zero_copy_only=False)
-    lps = topk_codec.decode_rows(tlp, anchor, table.column("topk_codes").to_pylist(), offsets,
-                                 k)
+    lps = topk_codec.decode_rows(tlp, anchor, _packed(table.column("topk_codes")), offsets, k)
     return _replace(table, TOPK_V2, {"topk_ids": _nested_from(ids, offsets, pa.int32()),
                                      "topk_logprobs": _nested_from(lps, offsets, pa.float32())})
 

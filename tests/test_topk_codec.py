@@ -34,6 +34,10 @@ def test_leb128_round_trip_and_damage():
     assert codec.leb128_decode(data).tolist() == values.tolist()
     with pytest.raises(codec.CodecError, match="truncated"):
         codec.leb128_decode(data[:-2])
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # runs of long and short values, mixed
+        v = (rng.pareto(0.5, rng.integers(1, 60)) * 10).astype(np.int64) % (1 << 40)
+        assert codec.leb128_decode(codec.leb128_encode(v)[0]).tolist() == v.tolist()
 
 
 def test_round_trip_keeps_ids_the_top_1_exactly_and_the_rest_within_half_a_step():
@@ -43,7 +47,7 @@ def test_round_trip_keeps_ids_the_top_1_exactly_and_the_rest_within_half_a_step(
     ids[6, 3] = -1                             # an API token string without an id
     offsets = np.array([0, 100, 100, 250, 300])  # one row without positions
     id_rows, anchor, rows = codec.encode_rows(tlp, ids, lps, offsets)
-    assert len(id_rows) == len(rows) == 4 and len(rows[1]) == 2  # header only
+    assert len(id_rows.starts) == len(rows.starts) == 5 and len(rows.row(1)) == 2  # header
     back_ids = codec.unpack_ids(id_rows, offsets, 20)
     back = codec.decode_rows(tlp, anchor, rows, offsets, 20)
     assert (back_ids == ids).all()
@@ -68,10 +72,10 @@ def test_large_vocabularies_take_three_bytes_an_id():
     ids = np.array([[151_000, 3], [0, 65_535]], np.int32)
     lps = np.log(np.array([[0.6, 0.3], [0.7, 0.2]], np.float32))
     id_rows, _, _ = codec.encode_rows(lps[:, 0], ids, lps, np.array([0, 2]))
-    assert id_rows[0][1] == 3 and len(id_rows[0]) == 2 + 4 * 3
+    assert id_rows.row(0)[1] == 3 and len(id_rows.row(0)) == 2 + 4 * 3
     assert (codec.unpack_ids(id_rows, np.array([0, 2]), 2) == ids).all()
     small, _, _ = codec.encode_rows(lps[:, 0], ids % 60_000, lps, np.array([0, 2]))
-    assert small[0][1] == 2
+    assert small.row(0)[1] == 2
 
 
 def test_bad_input_and_damaged_bytes_are_refused():
@@ -84,11 +88,15 @@ def test_bad_input_and_damaged_bytes_are_refused():
     id_rows, anchor, rows = codec.encode_rows(np.array([-0.1]), np.array([[1, 2]]), good,
                                               np.array([0, 1]))
     with pytest.raises(codec.CodecError, match="codes where"):
-        codec.decode_rows(np.array([-0.1]), anchor, [rows[0] + b"\x05"], np.array([0, 1]), 2)
+        codec.decode_rows(np.array([-0.1]), anchor, codec.Packed.of([rows.row(0) + b"\x05"]),
+                          np.array([0, 1]), 2)
     with pytest.raises(codec.CodecError, match="not top-k codes"):
-        codec.decode_rows(np.array([-0.1]), anchor, [b"\x09" + rows[0][1:]], np.array([0, 1]), 2)
+        codec.decode_rows(np.array([-0.1]), anchor, codec.Packed.of([b"\x09" + rows.row(0)[1:]]),
+                          np.array([0, 1]), 2)
     with pytest.raises(codec.CodecError, match="bytes of ids"):
-        codec.unpack_ids([id_rows[0][:-1]], np.array([0, 1]), 2)
+        codec.unpack_ids(codec.Packed.of([id_rows.row(0)[:-1]]), np.array([0, 1]), 2)
+    with pytest.raises(codec.CodecError, match="rows of ids for"):
+        codec.unpack_ids(id_rows, np.array([0, 1, 1]), 2)
 
 
 def _gens(rng, lengths, k):

@@ -13,6 +13,13 @@
 - scale: the generate stage on the hf backend with 2 Ray workers, and with 2 job-array
   processes, vs 1 local worker, one thread each, same rows (checked): the whole stage's wall
   time, start-up included;
+- shards: the demo run's generate shards (`--shard-run`, default data/runs/demo) written in
+  format 1 (float32 top-k) and format 2 (compact): bytes per generated token, encoding and
+  decoding throughput (MB/s of decoded top-k), the trainer's read of either, and the KD loss
+  the trainer computes from either (the embedded student under the explain prompt, float32):
+  mean absolute difference per trace;
+- capture: what asking vLLM for the top-20 costs the engine (tokens/s with logprobs=20 and
+  without, same prompts and seeds) and what encoding the shard costs, on the demo's prompts;
 - train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
   traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
   stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
@@ -492,6 +499,213 @@ def bench_train(steps: int = 8) -> list[tuple[str, str]]:
     return out
 
 
+def _shard_tables(run_dir: str):
+    """The finished generate shards of `run_dir`, read as stored, with the tokens they hold."""
+    from pipeline.run_folder import RunFolder
+
+    folder = RunFolder(run_dir).stage("generate")
+    manifest = folder.manifest()
+    if manifest is None:
+        return None, 0
+    tables = [folder.read_checked(e) for e in manifest["files"]]
+    tokens = sum(int(pc_sum(t)) for t in tables)
+    return tables, tokens
+
+
+def _manifest_files(run_dir: str) -> list[dict]:
+    from pipeline.run_folder import RunFolder
+
+    return RunFolder(run_dir).stage("generate").manifest()["files"]
+
+
+def pc_sum(table) -> int:
+    import pyarrow.compute as pc
+
+    return pc.sum(pc.list_value_length(table.column("token_ids"))).as_py() or 0
+
+
+def bench_shards(run_dir: str, kd_traces: int) -> list[tuple[str, str]]:
+    """Format 1 vs format 2 on a run's generate shards (see the module docstring)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.run_folder import parquet_options
+    from pipeline.schema import as_format, logical, topk_columns
+
+    tables, tokens = _shard_tables(run_dir)
+    if not tables:
+        return [("shards", f"skipped: {run_dir} has no finished generate stage (`make demo` "
+                 "makes one)")]
+    plain = [logical(t.replace_schema_metadata(None)) for t in tables]
+    stored = sum(e["bytes"] for e in _manifest_files(run_dir))
+    k = max((len(r[0]) for r in plain[0].column("topk_ids").to_pylist() if r), default=0)
+    decoded_mb = tokens * k * 8 / 1e6  # int32 id + float32 log-probability per entry
+    timings: dict = {(fmt, key): [] for fmt in (1, 2) for key in ("write", "read", "decode")}
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(5):  # the two formats in turn, medians: the machine's noise is shared
+            for fmt in (1, 2):
+                t0 = time.perf_counter()
+                converted = [as_format(t, fmt) for t in plain]
+                paths = [f"{tmp}/f{fmt}-{i}.parquet" for i in range(len(converted))]
+                for t, path in zip(converted, paths):
+                    pq.write_table(t, path, **parquet_options(t))
+                t1 = time.perf_counter()
+                for path in paths:  # the trainer's read: its columns, float32 top-k, rows
+                    f = pq.ParquetFile(path)
+                    logical(f.read(columns=["completion", "token_ids"]
+                                   + topk_columns(f.schema_arrow))).to_pylist()
+                t2 = time.perf_counter()
+                for t in converted:
+                    logical(t)
+                timings[fmt, "write"].append(t1 - t0)
+                timings[fmt, "read"].append(t2 - t1)
+                timings[fmt, "decode"].append(time.perf_counter() - t2)
+                sizes[fmt] = sum(os.path.getsize(p) for p in paths)
+    med = {key: float(np.median(v)) for key, v in timings.items()}
+    per = {fmt: sizes[fmt] / tokens for fmt in sizes}
+    return [
+        (f"shards: {run_dir} generate, {tokens:,} generated tokens, k={k}",
+         f"as stored: {stored / tokens:.1f} bytes/token ({stored:,} B); rewritten: format 1 "
+         f"{per[1]:.1f}, format 2 {per[2]:.1f} bytes/token ({sizes[2]:,} B), "
+         f"{stored / sizes[2]:.2f}x smaller than stored"),
+        ("shards: write (convert + Parquet), median of 5",
+         f"format 1: {decoded_mb / med[1, 'write']:.0f} MB/s; format 2: "
+         f"{decoded_mb / med[2, 'write']:.0f} MB/s of decoded top-k"),
+        ("shards: decode format 2 to float32 top-k (in memory)",
+         f"{decoded_mb / med[2, 'decode']:.0f} MB/s of decoded top-k"),
+        ("shards: the trainer's read of all shards (Parquet, top-k, Python rows)",
+         f"format 1: {med[1, 'read'] * 1000:.0f} ms; format 2: {med[2, 'read'] * 1000:.0f} ms "
+         f"(ratio {med[2, 'read'] / med[1, 'read']:.2f})"),
+    ] + (kd_difference(pa.concat_tables(plain), pa.concat_tables(
+        [logical(as_format(t, 2)) for t in plain]), kd_traces) if kd_traces else [])
+
+
+def kd_difference(v1, v2, limit: int) -> list[tuple[str, str]]:
+    """The KD loss per token the trainer computes (bucket tail, T = 1 and 2) for each trace,
+    from float32 rows and from format 2's: the embedded student (float32) reads `explain:
+    <question>` and the teacher's tokens, as in training."""
+    import torch
+
+    from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
+    from trainer.examples import EXPLAIN, task_prompt
+    from trainer.losses.topk_kd import topk_kd_loss
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path, "float32").eval()
+    rows1 = [r for r in v1.select(["question", "token_ids", "topk_ids", "topk_logprobs"])
+             .to_pylist() if r["token_ids"]][:limit]
+    rows2 = [r for r in v2.select(["question", "token_ids", "topk_ids", "topk_logprobs"])
+             .to_pylist() if r["token_ids"]][:limit]
+    diffs: dict[float, list[float]] = {1.0: [], 2.0: []}
+    losses: dict[float, list[float]] = {1.0: [], 2.0: []}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a, b in zip(rows1, rows2):
+            prompt = tok(task_prompt(EXPLAIN, a["question"]), add_special_tokens=False)[
+                "input_ids"]
+            ids = torch.tensor([prompt + list(a["token_ids"])])
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+            for temp in diffs:
+                la = topk_kd_loss(logits, torch.tensor(a["topk_ids"]),
+                                  torch.tensor(a["topk_logprobs"]), temp)
+                lb = topk_kd_loss(logits, torch.tensor(b["topk_ids"]),
+                                  torch.tensor(b["topk_logprobs"]), temp)
+                diffs[temp].append(abs(la.item() - lb.item()))
+                losses[temp].append(la.item())
+    n = len(rows1)
+    return [(f"shards: KD loss per token, format 2 vs float32, {n} traces "
+             f"({time.perf_counter() - t0:.0f}s)",
+             "; ".join(f"T={temp:g}: mean |difference| {np.mean(d):.1e} nats (max "
+                       f"{np.max(d):.1e}) on a mean loss of {np.mean(losses[temp]):.3f}"
+                       for temp, d in diffs.items()))]
+
+
+def capture_once(rows: int, dtype: str) -> dict:
+    """vLLM tokens/s with logprobs=20 and without on the demo's prompts (same seeds), each
+    twice in turn after a warm-up, and the time to write the shard in either format."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.prompts import PromptTemplate
+    from pipeline.run_folder import parquet_options
+    from pipeline.schema import traces_table
+    from pipeline.tasks import load_split
+    from stages.backends.base import SamplingSettings
+    from stages.backends.vllm_engine import VLLMBackend
+
+    cfg = load_config("configs/demo.yaml", [f"task.n_train={rows}", f"generate.dtype={dtype}"])
+    g = cfg.generate
+    template = PromptTemplate(g.prompt_template)
+    questions = load_split(cfg.task, "train").column("question").to_pylist()
+    prompts = [template.render(q) for q in questions]
+    backend = VLLMBackend(g, cfg.vllm, top_k=g.top_k)
+
+    def settings(k):
+        return SamplingSettings(n=g.n_samples, temperature=g.temperature, top_p=g.top_p,
+                                max_new_tokens=g.max_new_tokens, top_k=k, seed=0,
+                                stop=list(g.stop))
+    backend.generate(prompts[:8], settings(g.top_k))
+    backend.generate(prompts[:8], settings(0))
+    runs: dict[int, list[float]] = {g.top_k: [], 0: []}
+    tokens, texts, gens = {}, {}, None
+    for _ in range(2):
+        for k in (g.top_k, 0):
+            before = dict(backend.stats)
+            t = time.perf_counter()
+            out = backend.generate(prompts, settings(k))
+            runs[k].append(time.perf_counter() - t)
+            tokens[k] = sum(int(x.token_ids.shape[0]) for row in out for x in row)
+            texts[k] = [x.text for row in out for x in row]
+            if k:
+                gens = out
+                convert = backend.stats["convert_s"] - before.get("convert_s", 0.0)
+    backend.close()
+    records = [{"id": str(i), "sample": j, "question": q, "gold": None, "prompt": p,
+                "completion": x.text, "finish_reason": x.finish_reason, "error": None}
+               for i, (q, p, row) in enumerate(zip(questions, prompts, gens))
+               for j, x in enumerate(row)]
+    flat = [x for row in gens for x in row]
+    write = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in (1, 2):
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                table = traces_table(records, flat, g.top_k, fmt)
+                pq.write_table(table, f"{tmp}/s.parquet", **parquet_options(table))
+                best = min(best, time.perf_counter() - t)
+            write[fmt] = best
+    return {"rows": rows, "dtype": dtype, "k": g.top_k, "tokens": tokens,
+            "s_topk": float(np.median(runs[g.top_k])), "s_plain": float(np.median(runs[0])),
+            "same_text": texts[g.top_k] == texts[0], "convert_s": convert,
+            "write_s": write}
+
+
+def bench_capture(rows: int, dtype: str) -> list[tuple[str, str]]:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return [("capture", "skipped: vllm is not installed")]
+    r = _in_child(["--one-capture", str(rows), "--capture-dtype", dtype], "vLLM capture")
+    k = r["k"]
+    with_k, plain = r["tokens"][str(k)] / r["s_topk"], r["tokens"]["0"] / r["s_plain"]
+    gen_s = r["s_topk"]
+    return [
+        (f"capture: vLLM engine, {r['rows']} demo prompts x 2, {dtype}, same seeds",
+         f"logprobs={k}: {with_k:.0f} tokens/s; none: {plain:.0f} tokens/s "
+         f"({100 * (1 - with_k / plain):+.1f}% cost; same texts: {r['same_text']})"),
+        ("capture: our share on top of the engine",
+         f"reading vLLM's top-{k} into arrays {100 * r['convert_s'] / gen_s:.1f}%, writing the "
+         f"shard: format 1 {100 * r['write_s']['1'] / gen_s:.1f}%, format 2 "
+         f"{100 * r['write_s']['2'] / gen_s:.1f}% of the generation time")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="prompts in the generate batch")
@@ -507,8 +721,19 @@ def main() -> None:
                         help="task rows for the Ray vs local comparison (2 samples each)")
     parser.add_argument("--train-steps", type=int, default=8,
                         help="timed optimizer steps per training variant (after one warm-up)")
-    parser.add_argument("--only", choices=["filter", "generate", "backends", "scale", "train"],
+    parser.add_argument("--only", choices=["filter", "generate", "backends", "scale", "train",
+                                           "shards", "capture"],
                         help="run one part of the benchmark")
+    parser.add_argument("--shard-run", default="data/runs/demo",
+                        help="the run whose generate shards the shards part measures")
+    parser.add_argument("--kd-traces", type=int, default=400,
+                        help="traces for the KD-loss comparison of the shards part (0: none)")
+    parser.add_argument("--capture-rows", type=int, default=32,
+                        help="demo rows (2 samples each) for the vLLM capture cost")
+    parser.add_argument("--capture-dtype", default="float32",
+                        help="engine dtype for the capture part (bfloat16 is slow on a CPU "
+                        "without AVX-512-bf16)")
+    parser.add_argument("--one-capture", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_train:
         print(json.dumps(train_once(args.one_train, args.train_steps)))
@@ -518,6 +743,9 @@ def main() -> None:
         return
     if args.one_scale:
         print(json.dumps(scale_once(args.one_scale, args.gen_rows)))
+        return
+    if args.one_capture:
+        print(json.dumps(capture_once(args.one_capture, args.capture_dtype)))
         return
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}")]
@@ -530,6 +758,10 @@ def main() -> None:
         rows += bench_backends(args.gen_rows)
     if part in (None, "scale"):
         rows += bench_scale(args.scale_rows)
+    if part in (None, "shards"):
+        rows += bench_shards(args.shard_run, args.kd_traces)
+    if part in (None, "capture"):
+        rows += bench_capture(args.capture_rows, args.capture_dtype)
     if part in (None, "train"):
         rows += bench_train(args.train_steps)
     width = max(len(r[0]) for r in rows)
