@@ -22,6 +22,7 @@ from fake_openai import FakeServer
 from pipeline.config import load_config
 from pipeline.lock import StageLock, StageLocked
 from pipeline.run_folder import LOCK, DamagedFile, RunFolder
+from pipeline.schema import logical, shard_format
 from pipeline.secrets import remember, scrub
 from stages.backends.base import TeacherUnavailable
 
@@ -219,18 +220,24 @@ def test_too_many_failed_rows_stop_the_stage_and_retry_failed_resends_only_them(
     scripts = {p: ["500", "500"] for p in bad}
     with FakeServer(scripts) as server:
         cfg = config(server.base_url)
+        # the first run writes format 1 (as before format 2), the retry format 2
         with pytest.raises(RuntimeError, match=r"4 of 24 traces \(17%\) ended with an error.*"
                            r"--retry-failed"):
-            generate.main(cfg, tmp_path)
+            generate.main(config(server.base_url, "generate.shard_format=1"), tmp_path)
         assert RunFolder(tmp_path).stage("generate").manifest() is None
         assert sent(server) == 20
         manifest = generate.main(cfg, tmp_path, retry_failed=True)
         assert sent(server) == 24 and max(server.successes.values()) == 1
         assert manifest["counters"]["errors"] == 0 and manifest["counters"]["traces"] == 24
         assert manifest["shards_written"] == 2 and manifest["shards_reused"] == 1
-        table = RunFolder(tmp_path).stage("generate").read_tables(manifest["files"])
+        folder = RunFolder(tmp_path).stage("generate")
+        assert [shard_format(folder.read_checked(e).schema) for e in manifest["files"]] == [
+            2, 1, 2]  # the retried shards merged their format-1 rows into format 2
+        table = folder.read_tables(manifest["files"], each=logical)
         assert table.column("id").to_pylist() == [r["id"] for r in rows]
         assert table.column("error").null_count == 24
+        assert all(len(r) == len(t) for r, t in zip(table.column("topk_ids").to_pylist(),
+                                                     table.column("token_ids").to_pylist()))
         # the failed versions of the two shards are kept aside, not overwritten
         aside = list((tmp_path / "generate" / "by-fingerprint").rglob("traces-*.parquet"))
         assert sorted(p.name for p in aside) == ["traces-00000.parquet", "traces-00002.parquet"]
