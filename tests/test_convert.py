@@ -116,3 +116,32 @@ def test_a_conversion_that_changes_content_is_refused():
 def test_an_unfinished_generate_stage_is_not_converted(tmp_path):
     with pytest.raises(FileNotFoundError, match="not finished"):
         convert_run(RunFolder(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_student_trains_with_kd_on_format_1_shards_and_alike_after_conversion(tmp_path):
+    """A real (hf) teacher's run written in format 1, trained with KD; then its shards
+    converted and the same student trained again: the KD loss moves by the grid's error only."""
+    import stages.train as train_stage
+    from stages.commands.cli import run_stages
+
+    cfg = load_config("configs/demo.yaml", [
+        "generate.backend=hf", "generate.dtype=float32", "task.n_train=8",
+        "generate.rows_per_shard=4", "generate.n_samples=1", "generate.max_new_tokens=32",
+        "filter.min_steps=0",
+        "generate.shard_format=1", "train.kd_lam=0.5", "train.max_steps=2",
+        "train.batch_size=4", "train.dtype=float32", "train.logging_steps=1"])
+    run = RunFolder(tmp_path / "run")
+    run_stages(["generate", "filter"], cfg, run)
+    assert formats(run, "generate") == {1}
+    logs = []
+    for step in ("format 1", "format 2"):
+        if step == "format 2":
+            convert_run(run)
+            assert formats(run, "filter") == {2}
+        manifest = train_stage.main(cfg, run)
+        assert manifest["counters"]["steps"] == 2, step
+        logs.append([r["loss_kd"] for r in run.student().read_jsonl("log.jsonl")
+                     if "loss_kd" in r])
+    assert len(logs[0]) == 2 and all(v > 0 for v in logs[0])
+    assert logs[1] == pytest.approx(logs[0], abs=2e-3)
