@@ -166,3 +166,39 @@ def test_one_writer_damaged_shards_and_kept_settings_on_s3(s3):
     again = run_stage(toy(), folder)
     assert again["shards_written"] == 1 and again["shards_reused"] == 4
     assert folder.files_under("quarantine", "out-00003.parquet")
+
+
+def test_convert_shards_on_s3(s3):
+    """`distill convert-shards` on a run folder in a bucket: the old objects kept aside, both
+    stages up to date (no teacher) from the converted objects."""
+    from pathlib import Path
+
+    import s3fs
+
+    import stages.filter as filter_stage
+    import stages.generate as generate
+    from pipeline.config import load_config
+    from pipeline.schema import shard_format
+    from stages.commands.convert import convert_run
+
+    fixture = Path(__file__).parent / "fixtures" / "run-before-house"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(fixture), f"{s3}/old".removeprefix("s3://"), recursive=True)
+    run = RunFolder(f"{s3}/old")
+    convert_run(run)
+    folder = run.stage("generate")
+    assert {shard_format(folder.read_checked(e).schema)
+            for e in folder.manifest()["files"]} == {2}
+    assert len([f for f in fs.find(f"{s3}/old/generate/by-fingerprint")
+                if f.endswith(".parquet")]) == 2
+
+    def no_teacher():
+        raise AssertionError("nothing may be generated again")
+
+    cfg = load_config("configs/demo.yaml", [
+        "task.n_train=8", "generate.rows_per_shard=4", "generate.n_samples=2",
+        "generate.top_k=3", "generate.backend=hf", "filter.min_steps=0"])
+    assert generate.main(cfg, RunFolder(f"{s3}/old"), teacher=no_teacher)["files"] == \
+        folder.manifest()["files"]
+    assert filter_stage.main(cfg, RunFolder(f"{s3}/old"))["files"] == \
+        run.stage("filter").manifest()["files"]
