@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from pipeline.config import FilterConfig
 from pipeline.schema import (KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA_V2, kept_schema, logical,
