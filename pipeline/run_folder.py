@@ -54,12 +54,12 @@ Columns = Union[list[str], Callable[[pa.Schema], list[str]], None]
 
 
 def parquet_options(table: pa.Table) -> dict:
-    """How shards are written, chosen by measurement on the demo's generate shards (`make
-    bench ONLY=shards`): zstd level 9 (level 3: +1.5 bytes per generated token, level 19:
-    -2 bytes at a tenth of the speed); no column statistics (min/max of a row's prompt or
-    codes are useless to us and cost 1.5 bytes per token); float lists split into byte
-    streams (the sampled tokens' log-probabilities: 4.6 -> 3.2 bytes per token); dictionary
-    encoding only for the scalar columns."""
+    """How shards are written, each choice measured on the demo's generate shards while
+    designing format 2 (`make bench ONLY=shards` prints the result and level 19's): zstd level
+    9 (level 19 saves little at a small fraction of the speed); no column statistics (a min/max
+    of whole prompts or code rows is of no use to us and costs bytes in every page); float
+    lists split into byte streams, which zstd compresses better; dictionary encoding only for
+    the scalar columns."""
     floats = [f.name for f in table.schema if pa.types.is_list(f.type)
               and pa.types.is_floating(f.type.value_type)]
     scalars = [f.name for f in table.schema if not pa.types.is_list(f.type)

@@ -8,7 +8,8 @@ instead of 115.8 bytes per generated token at k = 20, KD loss within 2.4e-5 nats
   the APIs give them; the KD loss does not depend on it);
 - ids: id + 1 (0 = no id: an API's token string without one) as little-endian unsigned
   integers of the narrowest width that holds the row's ids (2 bytes up to 65,535 tokens, else
-  3). zstd models these bytes better than Parquet's int32 lists (20.1 vs 22.6 bytes per token);
+  3). zstd models these bytes better than Parquet's int32 lists (20.1 vs 22.6 bytes per token
+  on the demo);
 - the top-1 log-probability is kept exact, as its offset from the sampled token's own
   log-probability, which the shard holds anyway (`token_logprobs`, float32): the offset is 0.0
   wherever the sampled token is the top-1 (95% of the demo's positions) and costs 0.2 bytes;

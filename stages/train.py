@@ -38,8 +38,11 @@ def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> lis
         return columns + [c for c in topk_columns(schema) if c not in columns] if with_topk \
             else columns
 
+    def float32_topk(table):  # only what the examples use: no Python objects for the rest
+        return logical(table).select(columns + ["topk_ids", "topk_logprobs"])
+
     return kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
-                            columns=wanted, each=logical if with_topk else None,
+                            columns=wanted, each=float32_topk if with_topk else None,
                             then="Run `distill filter` (`make filter`) to remake it, then "
                             "train again").to_pylist()
 

@@ -512,6 +512,21 @@ def _shard_tables(run_dir: str):
     return tables, tokens
 
 
+def _column_bytes(paths: list[str]) -> dict[str, int]:
+    """Compressed bytes per top-level column over Parquet files (from their footers)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, int] = {}
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                name = col.path_in_schema.split(".")[0]
+                out[name] = out.get(name, 0) + col.total_compressed_size
+    return out
+
+
 def _manifest_files(run_dir: str) -> list[dict]:
     from pipeline.run_folder import RunFolder
 
@@ -529,6 +544,7 @@ def bench_shards(run_dir: str, kd_traces: int) -> list[tuple[str, str]]:
     import tempfile
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.run_folder import parquet_options
@@ -543,7 +559,7 @@ def bench_shards(run_dir: str, kd_traces: int) -> list[tuple[str, str]]:
     k = max((len(r[0]) for r in plain[0].column("topk_ids").to_pylist() if r), default=0)
     decoded_mb = tokens * k * 8 / 1e6  # int32 id + float32 log-probability per entry
     timings: dict = {(fmt, key): [] for fmt in (1, 2) for key in ("write", "read", "decode")}
-    sizes = {}
+    sizes, columns = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(5):  # the two formats in turn, medians: the machine's noise is shared
             for fmt in (1, 2):
@@ -556,7 +572,8 @@ def bench_shards(run_dir: str, kd_traces: int) -> list[tuple[str, str]]:
                 for path in paths:  # the trainer's read: its columns, float32 top-k, rows
                     f = pq.ParquetFile(path)
                     logical(f.read(columns=["completion", "token_ids"]
-                                   + topk_columns(f.schema_arrow))).to_pylist()
+                                   + topk_columns(f.schema_arrow))).select(
+                        ["completion", "token_ids", "topk_ids", "topk_logprobs"]).to_pylist()
                 t2 = time.perf_counter()
                 for t in converted:
                     logical(t)
@@ -564,13 +581,35 @@ def bench_shards(run_dir: str, kd_traces: int) -> list[tuple[str, str]]:
                 timings[fmt, "read"].append(t2 - t1)
                 timings[fmt, "decode"].append(time.perf_counter() - t2)
                 sizes[fmt] = sum(os.path.getsize(p) for p in paths)
+                columns[fmt] = _column_bytes(paths)
+        # two choices not taken, by what they would save: zstd 19, and a 1/16-nat grid
+        variants = {}
+        for name, step_exp, level in (("zstd level 19", 5, 19), ("a 1/16-nat grid", 4, 9)):
+            t0, total = time.perf_counter(), 0
+            for i, t in enumerate(plain):
+                t2 = as_format(t, 2, step_exp)
+                path = f"{tmp}/v-{i}.parquet"
+                pq.write_table(t2, path, **{**parquet_options(t2), "compression_level": level})
+                total += os.path.getsize(path)
+            variants[name] = (total, time.perf_counter() - t0)
     med = {key: float(np.median(v)) for key, v in timings.items()}
+    anchors = pa.concat_tables([as_format(t, 2) for t in plain]).column("topk_anchor")
+    top1_sampled = float(pc.mean(pc.equal(pc.list_flatten(anchors), 0.0)).as_py())
     per = {fmt: sizes[fmt] / tokens for fmt in sizes}
     return [
         (f"shards: {run_dir} generate, {tokens:,} generated tokens, k={k}",
          f"as stored: {stored / tokens:.1f} bytes/token ({stored:,} B); rewritten: format 1 "
          f"{per[1]:.1f}, format 2 {per[2]:.1f} bytes/token ({sizes[2]:,} B), "
          f"{stored / sizes[2]:.2f}x smaller than stored"),
+        *[(f"shards: format {fmt}, bytes/token by column",
+           ", ".join(f"{name} {size / tokens:.1f}" for name, size in sorted(
+               columns[fmt].items(), key=lambda c: -c[1]) if size / tokens >= 0.05)
+           + f"; Parquet pages and footer {(sizes[fmt] - sum(columns[fmt].values())) / tokens:.1f}")
+          for fmt in (1, 2)],
+        ("shards: format 2, choices not taken",
+         "; ".join(f"{name}: {size / tokens:.1f} bytes/token, write {decoded_mb / secs:.0f} MB/s"
+                   for name, (size, secs) in variants.items())
+         + f"; positions whose sampled token is the top-1 (anchor 0): {100 * top1_sampled:.1f}%"),
         ("shards: write (convert + Parquet), median of 5",
          f"format 1: {decoded_mb / med[1, 'write']:.0f} MB/s; format 2: "
          f"{decoded_mb / med[2, 'write']:.0f} MB/s of decoded top-k"),

@@ -26,7 +26,7 @@ import pyarrow as pa
 from pipeline.executors.base import record_name
 from pipeline.lock import StageLock
 from pipeline.log import log
-from pipeline.run_folder import MANIFEST, META_KEY, PLAN, RunFolder, StageFolder
+from pipeline.run_folder import ASIDE, MANIFEST, META_KEY, PLAN, RunFolder, StageFolder
 from pipeline.schema import as_format, logical, shard_format
 from pipeline.topk_codec import DEFAULT_STEP_EXP
 
@@ -83,7 +83,7 @@ def convert_stage(folder: StageFolder, to: int, checksums: dict[str, str]) -> di
             journal = {"aside": None, "swapped": {}, "old": {}}
         swapped: dict[str, dict] = journal["swapped"]
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = journal["aside"] or (f"by-fingerprint/{manifest['fingerprint']}-format"
+        aside = journal["aside"] or (f"{ASIDE}/{manifest['fingerprint']}-format"
                                      f"{3 - to}-{stamp}")
         journal["aside"] = aside
         n_done = 0
