@@ -345,6 +345,32 @@ class TrainConfig(Section):
     kd_tail: str = opt("bucket", "Probability outside the teacher's top k: one extra `bucket` "
                        "category, or `renormalize` both distributions over the top k.",
                        choices=["bucket", "renormalize"])
+    answer_kd_lam: float = opt(0.0, "Weight of KD on the answer (soft labels, classic "
+                               "distillation) in the predict loss: L_predict = (1 - lam) * CE + "
+                               "lam * T^2 * D(teacher_T || student_T), from the stored top-k at "
+                               "the teacher's answer tokens (the predict: target becomes those "
+                               "tokens); 0 = off. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
+    answer_kd_temperature: float = opt(2.0, "Temperature T of the answer KD.", gt=0.0, le=20.0)
+    rationale_loss: str = opt("ce", "The explain loss: `ce` = token cross-entropy on the "
+                              "rationale, `cosine` = a margin cosine loss between the student's "
+                              "and the teacher's next-token distributions over the teacher's "
+                              "top-k (+ the rest) at every rationale token, max(0, 1 - cos - "
+                              "margin) (needs the stored top-k).", choices=["ce", "cosine"])
+    cosine_margin: float = opt(0.05, "rationale_loss=cosine: positions whose cosine is within "
+                               "this of 1 add no loss.", ge=0.0, lt=1.0)
+    consistency_lam: float = opt(0.0, "Weight of consistency regularisation: KL(clean || noisy) "
+                                 "between the student's answer distributions (predict:) on the "
+                                 "clean question and on a noisy copy; 0 = off.", ge=0.0, le=10.0)
+    consistency_noise: str = opt("embedding", "The noise: `embedding` = Gaussian noise on the "
+                                 "question's input embeddings (std = amount x their RMS), "
+                                 "`dropout` = each question token's embedding zeroed with "
+                                 "probability amount.", choices=["embedding", "dropout"])
+    consistency_amount: float = opt(0.1, "The noise's size (see consistency_noise).", gt=0.0,
+                                    lt=1.0)
+    data_fraction: float = opt(1.0, "Share of the kept traces to train on (whole questions, "
+                               "chosen by a hash of their id, so a smaller share is a subset "
+                               "of a larger one); the data-efficiency sweep sets it.", gt=0.0,
+                               le=1.0)
     explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
                                     "first N optimizer steps (the student first learns to "
                                     "answer).", ge=0)
@@ -366,6 +392,13 @@ class TrainConfig(Section):
         if self.kd_lam > 0 and self.explain_targets == "text":
             errors.append("train.explain_targets=text cannot carry KD (train.kd_lam > 0): KD "
                           "needs the teacher's own tokens as targets; use auto or tokens")
+        if self.rationale_loss == "cosine" and self.explain_targets == "text":
+            errors.append("train.rationale_loss=cosine compares the student with the teacher's "
+                          "top-k at the teacher's own tokens; use train.explain_targets=auto "
+                          "or tokens")
+        if self.rationale_loss == "cosine" and self.kd_lam >= 1:
+            errors.append("train.rationale_loss=cosine with train.kd_lam=1 gives the rationale "
+                          "loss no weight; lower train.kd_lam")
 
 
 @dataclass

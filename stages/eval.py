@@ -138,15 +138,25 @@ class Models:
         self.cfg, self.run = cfg, run
         self.key: str | None = None
         self.backend: Backend | None = None
+        self._kinds: dict[str, str] = {}
 
     def get(self, job: Job) -> Backend:
-        if self.cfg.generate.backend == "vllm" and job.system != "teacher":
+        if (self.cfg.generate.backend == "vllm" and job.system != "teacher"
+                and self._kind(job.model) == "causal_lm"):  # vLLM runs no T5 students
             return self._vllm_student(job)
         key = job.variant if job.system in ("predict", "explain") else job.system
         if key != self.key or job.system not in ("predict", "explain"):
             self.close()
             self.backend, self.key = self._load(job), key
         return self.backend
+
+    def _kind(self, model: str) -> str:
+        from pipeline.models import resolve_model
+        from trainer.students import student_for
+
+        if model not in self._kinds:
+            self._kinds[model] = student_for(resolve_model(model)).kind
+        return self._kinds[model]
 
     def _vllm_student(self, job: Job) -> Backend:
         """Students of a vLLM run are scored by the vLLM engine too: one engine for the

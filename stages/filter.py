@@ -308,6 +308,9 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
 def remake_generate_hint(manifest: dict) -> str:
     """How to remake a generate shard found damaged, by the teacher that made it."""
     backend = manifest.get("facts", {}).get("backend")
+    if backend == "import":
+        return ("The traces were imported: run the same `distill import` again (with --force) "
+                "to remake the shards from your files, then the filter again")
     if backend == "openai":
         return ("The teacher was an API: `distill generate` remakes only that shard, from the "
                 "request cache (generate/requests.sqlite) for every response it still holds; "

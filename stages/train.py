@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
@@ -24,6 +25,19 @@ from trainer.lora import lora_targets
 from trainer.students.base import Student
 
 _KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
+# Settings that decide nothing while the piece they belong to is off: left out of the
+# fingerprint then, so students trained before the piece existed stay up to date.
+_OFF = {"answer_kd_lam": (0.0, ("answer_kd_temperature",)),
+        "rationale_loss": ("ce", ("cosine_margin",)),
+        "consistency_lam": (0.0, ("consistency_noise", "consistency_amount")),
+        "data_fraction": (1.0, ())}
+
+
+def uses_topk(t) -> list[str]:
+    """The settings (as `key=value`) whose loss terms need the teacher's stored top-k."""
+    return [s for s, on in (("train.kd_lam", t.kd_lam > 0),
+                            ("train.answer_kd_lam", t.answer_kd_lam > 0),
+                            ("train.rationale_loss=cosine", t.rationale_loss == "cosine")) if on]
 
 
 def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> list[dict]:
@@ -54,6 +68,9 @@ def train_settings(cfg: Config, upstream: dict, student: Student) -> dict:
     section["lora_targets"] = lora_targets(cfg.train, student)
     if section["kd_lam"] <= 0:
         section = {k: v for k, v in section.items() if k not in _KD_KNOBS}
+    for key, (off, knobs) in _OFF.items():
+        if section[key] == off:
+            section = {k: v for k, v in section.items() if k != key and k not in knobs}
     return {"train": section, "filter_digest": manifest_digest(upstream)}
 
 
@@ -74,7 +91,8 @@ def target_plan(cfg: Config, facts: dict, tokenizer) -> tuple[bool, float]:
     same = facts.get("tokenizer_fingerprint") == mine and (
         teacher_vocab is None or teacher_vocab >= student_vocab)
     usable = facts.get("usable_for_kd", True)
-    wants = "KD (train.kd_lam > 0)" if t.kd_lam > 0 else (
+    topk = uses_topk(t)
+    wants = f"the teacher's top-k ({', '.join(topk)})" if topk else (
         "train.explain_targets=tokens" if t.explain_targets == "tokens" else None)
     if wants and not same:
         raise ValueError(
@@ -99,6 +117,42 @@ def target_plan(cfg: Config, facts: dict, tokenizer) -> tuple[bool, float]:
             "(generate.top_k): training on the teacher's tokens without KD")
         return True, 0.0
     return True, t.kd_lam
+
+
+def loss_settings(cfg: Config, facts: dict, tokenizer) -> tuple[bool, TrainConfig]:
+    """(explain targets are the teacher's tokens?, the train settings the loss is made of):
+    `target_plan`, with every piece that needs the teacher's top-k turned off where the
+    traces cannot give it (said in the log). Traces brought in by `distill import` hold no
+    top-k at all: asking for a piece that needs it is an error."""
+    t = cfg.train
+    if facts.get("imported") and uses_topk(t):
+        raise ValueError(
+            f"{', '.join(uses_topk(t))} needs the teacher's top-k log-probabilities, and the "
+            f"traces of this run were imported ({facts['imported']}), which carry none. Set "
+            "train.kd_lam=0, train.answer_kd_lam=0 and train.rationale_loss=ce, or generate "
+            "the traces with a teacher (`distill generate`) to distil its log-probabilities")
+    token_targets, kd_lam = target_plan(cfg, facts, tokenizer)
+    used = dataclasses.replace(t, kd_lam=kd_lam)
+    topk_ok = token_targets and bool(facts.get("k")) and facts.get("usable_for_kd", True)
+    if not topk_ok and (t.answer_kd_lam > 0 or t.rationale_loss == "cosine"):
+        log("train", "the traces give no usable top-k log-probabilities (see the lines above): "
+            "train.answer_kd_lam and train.rationale_loss=cosine are off, the rationale is "
+            "learnt by cross-entropy")
+        used = dataclasses.replace(used, answer_kd_lam=0.0, rationale_loss="ce")
+    return token_targets, used
+
+
+def keep_share(rows: list[dict], share: float) -> list[dict]:
+    """The rows of a `share` of the questions, chosen by a hash of their id: the same for
+    every seed, and a smaller share is a subset of a larger one."""
+    if share >= 1:
+        return rows
+
+    def unit(row_id: str) -> float:
+        digest = hashlib.sha256(str(row_id).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+    return [r for r in rows if unit(r["id"]) < share]
 
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict | None:
@@ -140,16 +194,23 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     # ---- the examples
     tokenizer = load_tokenizer(student_path, padding_side="right")
     generate_facts = (run.stage("generate").manifest() or {}).get("facts", {})
-    token_targets, kd_lam = target_plan(cfg, generate_facts, tokenizer)
-    terms = terms_from_settings(dataclasses.replace(t, kd_lam=kd_lam))
-    with_topk = any("topk" in term.needs for term in terms)
-    rows = kept_rows(kept, upstream, token_targets, with_topk)
+    token_targets, used = loss_settings(cfg, generate_facts, tokenizer)
+    kd_lam = used.kd_lam
+    terms = terms_from_settings(used)
+    topk_parts = {term.part for term in terms if "topk" in term.needs}
+    rows = kept_rows(kept, upstream, token_targets, bool(topk_parts))
+    n_kept = len(rows)
+    rows = keep_share(rows, t.data_fraction)
+    if t.data_fraction < 1:
+        log(folder.name, f"train.data_fraction={t.data_fraction:g}: {len(rows)} of {n_kept} "
+            "kept traces")
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
     examples = build_examples(rows, tokenizer, student, t.max_length, teacher_tokens=token_targets,
-                              with_topk=with_topk)
+                              with_topk="explain" in topk_parts,
+                              answer_tokens=used.answer_kd_lam > 0)
     log(folder.name, ("explain targets: the teacher's own rationale tokens" + (
         f"; KD on them: lam={kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
         f"tail={t.kd_tail}" if kd_lam > 0 else "")) if token_targets else

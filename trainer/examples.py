@@ -33,14 +33,50 @@ def rationale_tokens(tokenizer, token_ids: list[int], completion: str, rationale
                          skip_special_tokens=True)
 
 
+def answer_span(tokenizer, row: dict) -> tuple[int, int] | None:
+    """The teacher's tokens [a, b) that spell its final answer in the trace: the last
+    occurrence of the answer's text after the rationale (None when it is not written as is)."""
+    completion, rationale = row["completion"] or "", row.get("rationale") or ""
+    after = completion.find(rationale) + len(rationale) if rationale in completion else 0
+    for text in dict.fromkeys(str(x) for x in (row.get("pred_answer"), row.get("gold"))
+                              if x is not None and str(x).strip()):
+        start = completion.rfind(text, after)
+        if start >= 0:
+            break
+    else:
+        return None
+    ids = list(row["token_ids"])
+    a = tokens_within(tokenizer, ids, start, skip_special_tokens=True)
+    b = tokens_within(tokenizer, ids, start + len(text), skip_special_tokens=True)
+    if len(tokenizer.decode(ids[:b], skip_special_tokens=True)) < start + len(text):
+        b += 1  # the last token runs past the answer (" 8." as one token)
+    return (a, b) if a < b <= len(ids) else None
+
+
+def _topk_rows(row: dict, a: int, b: int, n_targets: int) -> dict:
+    """The teacher's top-k rows [a, b) plus an empty one for the eos, cut to the targets."""
+    k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
+    return {"topk_ids": ([list(r) for r in row["topk_ids"][a:b]] + [[-1] * k])[:n_targets],
+            "topk_logprobs": ([list(r) for r in row["topk_logprobs"][a:b]]
+                              + [[float("-inf")] * k])[:n_targets]}
+
+
+def _n_targets(example: dict) -> int:
+    return sum(1 for label in example["labels"] if label != -100)
+
+
 def build_examples(rows: list[dict], tokenizer, student: Student, max_length: int,
-                   teacher_tokens: bool = False, with_topk: bool = False) -> list[dict]:
+                   teacher_tokens: bool = False, with_topk: bool = False,
+                   answer_tokens: bool = False) -> list[dict]:
     """One record per kept trace, `{"predict": example, "explain": example}`.
 
     `teacher_tokens`: the explain target is the teacher's stored `token_ids` up to the end of
     the rationale (then eos) instead of the re-tokenised rationale text. `with_topk` (needs
     `teacher_tokens`): the explain example also carries `topk_ids` / `topk_logprobs`, one row
-    per target token (the eos gets an empty row of -1 / -inf).
+    per target token (the eos gets an empty row of -1 / -inf). `answer_tokens` (answer KD):
+    the predict target is the teacher's own tokens of its answer (`answer_span`) and the
+    predict example carries their top-k rows; a trace whose answer is not written as is keeps
+    the answer text as target, with empty rows.
     """
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,8 +85,18 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
     out = []
     for row in rows:
         answer = row["gold"] if row.get("gold") is not None else row["pred_answer"]
-        predict = student.encode(ids(task_prompt(PREDICT, row["question"])),
-                                 ids(str(answer)) + [eos], max_length)
+        prompt = ids(task_prompt(PREDICT, row["question"]))
+        span = answer_span(tokenizer, row) if answer_tokens else None
+        if span is not None:
+            predict = student.encode(prompt, list(row["token_ids"][span[0]:span[1]]) + [eos],
+                                     max_length)
+            predict.update(_topk_rows(row, *span, _n_targets(predict)))
+        else:
+            predict = student.encode(prompt, ids(str(answer)) + [eos], max_length)
+            if answer_tokens:
+                k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
+                n = _n_targets(predict)
+                predict.update(topk_ids=[[-1] * k] * n, topk_logprobs=[[float("-inf")] * k] * n)
         if teacher_tokens:
             m = rationale_tokens(tokenizer, row["token_ids"], row["completion"],
                                  row["rationale"])
@@ -60,11 +106,7 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
         explain = student.encode(ids(task_prompt(EXPLAIN, row["question"])), target,
                                  max_length)
         if with_topk:
-            n_kept = sum(1 for label in explain["labels"] if label != -100)
-            k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
-            explain["topk_ids"] = ([list(r) for r in row["topk_ids"][:m]] + [[-1] * k])[:n_kept]
-            explain["topk_logprobs"] = ([list(r) for r in row["topk_logprobs"][:m]]
-                                        + [[float("-inf")] * k])[:n_kept]
+            explain.update(_topk_rows(row, 0, m, _n_targets(explain)))
         out.append({PREDICT: predict, EXPLAIN: explain})
     return out
 

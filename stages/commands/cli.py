@@ -6,6 +6,7 @@ what the stages keep aside, `config` to see the settings.
     distill generate --run demo --retry-failed     # re-send only the rows that failed
     distill gc --run demo [--yes]                  # other settings' output, kept aside
     distill convert-shards --run demo [--to 2]     # shards in the compact top-k format
+    distill import --run mine --kind table --from traces.jsonl   # traces made elsewhere
 """
 
 from __future__ import annotations
@@ -153,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
     p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
     p.add_argument("--to", type=int, choices=[1, 2], default=2, help="the format (default 2)")
+    p = sub.add_parser("import", help="bring traces made elsewhere (the DSS repository's "
+                       "LLM outputs, a JSONL/Parquet of question, answer and rationale, a "
+                       "distilabel or curator dataset folder) into a run as its generate stage")
+    p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
+    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--kind", required=True, choices=["dss", "table", "hf"],
+                   help="dss: DSS LLM-output JSON (+ --questions); table: JSONL/JSON/Parquet "
+                   "rows; hf: a Hugging Face dataset folder")
+    p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="PATH",
+                   help="the file(s) or folder to import")
+    p.add_argument("--questions", metavar="PATH",
+                   help="dss: the examples the LLM outputs answer, in order")
+    p.add_argument("--map", nargs="*", default=[], metavar="FIELD=COLUMN",
+                   help="name the column of a field (question, rationale, answer, gold, "
+                   "completion, id) where the usual names do not fit")
+    p.add_argument("--force", action="store_true",
+                   help="import again; the previous traces are kept aside")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--keys", action="store_true",
@@ -225,6 +245,21 @@ def main(argv: list[str] | None = None) -> int:
             convert_run(RunFolder.at(args.runs_dir, args.run), args.to)
             return
         cfg = load_config(args.config, args.overrides)
+        if args.command == "import":
+            from stages.commands.import_traces import import_traces
+
+            mapping = {}
+            for item in args.map:
+                field, sep, column = item.partition("=")
+                if not sep or not column:
+                    raise ConfigError([f"--map {item!r}: write FIELD=COLUMN, e.g. "
+                                       "question=problem"])
+                mapping[field] = column
+            run = RunFolder.at(args.runs_dir, args.run)
+            run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            import_traces(cfg, run, args.kind, args.sources, args.questions, mapping,
+                          args.force)
+            return
         if args.command == "config":
             if args.keys:
                 for name, section in SECTION_TYPES.items():

@@ -1,5 +1,6 @@
 """Token cross-entropy on the targets of one part: the two tasks of Distilling Step-by-Step
-(Hsieh et al., ACL 2023), `alpha * L_predict + (1 - alpha) * L_explain`."""
+(Hsieh et al., ACL 2023), `alpha * L_predict + (1 - alpha) * L_explain`. Answer KD takes
+`answer_kd_lam` of the predict weight, rationale KD `kd_lam` of the explain weight."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class PredictCE(LossTerm):
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "PredictCE | None":
-        return cls(t.alpha) if t.alpha > 0 else None
+        weight = t.alpha * (1 - t.answer_kd_lam)  # answer KD takes the rest
+        return cls(weight) if weight > 0 else None
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         return cross_entropy(ctx, self.part)
@@ -32,14 +34,17 @@ class PredictCE(LossTerm):
 @register
 class ExplainCE(LossTerm):
     """`explain: <question>` -> the rationale, weighted by `(1 - alpha) * (1 - kd_lam)` (KD
-    takes the rest of the explain weight) and warmed up over `explain_warmup_steps`."""
+    takes the rest of the explain weight) and warmed up over `explain_warmup_steps`; the
+    rationale loss unless `rationale_loss=cosine` replaces it."""
 
     name, part = "explain", "explain"
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "ExplainCE | None":
         weight = (1 - t.alpha) * (1 - t.kd_lam)
-        return cls(weight, explain_schedule(t)) if weight > 0 else None
+        if t.rationale_loss != "ce" or weight <= 0:
+            return None
+        return cls(weight, explain_schedule(t))
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         return cross_entropy(ctx, self.part)

@@ -6,14 +6,12 @@ from trainer.students.base import Student
 
 
 def student_for(path: str) -> Student:
-    """The student interface for the model at `path` (a folder or a hub id)."""
+    """The student interface for the model at `path` (a folder or a hub id): decoder-only
+    models (Llama, Qwen, SmolLM, GPT-2, ...) or encoder-decoder ones (T5, Flan-T5, BART)."""
     from transformers import AutoConfig
 
     from trainer.students.causal_lm import CausalLMStudent
+    from trainer.students.seq2seq import Seq2SeqStudent
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"the student '{path}' is an encoder-decoder model "
-                         f"({config.model_type}); students are decoder-only models for now "
-                         "(Llama, Qwen, SmolLM, GPT-2, ...)")
-    return CausalLMStudent()
+    return Seq2SeqStudent() if getattr(config, "is_encoder_decoder", False) else CausalLMStudent()

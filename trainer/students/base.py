@@ -15,7 +15,7 @@ import torch
 
 
 class Student(Protocol):
-    kind: str                  # "causal_lm"
+    kind: str                  # "causal_lm" or "seq2seq"
     task_type: str             # peft's TaskType for LoRA
     lora_targets: list[str]    # the layers that get adapters unless train.lora_targets says
 
@@ -29,7 +29,8 @@ class Student(Protocol):
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """A padded batch of encoded examples, ready for `target_logits`."""
 
-    def target_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      perturb=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits at every target position, [N, V], and the targets, [N]: row by row,
-        in sequence order."""
+        in sequence order. `perturb(embeddings, prompt_mask)`, when given, disturbs the input
+        embeddings of the prompt's tokens before the forward (consistency regularisation)."""

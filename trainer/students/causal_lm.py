@@ -39,24 +39,29 @@ class CausalLMStudent:
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)
-        ids, mask, labels = [], [], []
+        ids, mask, labels, prompt = [], [], [], []
         for e in examples:
             pad = width - len(e["input_ids"])
             ids.append([pad_id] * pad + list(e["input_ids"]))
             mask.append([0] * pad + [1] * len(e["input_ids"]))
+            prompt.append([0] * pad + [int(label == -100) for label in e["labels"]])
             # the token at position j+1 is predicted at position j
             labels.append([-100] * pad + list(e["labels"][1:]) + [-100])
         mask_t = torch.tensor(mask, dtype=torch.long)
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": mask_t,
                 "position_ids": (mask_t.cumsum(-1) - 1).clamp(min=0),
-                "labels": torch.tensor(labels, dtype=torch.long)}
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "prompt_mask": torch.tensor(prompt, dtype=torch.bool)}
 
-    def target_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      perturb=None) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         keep = labels != -100
         columns = keep.any(0).nonzero().squeeze(1)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        if perturb is not None:  # noise on the prompt's input embeddings
+            embeddings = unwrap(model).get_input_embeddings()(inputs.pop("input_ids"))
+            inputs["inputs_embeds"] = perturb(embeddings, batch["prompt_mask"])
         if self._accepts_logits_to_keep(model):
             logits = model(**inputs, logits_to_keep=columns).logits      # [B, K, V]
         else:  # an architecture without it: every position, then the target ones
@@ -66,10 +71,15 @@ class CausalLMStudent:
 
     def _accepts_logits_to_keep(self, model: torch.nn.Module) -> bool:
         if self._keeps_logits is None:
-            inner = model
-            while hasattr(inner, "module"):  # DistributedDataParallel and friends
-                inner = inner.module
+            inner = unwrap(model)
             if hasattr(inner, "get_base_model"):  # peft
                 inner = inner.get_base_model()
             self._keeps_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
         return self._keeps_logits
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and friends (a PEFT model stays one)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

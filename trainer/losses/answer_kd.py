@@ -1,0 +1,39 @@
+"""Soft-label KD on the answer: "traditional" distillation (Hinton et al., 2015) of the
+`predict:` task from the teacher's stored top-k at the tokens that spell its final answer.
+
+With `train.answer_kd_lam > 0` the predict target is the teacher's own answer tokens (see
+`trainer.examples.answer_span`), each carrying the teacher's top-k row from the trace; this
+term is T^2 * KL(teacher_T || student_T) over the top-k plus one bucket for the rest (the same
+divergence as the rationale KD, `topk_kd.topk_kd_loss`), weighted by `alpha * answer_kd_lam`;
+the predict cross-entropy keeps `alpha * (1 - answer_kd_lam)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import TrainConfig
+from trainer.losses.base import LossContext, LossTerm, register
+from trainer.losses.topk_kd import topk_kd_loss
+
+
+@register
+class AnswerKD(LossTerm):
+    name, part = "answer_kd", "predict"
+    needs = frozenset({"topk"})
+
+    def __init__(self, weight: float, temperature: float):
+        super().__init__(weight)
+        self.temperature = temperature
+
+    @classmethod
+    def from_settings(cls, t: TrainConfig) -> "AnswerKD | None":
+        weight = t.alpha * t.answer_kd_lam
+        return cls(weight, t.answer_kd_temperature) if weight > 0 else None
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        out, part = ctx.outputs(self.part), ctx.batch[self.part]
+        ids, lps = part["topk_ids"], part["topk_logprobs"]
+        has = (ids >= 0).any(-1)  # the eos, and answers not found in the trace, have no row
+        return topk_kd_loss(out.logits[has], ids[has], lps[has], self.temperature,
+                            lse=out.lse[has])
