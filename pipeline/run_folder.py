@@ -159,6 +159,13 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         _write_bytes(self.fs, self.is_local, self.path(name), text.encode())
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        _write_bytes(self.fs, self.is_local, self.path(name), data)
+
+    def where(self, name: str) -> str:
+        """A file's location as the user should read it in a message."""
+        return f"{self.url.rstrip('/')}/{name}"
+
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, _json(obj))
 

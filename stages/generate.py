@@ -339,6 +339,11 @@ def _has_failed_rows(record: dict) -> bool:
     return record.get("counters", {}).get("errors", 0) > 0
 
 
+def imported(run: RunFolder) -> bool:
+    """Whether the run's traces came from `distill import` (no teacher to run)."""
+    return bool(((run.stage("generate").manifest() or {}).get("facts") or {}).get("imported"))
+
+
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
          teacher: Callable[[], Backend] | None = None,
          role: ArrayRole | None = None, retry_failed: bool = False) -> dict | None:
@@ -347,6 +352,13 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     `generate.executor`); `retry_failed`: re-send only the rows that ended with an error.
     Returns the manifest (None from an array worker)."""
     run, g = as_run_folder(run), cfg.generate
+    previous = run.stage("generate").manifest()
+    if previous is not None and previous.get("facts", {}).get("imported") and not force:
+        raise ValueError(
+            f"the traces of {run} were imported ({previous['facts']['imported']}); `distill "
+            "generate` would replace them with a teacher's. Run `distill filter`, `train` and "
+            "`eval` on them instead, or add --force to generate (the imported traces are "
+            "kept aside)")
     executor = executor_for(g.executor, g.workers, cfg.ray, role)
     per_worker = role is not None or g.executor == "ray" or not run.is_local
     manifest = run_stage(plan(cfg, run, teacher, per_worker, retry_failed),

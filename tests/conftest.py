@@ -26,3 +26,23 @@ def embedded_path():
     from pipeline.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(embedded_path, tmp_path_factory):
+    """A tiny randomly initialised T5 (built from a config) with the embedded model's
+    tokenizer, saved as a model folder: a seq2seq student without a hub download."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_path)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                   num_decoder_layers=2, num_heads=4, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    folder = tmp_path_factory.mktemp("t5")
+    T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

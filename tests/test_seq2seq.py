@@ -14,23 +14,6 @@ from trainer.students import student_for
 from trainer.students.seq2seq import Seq2SeqStudent
 
 
-@pytest.fixture(scope="module")
-def tiny_t5(embedded_path, tmp_path_factory):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    from pipeline.models import load_tokenizer
-
-    tok = load_tokenizer(embedded_path)
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                   num_decoder_layers=2, num_heads=4, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("t5")
-    T5ForConditionalGeneration(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def test_target_logits_are_the_models_own_teacher_forcing(tiny_t5):
     from pipeline.models import load_tokenizer
 
@@ -52,6 +35,7 @@ def test_target_logits_are_the_models_own_teacher_forcing(tiny_t5):
                               atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_t5_student_trains_with_lora_and_is_scored_in_both_modes(tiny_t5, tmp_path):
     """Imported traces (no teacher needed), a T5 student with LoRA on its attention and
     consistency regularisation on the encoder's embeddings, then eval: base, predict:, explain:."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="import again; the previous traces are kept aside")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = sub.add_parser("report", help="write report.html in the run folder: funnel, loss "
+                       "curves, accuracy, sweep, example and rejected traces")
+    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--examples", type=int, default=4, help="kept traces shown (default 4)")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--keys", action="store_true",
@@ -239,11 +245,23 @@ def main(argv: list[str] | None = None) -> int:
 
             gc(RunFolder.at(args.runs_dir, args.run), args.yes, args.quarantine)
             return
+        if args.command == "report":
+            from stages.commands.report import write_report
+
+            write_report(RunFolder.at(args.runs_dir, args.run), args.examples)
+            return
         if args.command == "convert-shards":
             from stages.commands.convert import convert_run
 
             convert_run(RunFolder.at(args.runs_dir, args.run), args.to)
             return
+        if args.command == "import":  # `--from a.json b.json key=value`: the settings apart
+            setting = re.compile(r"[A-Za-z_]+\.[A-Za-z_]+=")
+            moved = [x for x in args.sources if setting.match(x) and not Path(x).exists()]
+            args.sources = [x for x in args.sources if x not in moved]
+            args.overrides = moved + args.overrides
+            if not args.sources:
+                raise ConfigError(["distill import: give the file(s) to import after --from"])
         cfg = load_config(args.config, args.overrides)
         if args.command == "import":
             from stages.commands.import_traces import import_traces

@@ -8,7 +8,10 @@ accuracy of each variant over the seeds:
 
 - `answer-only`: SFT on the answers alone (`train.alpha=1`: only the `predict:` task);
 - `dss`: Distilling Step-by-Step, `predict:` + `explain:` (the config's alpha), no KD;
-- `dss+kd`: the same plus KD from the stored top-k on the explain targets (`train.kd_lam`).
+- `dss+kd`: the same plus KD from the stored top-k on the explain targets (`train.kd_lam`);
+- on request (`--variants`): `dss+answer-kd` (KD on the answer tokens, `answer_kd_lam=0.5`),
+  `dss+cosine` (the margin cosine rationale loss), `dss+consistency` (consistency
+  regularisation, `consistency_lam=0.5`), each one piece on top of `dss`.
 
 All three see the same traces, steps, batches and seeds; DSS with and without KD train on the
 same explain targets (the teacher's own tokens), so the difference between them is the loss.
@@ -28,7 +31,12 @@ VARIANTS = {  # after the user's overrides, so these win
     "answer-only": ["train.alpha=1.0", "train.kd_lam=0"],
     "dss": ["train.kd_lam=0"],
     "dss+kd": [],  # + train.kd_lam, from --kd-lam
+    # the rest of the method family, each one piece on top of DSS (`--variants` picks them)
+    "dss+answer-kd": ["train.kd_lam=0", "train.answer_kd_lam=0.5"],
+    "dss+cosine": ["train.kd_lam=0", "train.rationale_loss=cosine"],
+    "dss+consistency": ["train.kd_lam=0", "train.consistency_lam=0.5"],
 }
+DEFAULT_VARIANTS = ["answer-only", "dss", "dss+kd"]
 
 
 def seed_list(text: str) -> list[int]:
@@ -109,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training seeds, comma-separated (default 0,1,2)")
     parser.add_argument("--kd-lam", type=float, default=0.5,
                         help="train.kd_lam of the dss+kd students")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        choices=list(VARIANTS), help="the students to compare (default: "
+                        f"{' '.join(DEFAULT_VARIANTS)}; also {' '.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every stage and student (e.g. train.epochs=1)")
     args = parser.parse_args(argv)
@@ -121,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         configs = variant_configs(args.config, args.overrides, args.variants, args.seeds,
                                   args.kd_lam)
-        run_stages(["generate", "filter"], base, run)
+        from stages.generate import imported
+
+        run_stages(["filter"] if imported(run) else ["generate", "filter"], base, run)
         for i, ((v, s), cfg) in enumerate(configs.items(), 1):
             print(f"==> student {i}/{len(configs)}: {v}, seed {s}", file=sys.stderr, flush=True)
             run_stages(["train"], cfg, run)

@@ -1,0 +1,344 @@
+"""`distill report` / `make report`: one self-contained page about a run, `<run>/report.html`.
+
+    distill report --run demo [--examples 5]
+
+What a user sends to their team: the teacher and the students, the filter funnel, the loss
+curves of every student per loss term, the accuracy table (teacher, base student, every
+distilled student in both modes, tokens per answer) with its chart, the comparison and the
+data-efficiency sweep when `make compare` / `make sweep` have run, a few traces the filter
+kept and rejected, and a table of every rejected trace that filters by reason and sorts by
+any column (a link ending in `#reason=wrong_answer` opens it filtered). Plots are PNGs
+embedded in the page (no file beside it, no network); the page reads every file of the run
+it needs and leaves out what a run does not have yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+
+from pipeline.log import log
+from pipeline.run_folder import RunFolder
+
+_MAX_ROWS = 5000  # rejected traces listed in the table at most (the funnel counts them all)
+
+_STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;
+background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bottom:1px solid
+#d9dde3;padding-bottom:4px}
+.sub{color:#5b6475;margin:0 0 16px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #d9dde3;border-radius:8px;padding:10px 14px;min-width:150px}
+.card b{display:block;font-size:20px}
+figure{background:#fff;border:1px solid #d9dde3;border-radius:8px;margin:12px 0;padding:8px;
+text-align:center}
+figure img{max-width:100%}figcaption{color:#5b6475;font-size:13px}
+table{border-collapse:collapse;background:#fff;width:100%;font-size:14px}
+th,td{border:1px solid #d9dde3;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#eef0f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.sortable th{cursor:pointer}
+.trace{background:#fff;border:1px solid #d9dde3;border-radius:8px;padding:8px 12px;margin:8px 0}
+.trace pre{white-space:pre-wrap;margin:4px 0;font-size:13px}
+.tag{display:inline-block;border-radius:4px;padding:0 6px;font-size:12px;color:#fff}
+.kept{background:#2ca02c}.rejected{background:#d62728}
+.scroll{max-height:480px;overflow:auto}
+.missing{color:#b00}
+"""
+
+_SCRIPT = """
+function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th);
+const asc=th.dataset.dir!=='asc';th.dataset.dir=asc?'asc':'desc';
+const rows=[...t.tBodies[0].rows];const num=rows.every(r=>!isNaN(parseFloat(r.cells[i].textContent))||r.cells[i].textContent==='');
+rows.sort((a,b)=>{let x=a.cells[i].textContent,y=b.cells[i].textContent;
+if(num){x=parseFloat(x)||0;y=parseFloat(y)||0;return asc?x-y:y-x}
+return asc?x.localeCompare(y):y.localeCompare(x)});rows.forEach(r=>t.tBodies[0].appendChild(r))}
+function filterReason(v){let n=0;for(const r of document.querySelectorAll('#rejected tbody tr')){
+const show=!v||r.dataset.reason===v;r.style.display=show?'':'none';if(show)n++}
+document.getElementById('shown').textContent=n}
+window.addEventListener('load',()=>{
+for(const img of document.querySelectorAll('img.plot')){const ok=img.complete&&img.naturalWidth>0;
+img.dataset.rendered=ok?img.naturalWidth+'x'+img.naturalHeight:'failed';
+if(!ok){const p=document.createElement('p');p.className='missing';p.textContent='this plot did not render';img.after(p)}}
+document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
+const sel=document.getElementById('reason');if(sel){sel.addEventListener('change',()=>filterReason(sel.value));
+const m=location.hash.match(/reason=([a-z_]+)/);if(m){sel.value=m[1];}filterReason(sel.value)}
+document.body.dataset.ready='1'});
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(png_b64: str, caption: str, name: str) -> str:
+    return (f'<figure><img class="plot" data-plot="{_e(name)}" alt="{_e(caption)}" '
+            f'src="data:image/png;base64,{png_b64}"><figcaption>{_e(caption)}</figcaption>'
+            "</figure>")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _student_label(name: str) -> str:
+    return name or "train (default)"
+
+
+def loss_curves(logs: dict[str, list[dict]]) -> str | None:
+    """One panel per loss term (`loss_<term>` in the logs), a line per student (PNG)."""
+    terms = sorted({k for records in logs.values() for r in records for k in r
+                    if k.startswith("loss_")})
+    if not terms:
+        return None
+    plt = _plt()
+    cols = min(3, len(terms))
+    rows = (len(terms) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        for name, records in logs.items():
+            points = [(r["step"], r[term]) for r in records if term in r]
+            if points:
+                ax.plot(*zip(*points), label=_student_label(name), lw=1.2)
+        ax.set_title(term[len("loss_"):])
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) + 3) // 4), 1, 1))
+    return _png(fig)
+
+
+def result_label(r: dict) -> str:
+    variant = r.get("variant")
+    if r["system"] == "teacher":
+        return "teacher (few-shot CoT)"
+    if r["system"] == "base":
+        return "base student (predict:)"
+    return f"{_student_label(variant or '')} ({r['system']}:)"
+
+
+def accuracy_chart(results: list[dict]) -> str | None:
+    if not results:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(results) + 1.2))
+    labels = [result_label(r) for r in results]
+    values = [100 * r["accuracy"] for r in results]
+    colors = ["#7f7f7f" if r["system"] in ("teacher", "base") else
+              "#1f77b4" if r["system"] == "predict" else "#ff7f0e" for r in results]
+    bars = ax.barh(range(len(results)), values, color=colors)
+    ax.set_yticks(range(len(results)), labels, fontsize=8)
+    ax.invert_yaxis()
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.1f}%",
+                va="center", fontsize=8)
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("held-out accuracy (%)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _table(head: list[str], rows: list[list], numeric: set[int] = frozenset(),
+           cls: str = "", tid: str = "", row_attrs: list[str] | None = None) -> str:
+    out = [f'<table class="{cls}"' + (f' id="{tid}"' if tid else "") + "><thead><tr>"]
+    out += [f"<th>{_e(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for i, row in enumerate(rows):
+        attrs = row_attrs[i] if row_attrs else ""
+        out.append(f"<tr{attrs}>" + "".join(
+            f'<td class="num">{_e(v)}</td>' if j in numeric else f"<td>{_e(v)}</td>"
+            for j, v in enumerate(row)) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _trace(row: dict, kept: bool) -> str:
+    tag = ('<span class="tag kept">kept</span>' if kept else
+           f'<span class="tag rejected">{_e(row.get("reason"))}</span>')
+    detail = f" ({_e(row['detail'])})" if row.get("detail") else ""
+    return (f'<div class="trace">{tag} <b>{_e(row["question"])}</b>'
+            f"<pre>{_e(row['completion'])}</pre>gold: {_e(row.get('gold'))} · teacher's "
+            f"answer: {_e(row.get('pred_answer'))}{detail}</div>")
+
+
+def _read_logs(run: RunFolder) -> dict[str, list[dict]]:
+    logs = {}
+    for name in run.students():
+        folder = run.student(name)
+        if folder.exists("log.jsonl"):
+            logs[name] = [r for r in folder.read_jsonl("log.jsonl") if "step" in r]
+    return logs
+
+
+def _optional_json(read, name: str):
+    try:
+        return read(name)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
+    """(the page's HTML, how many plots it holds)."""
+    from stages.filter import draw_funnel
+
+    gen = run.stage("generate").manifest() or {}
+    filt = run.stage("filter")
+    filt_manifest = filt.manifest()
+    facts = gen.get("facts", {})
+    parts, n_plots = [], 0
+
+    def plot(b64: str | None, caption: str, name: str) -> None:
+        nonlocal n_plots
+        if b64:
+            parts.append(_figure(b64, caption, name))
+            n_plots += 1
+
+    # ---- summary
+    cards = [("teacher", facts.get("teacher", "?")),
+             ("traces generated", gen.get("counters", {}).get("traces", "?")),
+             ("top-k per token", facts.get("k", "?"))]
+    funnel = _optional_json(filt.read_json, "funnel.json") if filt_manifest else None
+    if funnel:
+        c = funnel["counters"]
+        share = 100 * c.get("kept", 0) / max(1, c.get("traces_in", 0))
+        cards.append(("kept by the filter", f"{c.get('kept', 0):,} ({share:.0f}%)"))
+    students = [n for n in run.students() if run.student(n).manifest()]
+    cards.append(("students trained", len(students)))
+    parts.append('<div class="cards">' + "".join(
+        f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards) + "</div>")
+
+    # ---- accuracy
+    report = _optional_json(run.stage("eval").read_json, "report.json")
+    parts.append("<h2>Accuracy on the held-out split</h2>")
+    if report:
+        results = report["results"]
+        parts.append(_table(["system", "n", "accuracy", "tokens / answer"],
+                            [[result_label(r), r["n"], f"{100 * r['accuracy']:.1f}%",
+                              f"{r['mean_tokens']:.1f}"] for r in results], {1, 2, 3},
+                            cls="sortable", tid="accuracy"))
+        plot(accuracy_chart(results), "held-out accuracy of every system scored "
+             "(grey: teacher and base student; blue: predict:, orange: explain:)", "accuracy")
+    else:
+        parts.append("<p>No eval yet: run <code>make eval</code>.</p>")
+    compare = _optional_json(run.read_json, "compare.json")
+    if compare:
+        parts.append(f"<h2>Variants compared over seeds {_e(compare['seeds'])}</h2>")
+        parts.append(_table(["student", "mode", "mean accuracy", "sd", "per seed", "tokens"],
+                            [[r["variant"], r["mode"], f"{100 * r['mean']:.1f}%",
+                              f"{100 * r['sd']:.1f}",
+                              " ".join(f"{100 * a:.1f}" for a in r["accuracy"]),
+                              f"{r['mean_tokens']:.1f}"] for r in compare["variants"]],
+                            {2, 3, 5}, cls="sortable"))
+    sweep = _optional_json(run.read_json, "sweep.json")
+    if sweep:
+        from stages.commands.sweep import plot as sweep_plot
+
+        parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")
+        rows = sweep["rows"]
+        plot(base64.b64encode(sweep_plot(rows, "accuracy against the share of the data"))
+             .decode(), f"predict: accuracy against the share of the kept traces, seeds "
+             f"{sweep['seeds']}", "sweep")
+        parts.append(_table(["method", "share", "traces", "mean accuracy", "sd", "per seed"],
+                            [[r["method"], f"{100 * r['share']:g}%", r.get("traces"),
+                              f"{100 * r['mean']:.1f}%", f"{100 * r['sd']:.1f}",
+                              " ".join(f"{100 * a:.1f}" for a in r["accuracy"])]
+                             for r in rows], {2, 3, 4}, cls="sortable"))
+
+    # ---- training
+    parts.append("<h2>Training</h2>")
+    logs = _read_logs(run)
+    plot(loss_curves(logs), "the loss terms of every student (each term's mean between "
+         "logging steps, before its weight)", "losses")
+    rows = []
+    for name in students:
+        m = run.student(name).manifest()
+        f, c = m.get("facts", {}), m.get("counters", {})
+        rows.append([_student_label(name), f.get("student"), ", ".join(
+            f"{k} x {v:g}" for k, v in (f.get("loss_terms") or {}).items()),
+            f.get("explain_targets"), c.get("traces"), c.get("steps"), c.get("train_loss"),
+            m.get("seconds")])
+    if rows:
+        parts.append(_table(["student", "model", "loss terms", "explain targets", "traces",
+                             "steps", "final loss", "seconds"], rows, {4, 5, 6, 7},
+                            cls="sortable"))
+
+    # ---- the filter and the traces
+    parts.append("<h2>The filter</h2>")
+    if funnel:
+        plot(base64.b64encode(draw_funnel(funnel["counters"])).decode(),
+             "what the filter kept and why it dropped the rest", "funnel")
+    if filt_manifest:
+        cols = ["id", "question", "gold", "completion", "pred_answer", "detail", "n_tokens"]
+        shards = filt_manifest["shards"]
+        kept = filt.read_tables([s["outputs"]["kept"] for s in shards[:2]],
+                                columns=cols).to_pylist()[:examples]
+        rejected = filt.read_tables([s["outputs"]["rejected"] for s in shards],
+                                    columns=cols + ["reason"]).to_pylist()
+        parts.append("<h3>Examples kept</h3>" + "".join(_trace(r, True) for r in kept))
+        seen, picks = set(), []
+        for r in rejected:  # one example per reason first
+            if r["reason"] not in seen:
+                seen.add(r["reason"])
+                picks.append(r)
+        parts.append("<h3>Examples rejected</h3>" + "".join(
+            _trace(r, False) for r in picks[:max(examples, len(seen))]))
+        reasons = sorted({r["reason"] for r in rejected})
+        listed = rejected[:_MAX_ROWS]
+        parts.append(
+            f"<h3>Every rejected trace ({len(rejected):,}"
+            + (f", the first {_MAX_ROWS:,} listed" if len(rejected) > _MAX_ROWS else "")
+            + ')</h3><p>reason: <select id="reason"><option value="">all</option>'
+            + "".join(f'<option value="{_e(x)}">{_e(x)}</option>' for x in reasons)
+            + '</select> · showing <span id="shown"></span> · click a column to sort</p>'
+            + '<div class="scroll">'
+            + _table(["reason", "id", "question", "completion", "teacher's answer", "gold",
+                      "detail", "tokens"],
+                     [[r["reason"], r["id"], r["question"], r["completion"],
+                       r["pred_answer"], r["gold"], r["detail"], r["n_tokens"]]
+                      for r in listed], {7}, cls="sortable", tid="rejected",
+                     row_attrs=[f' data-reason="{_e(r["reason"])}"' for r in listed])
+            + "</div>")
+    else:
+        parts.append("<p>No filter yet: run <code>make filter</code>.</p>")
+
+    title = f"Distillation report: {run.url.rstrip('/').rsplit('/', 1)[-1]}"
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
+            f"</title><meta name=viewport content='width=device-width,initial-scale=1'>"
+            f"<style>{_STYLE}</style></head><body><main><h1>{_e(title)}</h1>"
+            f"<p class=sub>{_e(run.url)} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"
+            + "".join(parts) + f"</main><script>{_SCRIPT}</script></body></html>")
+    return page, n_plots
+
+
+def write_report(run: RunFolder, examples: int = 4) -> str:
+    if run.stage("generate").manifest() is None:
+        raise FileNotFoundError(f"{run} has no finished generate stage yet: run `make "
+                                "generate` (or `distill import`) first")
+    page, n_plots = build_report(run, examples)
+    run.write_text("report.html", page)
+    where = run.where("report.html")
+    log("report", f"{where}: {n_plots} plots, {len(page) / 1e6:.1f} MB")
+    return where
