@@ -8,9 +8,7 @@ import subprocess
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.run_folder import RunFolder
-from stages.commands.cli import main as cli, run_stages
+from stages.commands.cli import main as cli
 
 pytestmark = pytest.mark.slow  # the whole pipeline on a tiny student, four times
 
