@@ -162,3 +162,13 @@ def test_consistency_runs_a_noisy_forward_through_the_student(tmp_path):
     value.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_distill_config_keys_lists_the_new_settings(capsys):
+    from stages.commands.cli import main
+
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("answer_kd_lam", "answer_kd_temperature", "rationale_loss", "cosine_margin",
+                "consistency_lam", "consistency_noise", "consistency_amount", "data_fraction"):
+        assert f"\n  {key} = " in out, key

@@ -130,6 +130,36 @@ def loss_curves(logs: dict[str, list[dict]]) -> str | None:
     return _png(fig)
 
 
+def sweep_plot(rows: list[dict], title: str) -> bytes:
+    """Accuracy against the share of the kept traces, one line per method (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        x = [100 * r["share"] for r in mine]
+        y = [100 * r["mean"] for r in mine]
+        ax.errorbar(x, y, yerr=[100 * r["sd"] for r in mine], marker="o", capsize=3,
+                    label={"dss": "Distilling Step-by-Step (predict:)",
+                           "answer-only": "answer-only SFT"}.get(method, method))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([100 * r["share"] for r in rows])
+    ax.set_xticklabels([f"{100 * r['share']:g}%" for r in rows])
+    ax.set_xlabel("share of the kept traces used for training")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def result_label(r: dict) -> str:
     variant = r.get("variant")
     if r["system"] == "teacher":
@@ -253,8 +283,6 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                             {2, 3, 5}, cls="sortable"))
     sweep = _optional_json(run.read_json, "sweep.json")
     if sweep:
-        from stages.commands.sweep import plot as sweep_plot
-
         parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")
         rows = sweep["rows"]
         plot(base64.b64encode(sweep_plot(rows, "accuracy against the share of the data"))

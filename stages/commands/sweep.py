@@ -18,7 +18,6 @@ is reused by the other; stopped sweeps resume where they stopped.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -83,36 +82,6 @@ def table(rows: list[dict], n: int) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], title: str) -> bytes:
-    """Accuracy against the share of the kept traces, one line per method (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        x = [100 * r["share"] for r in mine]
-        y = [100 * r["mean"] for r in mine]
-        ax.errorbar(x, y, yerr=[100 * r["sd"] for r in mine], marker="o", capsize=3,
-                    label={"dss": "Distilling Step-by-Step (predict:)",
-                           "answer-only": "answer-only SFT"}.get(method, method))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([100 * r["share"] for r in rows])
-    ax.set_xticklabels([f"{100 * r['share']:g}%" for r in rows])
-    ax.set_xlabel("share of the kept traces used for training")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.run_folder import RunFolder
@@ -157,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     report = run.stage("eval").read_json("report.json")
     rows = summarize(report["results"], args.methods, args.shares, args.seeds, traces)
-    run.write_bytes("sweep.png", plot(rows, f"data efficiency on {args.run} "
+    from stages.commands.report import sweep_plot
+
+    run.write_bytes("sweep.png", sweep_plot(rows, f"data efficiency on {args.run} "
                                       f"({len(args.seeds)} seed{'s' * (len(args.seeds) > 1)})"))
     run.write_json("sweep.json", {
         "rows": rows, "seeds": args.seeds, "shares": args.shares, "methods": args.methods,
