@@ -354,6 +354,13 @@ def _peak_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB else
 
 
+# our trainer's variants: the settings each adds to DSS (alpha 0.5)
+TRAIN_SETTINGS = {"dss": {}, "dss-kd": {"kd_lam": 0.5},
+                  "dss-answer-kd": {"answer_kd_lam": 0.5},
+                  "dss-cosine": {"rationale_loss": "cosine"},
+                  "dss-consistency": {"consistency_lam": 0.5}}
+
+
 def train_once(variant: str, steps: int) -> dict:
     """One training variant in this process: median seconds per optimizer step after the first,
     and peak memory (process RSS; on a GPU also torch's peak allocation).
@@ -378,12 +385,15 @@ def train_once(variant: str, steps: int) -> dict:
     from trainer.losses import terms_from_settings
     from trainer.students import student_for
 
-    cfg = TrainConfig(batch_size=8, kd_lam=0.5 if variant == "dss-kd" else 0.0)
+    cfg = TrainConfig(batch_size=8, **TRAIN_SETTINGS.get(variant, {}))
     path = resolve_model(cfg.student)
     student = student_for(path)
     tok = load_tokenizer(path, padding_side="right")
+    terms = terms_from_settings(cfg)
+    topk = {term.part for term in terms if "topk" in term.needs}
     examples = build_examples(_train_rows(tok, cfg.batch_size * (steps + 1)), tok, student,
-                              cfg.max_length, teacher_tokens=True, with_topk=variant == "dss-kd")
+                              cfg.max_length, teacher_tokens=True, with_topk="explain" in topk,
+                              answer_tokens="predict" in topk)
     torch.manual_seed(0)
     model = lora_student(path, cfg, student)
     cuda = torch.cuda.is_available()
@@ -406,7 +416,7 @@ def train_once(variant: str, steps: int) -> dict:
                   max_steps=steps + 1, save_strategy="no", disable_tqdm=True,
                   logging_steps=1000, dataloader_num_workers=0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        if variant in ("dss", "dss-kd"):
+        if variant in TRAIN_SETTINGS:
             from transformers import TrainingArguments
 
             from trainer.dss import DSSTrainer
@@ -414,7 +424,7 @@ def train_once(variant: str, steps: int) -> dict:
             args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
                                      **common)
             trainer = clocked(DSSTrainer)(
-                model=model, args=args, terms=terms_from_settings(cfg), student=student,
+                model=model, args=args, terms=terms, student=student,
                 train_dataset=Dataset.from_list(examples),
                 data_collator=DSSCollator(student, tok.pad_token_id))
         elif variant == "trl":
@@ -475,7 +485,7 @@ def bench_train(steps: int = 8) -> list[tuple[str, str]]:
     process so that memory peaks do not mix."""
     import importlib.util
 
-    variants = ["dss", "dss-kd"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    variants = list(TRAIN_SETTINGS) + (["trl"] if importlib.util.find_spec("trl") else [])
     res = {v: _in_child(["--one-train", v, "--train-steps", str(steps)], f"{v} training")
            for v in variants}
     plain = res["dss"]["s_per_step"]
@@ -490,6 +500,11 @@ def bench_train(steps: int = 8) -> list[tuple[str, str]]:
             f"{res['dss']['threads']} threads"),
            (name + ": DSS + KD from stored top-20", f"{res['dss-kd']['s_per_step']:.2f} s/step "
             f"({100 * (res['dss-kd']['s_per_step'] / plain - 1):+.1f}%), {mem(res['dss-kd'])}")]
+    for v, what in (("dss-answer-kd", "DSS + answer KD (answer_kd_lam 0.5)"),
+                    ("dss-cosine", "DSS, margin cosine rationale loss"),
+                    ("dss-consistency", "DSS + consistency (a second predict: forward)")):
+        out.append((f"{name}: {what}", f"{res[v]['s_per_step']:.2f} s/step "
+                    f"({100 * (res[v]['s_per_step'] / plain - 1):+.1f}%), {mem(res[v])}"))
     if "trl" in res:
         out.append((name + ": TRL GKDTrainer, online teacher (lmbda=0)",
                     f"{res['trl']['s_per_step']:.2f} s/step "
