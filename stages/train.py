@@ -204,6 +204,9 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     if t.data_fraction < 1:
         log(folder.name, f"train.data_fraction={t.data_fraction:g}: {len(rows)} of {n_kept} "
             "kept traces")
+    if not rows and n_kept:
+        raise ValueError(f"train.data_fraction={t.data_fraction:g} leaves none of the {n_kept} "
+                         "kept traces; raise it")
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "
