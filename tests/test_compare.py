@@ -44,3 +44,22 @@ def test_each_variant_keeps_its_own_settings_whatever_the_overrides():
     assert t[("dss", 4)].kd_lam == 0 and t[("dss", 4)].alpha == 0.5
     assert t[("dss+kd", 4)].kd_lam == 0.2 and t[("dss+kd", 4)].seed == 4
     assert t[("dss+kd", 4)].name == "dss-kd-s4" and all(x.epochs == 1 for x in t.values())
+
+
+def test_mode_agreement_counts_each_rows_two_answers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.run_folder import RunFolder
+    from stages.commands.compare import agreement_table, mode_agreement
+
+    (tmp_path / "eval").mkdir()
+    for mode, right in (("predict", [1, 1, 0, 0, 1]), ("explain", [1, 0, 1, 0, 1])):
+        for seed in (0, 1):
+            pq.write_table(pa.table({"id": [f"r{i}" for i in range(5)],
+                                     "correct": [bool(x) for x in right]}),
+                           tmp_path / "eval" / f"{mode}-{variant_name('dss', seed)}.parquet")
+    rows = mode_agreement(RunFolder(tmp_path), ["dss", "dss+kd"], [0, 1])
+    assert rows == [{"variant": "dss", "both": 4, "explain_only": 2, "predict_only": 2,
+                     "neither": 2}]  # dss+kd has no shards: left out
+    assert "dss" in agreement_table(rows)

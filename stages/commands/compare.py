@@ -85,6 +85,41 @@ def summarize(results: list[dict], variants: list[str], seeds: list[int]) -> lis
     return rows
 
 
+def mode_agreement(run, variants: list[str], seeds: list[int]) -> list[dict]:
+    """Per DSS-style variant, over its seeds: on how many held-out rows the `predict:` answer
+    and the `explain:` answer of the same student are right, both, one or neither (does the
+    direct answer know what the reasoning finds?)."""
+    folder = run.stage("eval")
+    out = []
+    for v in variants:
+        counts = {"both": 0, "explain_only": 0, "predict_only": 0, "neither": 0}
+        for s in seeds:
+            name = variant_name(v, s)
+            if not (folder.exists(f"predict-{name}.parquet")
+                    and folder.exists(f"explain-{name}.parquet")):
+                continue
+            p = folder.read_table(f"predict-{name}.parquet", ["id", "correct"]).to_pylist()
+            e = {r["id"]: r["correct"] for r in
+                 folder.read_table(f"explain-{name}.parquet", ["id", "correct"]).to_pylist()}
+            for r in p:
+                if r["id"] in e:
+                    key = ("both" if r["correct"] and e[r["id"]] else "predict_only"
+                           if r["correct"] else "explain_only" if e[r["id"]] else "neither")
+                    counts[key] += 1
+        if sum(counts.values()):
+            out.append({"variant": v, **counts})
+    return out
+
+
+def agreement_table(rows: list[dict]) -> str:
+    lines = [f"{'student':<18}{'both right':>11}{'explain only':>14}{'predict only':>14}"
+             f"{'neither':>9}", "-" * 66]
+    for r in rows:
+        lines.append(f"{r['variant']:<18}{r['both']:>11}{r['explain_only']:>14}"
+                     f"{r['predict_only']:>14}{r['neither']:>9}")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], reference: list[dict], n: int) -> str:
     lines = [f"{'student':<14}{'mode':<10}{'accuracy, mean ± sd':>22}   per seed      tokens",
              "-" * 74]
@@ -150,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(report["results"], args.variants, args.seeds)
     reference = [r for r in report["results"] if r["system"] in ("teacher", "base")]
     text = table(rows, reference, report["n"])
+    agreement = mode_agreement(run, [v for v in args.variants if v != "answer-only"],
+                               args.seeds)
     out = {"variants": rows, "reference": reference, "seeds": args.seeds,
+           "mode_agreement": agreement,
            "kd_lam": args.kd_lam, "n": report["n"], "config": args.config,
            "overrides": args.overrides, "seconds": round(time.time() - t0, 1)}
     run.write_json("compare.json", out)
     print(text)
+    if agreement:
+        print("\nthe same student's predict: and explain: answers, held-out rows over the seeds:")
+        print(agreement_table(agreement))
     return 0
 
 
