@@ -47,6 +47,18 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds are whole numbers, e.g. 0,1,2; got {text!r}")
 
 
+def students_parser(description: str, seeds: str) -> argparse.ArgumentParser:
+    """The options of a command that trains students on one run: config, run, seeds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--run", default="demo")
+    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                        help="where run folders live")
+    parser.add_argument("--seeds", default=seeds, type=seed_list,
+                        help=f"training seeds, comma-separated (default {seeds})")
+    return parser
+
+
 def variant_name(variant: str, seed: int) -> str:
     return f"{variant.replace('+', '-')}-s{seed}"
 
@@ -142,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run_folder import RunFolder
     from stages.commands.cli import reported, run_stages
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--run", default="demo")
-    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                        help="where run folders live")
-    parser.add_argument("--seeds", default="0,1,2",
-                        type=seed_list,
-                        help="training seeds, comma-separated (default 0,1,2)")
+    parser = students_parser(__doc__.splitlines()[0], "0,1,2")
     parser.add_argument("--kd-lam", type=float, default=0.5,
                         help="train.kd_lam of the dss+kd students")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,

@@ -18,12 +18,11 @@ is reused by the other; stopped sweeps resume where they stopped.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-from stages.commands.compare import VARIANTS, seed_list, variant_name
+from stages.commands.compare import VARIANTS, students_parser, variant_name
 
 METHODS = ["answer-only", "dss"]
 
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run_folder import RunFolder
     from stages.commands.cli import reported, run_stages
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--run", default="demo")
-    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
-    parser.add_argument("--seeds", default="0", type=seed_list,
-                        help="training seeds, comma-separated (default 0)")
+    parser = students_parser(__doc__.splitlines()[0], "0")
     parser.add_argument("--shares", default="0.125,0.25,0.5,1", type=share_list,
                         help="shares of the kept traces (default 0.125,0.25,0.5,1)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=list(VARIANTS))
