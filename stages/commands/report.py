@@ -281,6 +281,14 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                               " ".join(f"{100 * a:.1f}" for a in r["accuracy"]),
                               f"{r['mean_tokens']:.1f}"] for r in compare["variants"]],
                             {2, 3, 5}, cls="sortable"))
+        if compare.get("mode_agreement"):
+            parts.append("<p>The same student's <code>predict:</code> and <code>explain:</code>"
+                         " answers on the held-out rows, over the seeds:</p>")
+            parts.append(_table(["student", "both right", "explain only", "predict only",
+                                 "neither"],
+                                [[r["variant"], r["both"], r["explain_only"],
+                                  r["predict_only"], r["neither"]]
+                                 for r in compare["mode_agreement"]], {1, 2, 3, 4}))
     sweep = _optional_json(run.read_json, "sweep.json")
     if sweep:
         parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")
