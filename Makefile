@@ -53,7 +53,7 @@ demo: setup
 	$(BIN)/distill all --config $(CONFIG) --run $(RUN) $(SET)
 
 compare: setup
-	$(BIN)/python -m stages.commands.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) --variants $(VARIANTS) $(SET)
+	$(BIN)/python -m stages.commands.compare --config $(CONFIG) --run $(RUN) --seeds "$(SEEDS)" --kd-lam $(KD_LAM) --variants "$(VARIANTS)" $(SET)
 
 sweep: setup
 	$(BIN)/python -m stages.commands.sweep --config $(CONFIG) --run $(RUN) --seeds "$(SWEEP_SEEDS)" --shares "$(SHARES)" $(SET)

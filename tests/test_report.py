@@ -46,6 +46,14 @@ def swept_run(tiny_t5, tmp_path_factory):
                 str(tmp / "t.jsonl"), *settings]) == 0
     assert sweep.main(["--run", "r", "--runs-dir", str(tmp), "--shares", "0.5,1",
                        "--seeds", "0", *settings]) == 0
+    # make compare on the same run reuses the sweep's students at 100%
+    from stages.commands import compare
+
+    before = (tmp / "r" / "train-dss-s0" / "manifest.json").read_text()
+
+    assert compare.main(["--run", "r", "--runs-dir", str(tmp), "--seeds", "0", "--variants",
+                         "answer-only,dss", *settings, "eval.systems=[base]"]) == 0
+    assert (tmp / "r" / "train-dss-s0" / "manifest.json").read_text() == before
     return tmp / "r"
 
 
@@ -74,10 +82,11 @@ def test_the_report_renders_its_plots_in_a_real_browser(swept_run):
         width, height = map(int, size.split("x"))  # "failed" would not parse
         assert width > 200 and height > 100, (name, size)
     assert 'class="missing"' not in dom  # the note a plot that failed to load leaves
-    # the accuracy table holds every student in both modes; examples kept and rejected
-    for name in ("answer-only-s0", "dss-p50-s0"):
-        assert f"{name} (predict:)" in dom
-    assert "wrong_arithmetic" in dom and "Examples kept" in dom
+    # the accuracy table (compare's students, both modes), the comparison with the two
+    # modes' agreement, the sweep's table; examples kept and rejected
+    for text in ("answer-only-s0 (predict:)", "dss-s0 (explain:)", "base student",
+                 "explain only", "50%", "Examples kept", "wrong_arithmetic"):
+        assert text in dom, text
     # the table of rejected traces, opened filtered by a link
     shown = re.search(r'id="shown">(\d+)<', _browser_dom(page, "#reason=no_answer")).group(1)
     assert shown == "1"

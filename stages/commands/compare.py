@@ -47,6 +47,16 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds are whole numbers, e.g. 0,1,2; got {text!r}")
 
 
+def variant_list(text: str) -> list[str]:
+    """`answer-only,dss` (or space-separated) -> the variants, each checked."""
+    names = [x for x in text.replace(",", " ").split() if x]
+    unknown = [x for x in names if x not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or text!r}; choose from "
+                                         f"{', '.join(VARIANTS)}")
+    return names
+
+
 def students_parser(description: str, seeds: str) -> argparse.ArgumentParser:
     """The options of a command that trains students on one run: config, run, seeds."""
     parser = argparse.ArgumentParser(description=description)
@@ -157,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = students_parser(__doc__.splitlines()[0], "0,1,2")
     parser.add_argument("--kd-lam", type=float, default=0.5,
                         help="train.kd_lam of the dss+kd students")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        choices=list(VARIANTS), help="the students to compare (default: "
-                        f"{' '.join(DEFAULT_VARIANTS)}; also {' '.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), type=variant_list,
+                        help="the students to compare, comma-separated (default: "
+                        f"{','.join(DEFAULT_VARIANTS)}; also "
+                        f"{','.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every stage and student (e.g. train.epochs=1)")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from stages.commands.compare import VARIANTS, students_parser, variant_name
+from stages.commands.compare import VARIANTS, students_parser, variant_list, variant_name
 
 METHODS = ["answer-only", "dss"]
 
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = students_parser(__doc__.splitlines()[0], "0")
     parser.add_argument("--shares", default="0.125,0.25,0.5,1", type=share_list,
                         help="shares of the kept traces (default 0.125,0.25,0.5,1)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=list(VARIANTS))
+    parser.add_argument("--methods", default=",".join(METHODS), type=variant_list,
+                        help="the students at each share, comma-separated (default "
+                        f"{','.join(METHODS)}; any of make compare's variants)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every stage and student (e.g. train.dtype=float32)")
     args = parser.parse_args(argv)
