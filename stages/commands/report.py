@@ -112,17 +112,22 @@ def loss_curves(logs: dict[str, list[dict]]) -> str | None:
     cols = min(3, len(terms))
     rows = (len(terms) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(logs)}  # one per student
     for ax, term in zip(axes.flat, terms):
         for name, records in logs.items():
             points = [(r["step"], r[term]) for r in records if term in r]
             if points:
-                ax.plot(*zip(*points), label=_student_label(name), lw=1.2)
+                ax.plot(*zip(*points), label=_student_label(name), lw=1.2, color=colors[name])
         ax.set_title(term[len("loss_"):])
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend: dict = {}  # every student once, whichever panels it has lines in
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
                    frameon=False)
