@@ -214,6 +214,17 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     examples = build_examples(rows, tokenizer, student, t.max_length, teacher_tokens=token_targets,
                               with_topk="explain" in topk_parts,
                               answer_tokens=used.answer_kd_lam > 0)
+    if used.answer_kd_lam > 0:
+        import math
+
+        top1 = [math.exp(lps[0]) for ex in examples
+                for ids, lps in zip(ex["predict"]["topk_ids"], ex["predict"]["topk_logprobs"])
+                if ids and ids[0] >= 0]
+        found = sum(any(ids and ids[0] >= 0 for ids in ex["predict"]["topk_ids"])
+                    for ex in examples)
+        log(folder.name, f"answer KD: {found} of {len(examples)} traces write their answer as "
+            f"is (their targets are the teacher's answer tokens); the teacher's top-1 "
+            f"probability there is {sum(top1) / max(1, len(top1)):.3f} on average")
     log(folder.name, ("explain targets: the teacher's own rationale tokens" + (
         f"; KD on them: lam={kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
         f"tail={t.kd_tail}" if kd_lam > 0 else "")) if token_targets else
