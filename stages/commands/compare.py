@@ -152,7 +152,7 @@ def table(rows: list[dict], reference: list[dict], n: int) -> str:
                      f"{'':>15}{r['mean_tokens']:>10.1f}")
     for r in rows:
         per_seed = " ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        lines.append(f"{r['variant']:<14}{r['mode']:<10}"
+        lines.append(f"{r['variant'] + ' ':<14}{r['mode']:<10}"
                      f"{100 * r['mean']:>13.1f}% ± {100 * r['sd']:>4.1f}   {per_seed:<14}"
                      f"{r['mean_tokens']:>7.1f}")
     lines.append(f"held-out rows: {n}")
