@@ -352,10 +352,9 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     `generate.executor`); `retry_failed`: re-send only the rows that ended with an error.
     Returns the manifest (None from an array worker)."""
     run, g = as_run_folder(run), cfg.generate
-    previous = run.stage("generate").manifest()
-    if previous is not None and previous.get("facts", {}).get("imported") and not force:
+    if imported(run) and not force:
         raise ValueError(
-            f"the traces of {run} were imported ({previous['facts']['imported']}); `distill "
+            f"the traces of {run} were imported (`distill import`); `distill "
             "generate` would replace them with a teacher's. Run `distill filter`, `train` and "
             "`eval` on them instead, or add --force to generate (the imported traces are "
             "kept aside)")

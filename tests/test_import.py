@@ -69,6 +69,9 @@ def test_kd_refusal_names_the_import(tmp_path, embedded_path, capsys):
         err = capsys.readouterr().err
         assert "imported" in err and "carry none" in err and setting.split("=")[0] in err
         assert "Traceback" not in err
+    # a teacher must not silently replace the imported traces
+    assert cli(["generate", "--run", "r", "--runs-dir", str(tmp_path)]) == 1
+    assert "were imported" in capsys.readouterr().err
 
 
 def test_the_dss_repositorys_llm_outputs(tmp_path, embedded_path):
