@@ -398,14 +398,19 @@ class StageFolder:
     # ------------------------------------------------------------------ shards
 
     def write_table(self, file: str, table: pa.Table, meta: dict) -> dict:
-        """Write `table` as Parquet with `meta` in its metadata, atomically.
+        """Write `table` as Parquet with `meta` in its metadata, atomically (an empty table
+        as a file with its schema and no row group, which every Parquet reader takes).
 
         Returns the file's manifest entry: name, rows, bytes and sha256.
         """
         schema_meta = dict(table.schema.metadata or {})
         schema_meta[META_KEY] = json.dumps(meta, sort_keys=True, default=str).encode()
         sink = pa.BufferOutputStream()
-        pq.write_table(table.replace_schema_metadata(schema_meta), sink, **parquet_options(table))
+        table = table.replace_schema_metadata(schema_meta)
+        if table.num_rows:
+            pq.write_table(table, sink, **parquet_options(table))
+        else:  # no row group at all: readers such as `datasets` fail on a row group of 0 rows
+            pq.ParquetWriter(sink, table.schema, **parquet_options(table)).close()
         data = sink.getvalue().to_pybytes()
         _write_bytes(self.fs, self.run.is_local, self.path(file), data)
         return {"file": file, "rows": table.num_rows, "bytes": len(data),

@@ -36,6 +36,7 @@ from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept
                              rejected_schema, shard_format)
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker, answer_checker
+from stages.dataset_card import write_dataset_card
 from stages.checks.arith import check_arithmetic
 
 # The reasons, in the order the checks run.
@@ -347,7 +348,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
          role: ArrayRole | None = None) -> dict | None:
-    """Run the filter stage, print its funnel and write `funnel.json` and `funnel.png`
+    """Run the filter stage, print its funnel and write `funnel.json`, `funnel.png` and the
+    folder's dataset card with the SFT pairs (`stages.dataset_card`).
     (`role`: this process's part of a job array; None from an array worker)."""
     run = as_run_folder(run)
     folder = run.stage("filter")
@@ -365,4 +367,5 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
             "pseudo-gold (see the gold_source and agreement columns)")
     if cfg.filter.plot:
         folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run.name}"))
+    write_dataset_card(folder, manifest, run.name)
     return manifest
