@@ -381,6 +381,16 @@ class TrainConfig(Section):
                                          "usual ones of the student's kind (decoder-only: "
                                          "q/k/v/o_proj, gate/up/down_proj).")
     seed: int = opt(0, "Training seed.", ge=0)
+    report_to: list[str] = opt(["tensorboard"], "Where the training metrics go besides "
+                               "log.jsonl: transformers' integrations (tensorboard, wandb, "
+                               "mlflow, trackio, ...) or none. TensorBoard's event files are "
+                               "written to tensorboard/ in the student's folder.")
+    args: dict = opt({}, "Any other field of TRL's SFTConfig / transformers' "
+                     "TrainingArguments, passed as it is, e.g. {lr_scheduler_type: linear, "
+                     "gradient_checkpointing: true, optim: adamw_torch_fused, max_grad_norm: "
+                     "0.5, run_name: try-3} or train.args.optim=adafactor; checked against the "
+                     "real dataclass when training starts. Fields with a train.* key of their "
+                     "own are set there.")
     logging_steps: int = opt(5, "Log every N steps.", ge=1)
     save_steps: int = opt(50, "Checkpoint every N steps (the unit of resume).", ge=1)
     save_total_limit: int = opt(2, "Checkpoints kept.", ge=1)
@@ -496,6 +506,11 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif tp is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        if value is None:
+            return {}
     else:
         return value
     errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -533,6 +548,13 @@ def _build_section(name: str, raw: dict, errors: list[str]):
         return None
 
 
+def _is_mapping(section: str, key: str) -> bool:
+    """Whether `section.key` is a mapping (its fields can be set one by one)."""
+    cls = SECTION_TYPES.get(section)
+    hints = typing.get_type_hints(cls) if cls else {}
+    return hints.get(key) is dict
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
     if "=" not in text:
@@ -565,12 +587,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as e:
             errors.extend(e.errors)
             continue
-        if len(keys) != 2:
+        nested = len(keys) == 3 and _is_mapping(keys[0], keys[1])
+        if len(keys) != 2 and not nested:
             errors.append(f"override '{text}': the key must be section.key, e.g. "
-                          "filter.min_steps=2")
+                          "filter.min_steps=2 (section.key.field for a mapping such as "
+                          "train.args.optim=adafactor)")
             continue
         raw.setdefault(keys[0], {})
-        if isinstance(raw[keys[0]], dict):
+        if not isinstance(raw[keys[0]], dict):
+            continue
+        if nested:
+            inner = raw[keys[0]].get(keys[1])
+            raw[keys[0]][keys[1]] = {**(inner if isinstance(inner, dict) else {}),
+                                     keys[2]: value}
+        else:
             raw[keys[0]][keys[1]] = value
     sections = {}
     for name, body in raw.items():
@@ -591,9 +621,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def describe(cls: type) -> str:
-    """Every key of a section with its default and help text (for `distill config`)."""
+    """Every key of a section as it is set (`section.key`), with its default and help text
+    (for `distill config --keys`)."""
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+        lines.append(f"  {cls.NAME}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

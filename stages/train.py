@@ -30,7 +30,8 @@ _KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
 _OFF = {"answer_kd_lam": (0.0, ("answer_kd_temperature",)),
         "rationale_loss": ("ce", ("cosine_margin",)),
         "consistency_lam": (0.0, ("consistency_noise", "consistency_amount")),
-        "data_fraction": (1.0, ())}
+        "data_fraction": (1.0, ()),
+        "args": ({}, ())}
 
 
 def uses_topk(t) -> list[str]:
@@ -62,9 +63,9 @@ def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> lis
 
 
 def train_settings(cfg: Config, upstream: dict, student: Student) -> dict:
-    """What decides the adapter; the KD knobs only count when KD is on, the name never; the
-    LoRA targets as the student's kind resolves them."""
-    section = {k: v for k, v in cfg.section("train").items() if k != "name"}
+    """What decides the adapter; the KD knobs only count when KD is on, the name and where
+    the metrics go never; the LoRA targets as the student's kind resolves them."""
+    section = {k: v for k, v in cfg.section("train").items() if k not in ("name", "report_to")}
     section["lora_targets"] = lora_targets(cfg.train, student)
     if section["kd_lam"] <= 0:
         section = {k: v for k, v in section.items() if k not in _KD_KNOBS}
@@ -160,9 +161,9 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     main one writes (the others return None)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainingArguments
 
     from pipeline.lock import StageLock
+    from trainer.arguments import sft_config, tensorboard_dir
     from pipeline.models import load_tokenizer, model_revision, resolve_model, \
         tokenizer_fingerprint
     from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
@@ -239,16 +240,8 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log(folder.name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
-    ckpt_dir = folder.working_dir("checkpoints")
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, lr_scheduler_type="cosine", logging_steps=t.logging_steps,
-        save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
-        data_seed=t.seed, report_to="none", remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        logging_first_step=True, disable_tqdm=False)
+    ckpt_dir, tb_dir = folder.working_dir("checkpoints"), folder.working_dir("tensorboard")
+    args = sft_config(t, ckpt_dir, use_cpu=not torch.cuda.is_available())
     # The main process holds the stage's lock (one writer) until the adapter is published and
     # alone prepares the folder (setting other settings' output aside); the others wait for
     # it, then each machine's first process fetches the checkpoints of a run folder on object
@@ -269,10 +262,17 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
             folder.read_jsonl("log.jsonl"))
         callbacks = [training_log, SealCheckpoints()]
         if not run.is_local:
-            callbacks.append(OnSave(lambda: folder.mirror_up(ckpt_dir, "checkpoints")))
-        trainer = DSSTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                             data_collator=DSSCollator(student, tokenizer.pad_token_id),
-                             terms=terms, student=student, callbacks=callbacks)
+            def upload() -> None:
+                folder.mirror_up(ckpt_dir, "checkpoints")
+                if tb_dir.is_dir():
+                    folder.mirror_up(tb_dir, "tensorboard")
+
+            callbacks.append(OnSave(upload))
+        with tensorboard_dir(tb_dir):
+            trainer = DSSTrainer(model=model, args=args, processing_class=tokenizer,
+                                 train_dataset=Dataset.from_list(examples),
+                                 data_collator=DSSCollator(student, tokenizer.pad_token_id),
+                                 terms=terms, student=student, callbacks=callbacks)
 
         # ---- train (from the last complete checkpoint), then publish the adapter and commit
         last = last_complete_checkpoint(ckpt_dir, lambda line: log(folder.name, line))
@@ -288,6 +288,8 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
         tokenizer.save_pretrained(built)
         folder.publish_dir(built, "adapter")
+        if tb_dir.is_dir():
+            folder.mirror_up(tb_dir, "tensorboard")
         manifest = folder.write_manifest({
             "stage": "train", "fingerprint": fp, "settings": settings,
             "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},

@@ -171,4 +171,4 @@ def test_distill_config_keys_lists_the_new_settings(capsys):
     out = capsys.readouterr().out
     for key in ("answer_kd_lam", "answer_kd_temperature", "rationale_loss", "cosine_margin",
                 "consistency_lam", "consistency_noise", "consistency_amount", "data_fraction"):
-        assert f"\n  {key} = " in out, key
+        assert f"\n  train.{key} = " in out, key

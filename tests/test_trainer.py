@@ -20,6 +20,30 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 120 + 1 for c in text]}
 
 
+def _fast_tokenizer():
+    """A transformers tokenizer object for the trainer's `processing_class` (the examples
+    are tokenised by `CharTokenizer` beforehand)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1}, unk_token="<unk>")),
+        eos_token="<eos>", pad_token="<eos>")
+
+
+def _trainer(model, tmp_path, terms, feats, **args):
+    """The trainer as the train stage makes it (TRL's SFTConfig, our examples)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    config = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                       remove_unused_columns=False, bf16=False, gradient_checkpointing=False,
+                       dataset_kwargs={"skip_prepare_dataset": True}, **args)
+    return DSSTrainer(model=model, args=config, student=STUDENT, terms=terms,
+                      processing_class=_fast_tokenizer(), train_dataset=Dataset.from_list(feats),
+                      data_collator=DSSCollator(STUDENT, 0))
+
+
 def _ids(text):
     return CharTokenizer()(text)["input_ids"]
 
@@ -105,14 +129,10 @@ def test_target_logits_of_a_padded_batch_are_each_sequence_alone(tiny_lora_model
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_loss_is_the_alpha_mix_of_the_two_tasks(tiny_lora_model, alpha, tmp_path):
-    from transformers import TrainingArguments
-
     feats = build_examples(_rows(4), CharTokenizer(), STUDENT, 64)
     batch = DSSCollator(STUDENT, 0)(feats)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                             remove_unused_columns=False)
-    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
-                         terms=terms_from_settings(TrainConfig(alpha=alpha)))
+    trainer = _trainer(tiny_lora_model, tmp_path, terms_from_settings(TrainConfig(alpha=alpha)),
+                       feats)
     loss = trainer.compute_loss(tiny_lora_model, batch)
     with torch.no_grad():
         lp = _reference_ce(tiny_lora_model, [f["predict"] for f in feats])
@@ -125,15 +145,12 @@ def test_the_loss_goes_through_the_wrapped_model(tiny_lora_model, tmp_path):
     wrapper, and the gradients are those of the bare model."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from transformers import TrainingArguments
-
     from stages.backends.vllm_server import free_port
 
-    batch = DSSCollator(STUDENT, 0)(build_examples(_rows(3), CharTokenizer(), STUDENT, 64))
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                             remove_unused_columns=False)
-    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
-                         terms=terms_from_settings(TrainConfig(alpha=0.4)))
+    feats = build_examples(_rows(3), CharTokenizer(), STUDENT, 64)
+    batch = DSSCollator(STUDENT, 0)(feats)
+    trainer = _trainer(tiny_lora_model, tmp_path, terms_from_settings(TrainConfig(alpha=0.4)),
+                       feats)
     trainer.compute_loss(tiny_lora_model, batch).backward()
     bare = {n: p.grad.clone() for n, p in tiny_lora_model.named_parameters() if p.requires_grad}
     tiny_lora_model.zero_grad()
@@ -150,19 +167,11 @@ def test_the_loss_goes_through_the_wrapped_model(tiny_lora_model, tmp_path):
 
 
 def test_training_moves_lora_weights_only(tiny_lora_model, tmp_path):
-    from datasets import Dataset
-    from transformers import TrainingArguments
-
     feats = build_examples(_rows(8), CharTokenizer(), STUDENT, 64)
     before = {n: p.detach().clone() for n, p in tiny_lora_model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                             remove_unused_columns=False, max_steps=3,
-                             per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="no", disable_tqdm=True, logging_steps=1)
-    trainer = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
-                         terms=terms_from_settings(TrainConfig(alpha=0.5)),
-                         train_dataset=Dataset.from_list(feats),
-                         data_collator=DSSCollator(STUDENT, 0))
+    trainer = _trainer(tiny_lora_model, tmp_path, terms_from_settings(TrainConfig(alpha=0.5)),
+                       feats, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                       save_strategy="no", disable_tqdm=True, logging_steps=1)
     trainer.train()
     for name, p in tiny_lora_model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
@@ -201,8 +210,6 @@ def test_a_new_loss_term_is_one_class_and_one_setting(tiny_lora_model, tmp_path)
     by a setting."""
     import dataclasses
 
-    from transformers import TrainingArguments
-
     from trainer.losses.base import TERMS
 
     example = _readme_loss_term_example()
@@ -216,12 +223,11 @@ def test_a_new_loss_term_is_one_class_and_one_setting(tiny_lora_model, tmp_path)
         assert "predict_entropy" not in {t.name for t in terms_from_settings(Settings())}
         terms = terms_from_settings(Settings(alpha=0.5, entropy_weight=0.1))
         assert sorted(t.name for t in terms) == ["explain", "predict", "predict_entropy"]
-        batch = DSSCollator(STUDENT, 0)(build_examples(_rows(4), CharTokenizer(), STUDENT, 64))
-        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                                 remove_unused_columns=False)
-        with_term = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT, terms=terms)
-        without = DSSTrainer(model=tiny_lora_model, args=args, student=STUDENT,
-                             terms=[t for t in terms if t.name != "predict_entropy"])
+        feats = build_examples(_rows(4), CharTokenizer(), STUDENT, 64)
+        batch = DSSCollator(STUDENT, 0)(feats)
+        with_term = _trainer(tiny_lora_model, tmp_path, terms, feats)
+        without = _trainer(tiny_lora_model, tmp_path,
+                           [t for t in terms if t.name != "predict_entropy"], feats)
         with torch.no_grad():
             logits = STUDENT.target_logits(tiny_lora_model, batch["predict"])[0].float()
             logp = logits.log_softmax(-1)

@@ -2,9 +2,11 @@
 
 With the default terms that is Distilling Step-by-Step (Hsieh et al., 2023),
 `alpha * L_predict + (1 - alpha) * L_explain`, optionally with KD from the stored top-k on the
-explain targets (`trainer.losses`). Built on the transformers Trainer, so checkpoints, resume
-and logging come with it; only the loss is ours. Every forward goes through the model the
-Trainer hands in (wrapped or not).
+explain targets (`trainer.losses`). Built on TRL's SFTTrainer (a transformers Trainer), so
+its config names, checkpoints, resume, logging integrations (TensorBoard, wandb, ...),
+gradient checkpointing, optimizers and the accelerate/DeepSpeed launchers come with it; the
+examples (built from the kept traces, `trainer.examples`) and the loss are ours. Every forward
+goes through the model the Trainer hands in (wrapped or not).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from trainer.losses.base import LossContext, LossTerm
 from trainer.students.base import Student
 
 
-class DSSTrainer(Trainer):
+class DSSTrainer(SFTTrainer):
     """Trains on (predict, explain) pairs with the loss `sum_i w_i(step) * term_i`.
 
     A part's forward pass runs only when a term on it has a non-zero weight at this step

@@ -417,14 +417,15 @@ def train_once(variant: str, steps: int) -> dict:
                   logging_steps=1000, dataloader_num_workers=0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         if variant in TRAIN_SETTINGS:
-            from transformers import TrainingArguments
+            from trl import SFTConfig
 
             from trainer.dss import DSSTrainer
 
-            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
-                                     **common)
+            args = SFTConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
+                             bf16=False, gradient_checkpointing=False,
+                             dataset_kwargs={"skip_prepare_dataset": True}, **common)
             trainer = clocked(DSSTrainer)(
-                model=model, args=args, terms=terms, student=student,
+                model=model, args=args, terms=terms, student=student, processing_class=tok,
                 train_dataset=Dataset.from_list(examples),
                 data_collator=DSSCollator(student, tok.pad_token_id))
         elif variant == "trl":
