@@ -501,6 +501,8 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

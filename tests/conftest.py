@@ -46,3 +46,29 @@ def tiny_t5(embedded_path, tmp_path_factory):
     T5ForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+IMPORTED_QUESTIONS = [(f"Tom has {a} apples. He gets {b} more. How many apples does he have now?", a, b)
+             for a, b in [(5, 3), (7, 2), (4, 4), (9, 1), (6, 5), (3, 8)]]
+
+
+@pytest.fixture
+def imported_run(tmp_path, embedded_path):
+    """A run whose traces were imported (six arithmetic questions) and filtered: a folder
+    `runs/r` to train on in seconds, no teacher needed."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages.commands.cli import run_stages
+    from stages.commands.import_traces import import_traces
+
+    rows = [{"question": q, "rationale": f"Tom starts with {a} apples and gets {b} more, so "
+             f"{a} + {b} = {a + b}.", "answer": str(a + b)} for q, a, b in IMPORTED_QUESTIONS]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    run = RunFolder(tmp_path / "runs" / "r")
+    cfg = load_config("configs/demo.yaml")
+    import_traces(cfg, run, "table", [str(path)])
+    run_stages(["filter"], cfg, run)
+    return tmp_path / "runs" / "r"

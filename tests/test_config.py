@@ -28,6 +28,16 @@ def test_overrides_apply_with_yaml_types():
     assert cfg.eval.systems == ["teacher", "base"]
     with pytest.raises(ConfigError, match="must be numbers for the demo task"):
         load_config(None, ["task.n_train=null"])
+    # YAML 1.1 reads 3e-3 as a string: a float setting takes it as the number it is
+    assert load_config(None, ["train.learning_rate=3e-3"]).train.learning_rate == 0.003
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(None, ["train.learning_rate=fast"])
+    # a mapping's fields one by one, or the whole mapping
+    cfg = load_config(None, ["train.args.optim=adafactor", "train.args.max_grad_norm=0.5"])
+    assert cfg.train.args == {"optim": "adafactor", "max_grad_norm": 0.5}
+    assert load_config(None, ["train.args={warmup_steps: 3}"]).train.args == {"warmup_steps": 3}
+    with pytest.raises(ConfigError, match="section.key.field for a mapping"):
+        load_config(None, ["train.seed.x=1"])
 
 
 def test_unknown_keys_suggest_and_all_errors_reported_at_once(tmp_path):

@@ -5,29 +5,13 @@ import json
 
 import pytest
 
-from pipeline.config import TrainConfig, load_config
+from pipeline.config import TrainConfig
 from pipeline.run_folder import RunFolder
-from stages.commands.cli import main as cli, run_stages
-from stages.commands.import_traces import import_traces
+from stages.commands.cli import main as cli
 from trainer.arguments import check_args, sft_config
 
-QUESTIONS = [(f"Tom has {a} apples. He gets {b} more. How many apples does he have now?", a, b)
-             for a, b in [(5, 3), (7, 2), (4, 4), (9, 1), (6, 5), (3, 8)]]
 SMALL = ["train.dtype=float32", "train.batch_size=2", "train.max_steps=4",
          "train.logging_steps=1", "train.save_steps=100"]
-
-
-@pytest.fixture
-def imported_run(tmp_path, embedded_path):
-    rows = [{"question": q, "rationale": f"Tom starts with {a} apples and gets {b} more, so "
-             f"{a} + {b} = {a + b}.", "answer": str(a + b)} for q, a, b in QUESTIONS]
-    path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    run = RunFolder(tmp_path / "runs" / "r")
-    cfg = load_config("configs/demo.yaml")
-    import_traces(cfg, run, "table", [str(path)])
-    run_stages(["filter"], cfg, run)
-    return tmp_path / "runs" / "r"
 
 
 def test_train_args_are_checked_against_the_real_dataclass():

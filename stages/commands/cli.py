@@ -179,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
     p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
     p.add_argument("--examples", type=int, default=4, help="kept traces shown (default 4)")
+    p = sub.add_parser("export", help="write a trained student as a merged transformers "
+                       "model (or its PEFT adapter) with a model card")
+    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--student", default="", metavar="NAME",
+                   help="the student's train.name ('' = the run's train/ folder)")
+    p.add_argument("--out", help="the folder to write (default: export/<student folder> in "
+                   "the run folder)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="keep the LoRA adapter (a PEFT folder naming its real base model) "
+                   "instead of merging it")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="also upload the folder to this Hub repository (token from HF_TOKEN "
+                   "or `hf auth login`); a path or file:// URL copies it there instead")
     p = sub.add_parser("config", help="print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--keys", action="store_true",
@@ -249,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
             from stages.commands.report import write_report
 
             write_report(RunFolder.at(args.runs_dir, args.run), args.examples)
+            return
+        if args.command == "export":
+            from stages.commands.export import export
+
+            run = RunFolder.at(args.runs_dir, args.run)
+            if not run.fs.isdir(run.root):
+                raise FileNotFoundError(f"no run folder {run.url}; check --run and --runs-dir")
+            name = run.student(args.student).name
+            if args.out is None and not run.is_local:
+                raise ValueError("the run folder is not on this machine: give --out, a local "
+                                 "folder to write the exported model to")
+            export(run, args.student, Path(args.out or Path(run.path("export", name))),
+                   args.adapter_only, args.dtype, args.push_to_hub)
             return
         if args.command == "convert-shards":
             from stages.commands.convert import convert_run

