@@ -572,7 +572,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     source = str(path) if path else None
     if path is not None:
-        p = Path(path)
+        from pipeline.shipped import shipped
+
+        p = shipped(path)
         if not p.is_file():
             raise ConfigError([f"config file '{path}' does not exist; the shipped ones are in "
                                "configs/ (e.g. configs/demo.yaml)"])

@@ -7,6 +7,7 @@ The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyP
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -89,6 +90,25 @@ def resolve_model(spec: str) -> str:
     return spec  # a hub id; transformers reports network problems itself
 
 
+@contextlib.contextmanager
+def hub_errors(spec: str):
+    """Within it, a model that is not a folder here and that the hub does not give (a
+    mistyped id, no network, a private model without a token) is one clear ModelError
+    instead of transformers' OSError and its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if Path(spec).exists():
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"model '{spec}' could not be loaded: it is not a folder on this machine, so it was "
+            f"looked up as a Hugging Face hub id, which failed ({reason[:200]}). Check the "
+            "spelling, the network (HF_HUB_OFFLINE=1 allows only models in the local cache; a "
+            "private model needs HF_TOKEN), or give a local checkpoint folder, or "
+            f"'{EMBEDDED_MODEL}' for the embedded default") from None
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the vocabulary and special tokens: equal fingerprints tokenise alike."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
@@ -134,7 +154,8 @@ def torch_dtype(name: str):
 def load_tokenizer(resolved: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolved)
+    with hub_errors(resolved):
+        tok = AutoTokenizer.from_pretrained(resolved)
     tok.padding_side = padding_side
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -157,6 +178,7 @@ def contiguous_head(model) -> None:
 def load_causal_lm(resolved: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype(dtype))
+    with hub_errors(resolved):
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype(dtype))
     model.eval()
     return model

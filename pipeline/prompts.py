@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 
 class PromptTemplate:
     """A few-shot prompt kept in a file; `{question}` marks where the question goes."""
 
     def __init__(self, path: str):
-        p = Path(path)
+        from pipeline.shipped import shipped
+
+        p = shipped(path)
         if not p.is_file():
             raise FileNotFoundError(f"prompt template '{path}' does not exist; the shipped ones "
                                     "are in data/prompts/")

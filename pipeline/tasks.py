@@ -131,9 +131,26 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def _read_records(path: str) -> list[dict]:
+    """The rows of a task file, or one TaskError saying why there are none (missing,
+    unreadable, not the format its extension says, empty)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise TaskError(f"task file '{path}' does not exist")
+    try:
+        records = _parse_records(p, path)
+    except OSError as e:
+        raise TaskError(f"task file '{path}' cannot be read ({e.strerror or e}); check that "
+                        "it is a readable file") from None
+    except (pa.ArrowInvalid, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskError(f"task file '{path}' is not a valid {p.suffix.lstrip('.')} file "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    if not records:
+        raise TaskError(f"task file '{path}' holds no rows: there is nothing to generate "
+                        "traces for or to evaluate on; check that it is the right file")
+    return records
+
+
+def _parse_records(p: Path, path: str) -> list[dict]:
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         out = []

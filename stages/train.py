@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
@@ -175,6 +175,10 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
 
     # ---- up to date?
     run, t = as_run_folder(run), cfg.train
+    from trainer.arguments import check_args
+
+    if check_args(t.args):  # the settings first: a typo is said before any input is read
+        raise ConfigError(check_args(t.args))
     kept = run.stage("filter")
     upstream = kept.manifest()
     if upstream is None:

@@ -44,7 +44,7 @@ def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, c
     run = RunFolder(imported_run)
     args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent)]
     # a mistyped field: one line, nothing trained, no traceback
-    assert cli(args + SMALL + ["train.args.lr_schedular_type=linear"]) == 1
+    assert cli(args + SMALL + ["train.args.lr_schedular_type=linear"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'lr_scheduler_type'" in err and "Traceback" not in err
     assert run.student("").manifest() is None

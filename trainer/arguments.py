@@ -9,6 +9,8 @@ import difflib
 import os
 from pathlib import Path
 
+from pipeline.log import quiet
+
 # SFTConfig / TrainingArguments fields that a train.* key of ours sets
 OWN = {"output_dir": None, "per_device_train_batch_size": "train.batch_size",
        "gradient_accumulation_steps": "train.grad_accum",
@@ -76,7 +78,7 @@ def sft_config(t, output_dir: Path, use_cpu: bool):
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
         data_seed=t.seed, report_to=report_to, remove_unused_columns=False,
         use_cpu=use_cpu, dataloader_num_workers=0, logging_first_step=True,
-        disable_tqdm=False, bf16=False, fp16=False, gradient_checkpointing=False,
+        disable_tqdm=quiet(), bf16=False, fp16=False, gradient_checkpointing=False,
         max_length=t.max_length, dataset_kwargs={"skip_prepare_dataset": True})
     try:
         return _sft_config()(**{**base, **t.args})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import re
 import sys
 import time
@@ -22,8 +23,8 @@ import yaml
 
 from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
 from pipeline.executors.array import ArrayRole
-from pipeline.log import is_main_process
-from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.log import is_main_process, log, set_verbosity
+from pipeline.run_folder import LOCK, RunFolder, as_run_folder
 from pipeline.secrets import scrub
 
 STAGES = ["generate", "filter", "train", "eval"]
@@ -54,9 +55,32 @@ def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
     if len(names) > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("under torchrun / accelerate launch run one stage (`distill train`), "
                          "not several: generate, filter and eval run once, in one process")
+    new = is_main_process() and role is None and not run.fs.isdir(run.root)
     # array workers leave the run's config to the plan; other ranks to the main process
     if (role is None or role.plan_only) and is_main_process():
         run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        _run_each(names, cfg, run, force, role, separate_processes, retry_failed)
+    except BaseException:
+        if new:
+            forget_empty_run(run)
+        raise
+
+
+def forget_empty_run(run: RunFolder) -> bool:
+    """Remove a run folder that a failed command has just made and that holds nothing but
+    its bookkeeping (the config, plans, locks, empty folders): a mistyped run name or a model
+    that does not load leaves no folder behind. Anything else in it (a shard, a cached
+    response) keeps the whole folder."""
+    bookkeeping = {"config.yaml", "plan.json", LOCK}
+    files = [p for p in run.fs.find(run.root) if run.fs.isfile(p)]
+    if any(posixpath.basename(p) not in bookkeeping for p in files):
+        return False
+    run.fs.rm(run.root, recursive=True)
+    return True
+
+
+def _run_each(names, cfg, run, force, role, separate_processes, retry_failed) -> None:
     for name in names:
         t0 = time.time()
         say(f"==> {name} ({run})")
@@ -81,6 +105,9 @@ class StageFailed(Exception):
 def _child(name: str, cfg: Config, url: str, force: bool, extra: dict) -> None:
     import resource
 
+    from pipeline.log import VERBOSITY
+
+    set_verbosity(int(os.environ.get(VERBOSITY, "0") or 0))
     code = reported(lambda: _stage_main(name)(cfg, RunFolder(url), force=force, **extra))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     say(f"==> {name}: peak resident memory {peak:,.0f} MiB")
@@ -105,17 +132,77 @@ def _in_child(name: str, cfg: Config, run: RunFolder, force: bool, extra: dict) 
 
 
 def say(line: str) -> None:
-    if is_main_process():
-        print(line, file=sys.stderr, flush=True)
+    log("", line)
+
+
+EXAMPLES = {
+    "generate": ["distill generate --run demo",
+                 "distill generate --run mine generate.backend=openai "
+                 "generate.base_url=http://127.0.0.1:8000/v1 generate.model=my-teacher",
+                 "distill generate --run demo --retry-failed"],
+    "filter": ["distill filter --run demo filter.min_steps=2"],
+    "train": ["distill train --run demo",
+              "distill train --run demo train.name=kd train.kd_lam=0.5",
+              "distill train --run demo train.args.lr_scheduler_type=linear "
+              "train.report_to=[tensorboard,wandb]"],
+    "eval": ["distill eval --run demo \"eval.systems=[base,predict,explain]\""],
+    "all": ["distill all --config configs/demo.yaml --run demo"],
+    "gc": ["distill gc --run demo            # list what is kept aside",
+           "distill gc --run demo --yes      # remove it"],
+    "convert-shards": ["distill convert-shards --run demo --to 2"],
+    "import": ["distill import --run mine --kind table --from traces.jsonl",
+               "distill import --run mine --kind dss --from llm/train_CoT_0.json "
+               "--questions svamp_train.json",
+               "distill import --run mine --kind hf --from distilabel-out/ "
+               "--map question=instruction"],
+    "report": ["distill report --run demo      # then open data/runs/demo/report.html"],
+    "export": ["distill export --run demo --student dss-s0",
+               "distill export --run demo --adapter-only --out my-adapter",
+               "distill export --run demo --push-to-hub me/my-student"],
+    "config": ["distill config --keys", "distill config --config configs/gsm8k.yaml "
+               "train.alpha=0.3"],
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help (where there is one to show); descriptions and
+    examples as written."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, "", []) or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _verbosity() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=0, help="only warnings and errors, no progress bars")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       help="also debug lines and the libraries' own messages")
+    return common
+
+
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand with its description, defaults shown and examples."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name]),
+                          formatter_class=_Help, parents=[_verbosity()])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=(
-        "Distil a teacher LLM into a small student: generate -> filter -> train -> eval."))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="distill", formatter_class=_Help,
+        description="Distil a teacher LLM into a small student: generate -> filter -> train "
+                    "-> eval, each stage cached in a run folder (data/runs/<run>/).",
+        epilog="start here:\n  distill all --run demo            # the whole pipeline on the "
+               "embedded default\n  distill config --keys             # every setting\n  "
+               "distill <command> --help          # a command's options and examples")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name in STAGES + ["all"]:
-        p = sub.add_parser(name, help="run all four stages" if name == "all" else
-                           f"run the {name} stage")
+        p = _command(sub, name, "run all four stages" if name == "all" else
+                     f"run the {name} stage")
         p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
         p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
         p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
@@ -142,25 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
                            "setting its previous output aside); run once before an array")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="settings that override the config file")
-    p = sub.add_parser("gc", help="list (and with --yes remove) the output a run keeps "
+    p = _command(sub, "gc", "list (and with --yes remove) the output a run keeps "
                        "aside: other settings' output and quarantined files")
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
-    p.add_argument("--yes", action="store_true", help="remove them (default: only list)")
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                   help="where run folders live ($STEPDISTILL_RUNS)")
+    p.add_argument("--yes", action="store_true", help="remove them (without it: only list)")
     p.add_argument("--quarantine", action="store_true",
                    help="also the damaged files moved to <stage>/quarantine/")
-    p = sub.add_parser("convert-shards", help="rewrite a run's generate and filter shards in "
+    p = _command(sub, "convert-shards", "rewrite a run's generate and filter shards in "
                        "another format (2: compact top-k, 1: float32), verified, without the "
                        "teacher; the old files are kept aside")
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
-    p.add_argument("--to", type=int, choices=[1, 2], default=2, help="the format (default 2)")
-    p = sub.add_parser("import", help="bring traces made elsewhere (the DSS repository's "
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                   help="where run folders live ($STEPDISTILL_RUNS)")
+    p.add_argument("--to", type=int, choices=[1, 2], default=2, help="the format")
+    p = _command(sub, "import", "bring traces made elsewhere (the DSS repository's "
                        "LLM outputs, a JSONL/Parquet of question, answer and rationale, a "
                        "distilabel or curator dataset folder) into a run as its generate stage")
     p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                   help="where run folders live ($STEPDISTILL_RUNS)")
     p.add_argument("--kind", required=True, choices=["dss", "table", "hf"],
                    help="dss: DSS LLM-output JSON (+ --questions); table: JSONL/JSON/Parquet "
                    "rows; hf: a Hugging Face dataset folder")
@@ -174,19 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="import again; the previous traces are kept aside")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p = sub.add_parser("report", help="write report.html in the run folder: funnel, loss "
+    p = _command(sub, "report", "write report.html in the run folder: funnel, loss "
                        "curves, accuracy, sweep, example and rejected traces")
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
-    p.add_argument("--examples", type=int, default=4, help="kept traces shown (default 4)")
-    p = sub.add_parser("export", help="write a trained student as a merged transformers "
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                   help="where run folders live ($STEPDISTILL_RUNS)")
+    p.add_argument("--examples", type=int, default=4, help="kept traces shown")
+    p = _command(sub, "export", "write a trained student as a merged transformers "
                        "model (or its PEFT adapter) with a model card")
     p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"))
+    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                   help="where run folders live ($STEPDISTILL_RUNS)")
     p.add_argument("--student", default="", metavar="NAME",
                    help="the student's train.name ('' = the run's train/ folder)")
-    p.add_argument("--out", help="the folder to write (default: export/<student folder> in "
-                   "the run folder)")
+    p.add_argument("--out", help="the folder to write (without it: export/<student folder> "
+                   "in the run folder)")
     p.add_argument("--adapter-only", action="store_true",
                    help="keep the LoRA adapter (a PEFT folder naming its real base model) "
                    "instead of merging it")
@@ -195,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="also upload the folder to this Hub repository (token from HF_TOKEN "
                    "or `hf auth login`); a path or file:// URL copies it there instead")
-    p = sub.add_parser("config", help="print the resolved config (after overrides)")
-    p.add_argument("--config", default="configs/demo.yaml")
+    p = _command(sub, "config", "print the resolved config (after overrides)")
+    p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
     p.add_argument("--keys", action="store_true",
                    help="list every key of every section with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -254,6 +346,7 @@ def reported(work) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbosity)
 
     def work() -> None:
         if args.command == "gc":

@@ -122,7 +122,8 @@ tok = AutoTokenizer.from_pretrained("this-folder")
 model = AutoModelForCausalLM.from_pretrained("this-folder")
 ids = tok("predict: Tom has 5 apples and gets 3 more. How many apples?\\n",
           return_tensors="pt")
-print(tok.decode(model.generate(**ids)[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+out = model.generate(**ids, max_new_tokens=64)
+print(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
 ```
 """
 
@@ -187,7 +188,6 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
         gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
-        gen.max_new_tokens = 256
         with torch.no_grad():
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

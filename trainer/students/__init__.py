@@ -13,5 +13,8 @@ def student_for(path: str) -> Student:
     from trainer.students.causal_lm import CausalLMStudent
     from trainer.students.seq2seq import Seq2SeqStudent
 
-    config = AutoConfig.from_pretrained(path)
+    from pipeline.models import hub_errors
+
+    with hub_errors(path):
+        config = AutoConfig.from_pretrained(path)
     return Seq2SeqStudent() if getattr(config, "is_encoder_decoder", False) else CausalLMStudent()

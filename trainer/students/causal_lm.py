@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from pipeline.models import torch_dtype
+from pipeline.models import hub_errors, torch_dtype
 
 
 class CausalLMStudent:
@@ -28,7 +28,8 @@ class CausalLMStudent:
     def load(self, path: str, dtype: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        with hub_errors(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
 
     def encode(self, prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict:
         prompt, target = list(prompt_ids), list(target_ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import torch_dtype
+from pipeline.models import hub_errors, torch_dtype
 from trainer.students.causal_lm import unwrap
 
 
@@ -25,7 +25,8 @@ class Seq2SeqStudent:
     def load(self, path: str, dtype: str) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 
-        return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        with hub_errors(path):
+            return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype))
 
     def encode(self, prompt_ids: list[int], target_ids: list[int], max_length: int) -> dict:
         return {"input_ids": list(prompt_ids)[:max_length],
