@@ -371,6 +371,12 @@ class TrainConfig(Section):
                                "chosen by a hash of their id, so a smaller share is a subset "
                                "of a larger one); the data-efficiency sweep sets it.", gt=0.0,
                                le=1.0)
+    heldout_share: float = opt(0.0, "Share of the kept questions held out of training "
+                               "(the last ones by the same hash as data_fraction, so the two "
+                               "never overlap): their loss, every term, is computed every "
+                               "eval_steps and logged as eval_loss; 0 = off.", ge=0.0, lt=1.0)
+    eval_steps: int = opt(0, "heldout_share > 0: compute the held-out loss every N steps "
+                          "(0 = every save_steps).", ge=0)
     explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
                                     "first N optimizer steps (the student first learns to "
                                     "answer).", ge=0)

@@ -61,6 +61,8 @@ def set_verbosity(level: int) -> None:
 
         hf_logging.set_verbosity(logging.ERROR if level < 0 else
                                  logging.INFO if level > 0 else logging.WARNING)
+        if level < 0:  # transformers' own bars (loading and writing weights)
+            hf_logging.disable_progress_bar()
     except ImportError:
         pass
 

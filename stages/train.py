@@ -31,6 +31,7 @@ _OFF = {"answer_kd_lam": (0.0, ("answer_kd_temperature",)),
         "rationale_loss": ("ce", ("cosine_margin",)),
         "consistency_lam": (0.0, ("consistency_noise", "consistency_amount")),
         "data_fraction": (1.0, ()),
+        "heldout_share": (0.0, ("eval_steps",)),
         "args": ({}, ())}
 
 
@@ -143,17 +144,27 @@ def loss_settings(cfg: Config, facts: dict, tokenizer) -> tuple[bool, TrainConfi
     return token_targets, used
 
 
+def _unit(row_id: str) -> float:
+    """A question's place in [0, 1), from a hash of its id."""
+    digest = hashlib.sha256(str(row_id).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
 def keep_share(rows: list[dict], share: float) -> list[dict]:
     """The rows of a `share` of the questions, chosen by a hash of their id: the same for
     every seed, and a smaller share is a subset of a larger one."""
     if share >= 1:
         return rows
+    return [r for r in rows if _unit(r["id"]) < share]
 
-    def unit(row_id: str) -> float:
-        digest = hashlib.sha256(str(row_id).encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2 ** 64
 
-    return [r for r in rows if unit(r["id"]) < share]
+def hold_out(rows: list[dict], share: float) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): the questions whose hash falls in the last `share`
+    are held out, so a `keep_share` of the rest never takes one of them."""
+    if share <= 0:
+        return rows, []
+    return ([r for r in rows if _unit(r["id"]) < 1 - share],
+            [r for r in rows if _unit(r["id"]) >= 1 - share])
 
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict | None:
@@ -204,8 +215,15 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     terms = terms_from_settings(used)
     topk_parts = {term.part for term in terms if "topk" in term.needs}
     rows = kept_rows(kept, upstream, token_targets, bool(topk_parts))
+    rows, heldout = hold_out(rows, t.heldout_share)
     n_kept = len(rows)
     rows = keep_share(rows, t.data_fraction)
+    if t.heldout_share > 0:
+        log(folder.name, f"train.heldout_share={t.heldout_share:g}: {len(heldout)} kept traces "
+            "held out for the held-out loss (eval_loss)")
+        if not heldout:
+            raise ValueError(f"train.heldout_share={t.heldout_share:g} holds out none of the "
+                             f"{n_kept} kept traces; raise it or set it to 0")
     if t.data_fraction < 1:
         log(folder.name, f"train.data_fraction={t.data_fraction:g}: {len(rows)} of {n_kept} "
             "kept traces")
@@ -216,9 +234,12 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          f"{kept.where('funnel.json')} for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
-    examples = build_examples(rows, tokenizer, student, t.max_length, teacher_tokens=token_targets,
-                              with_topk="explain" in topk_parts,
+    def examples_of(part: list[dict]) -> list[dict]:
+        return build_examples(part, tokenizer, student, t.max_length,
+                              teacher_tokens=token_targets, with_topk="explain" in topk_parts,
                               answer_tokens=used.answer_kd_lam > 0)
+
+    examples = examples_of(rows)
     if used.answer_kd_lam > 0:
         import math
 
@@ -275,6 +296,8 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
         with tensorboard_dir(tb_dir):
             trainer = DSSTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=Dataset.from_list(examples),
+                                 eval_dataset=Dataset.from_list(examples_of(heldout))
+                                 if heldout else None,
                                  data_collator=DSSCollator(student, tokenizer.pad_token_id),
                                  terms=terms, student=student, callbacks=callbacks)
 

@@ -39,7 +39,8 @@ def test_export_merged_and_adapter_only(imported_run, tmp_path, capsys):
     assert cli(["train", *where, *TRAIN]) == 0
 
     target = tmp_path / "hub-target"
-    assert cli(["export", *where, "--push-to-hub", str(target)]) == 0
+    assert cli(["export", *where, "--push-to-hub", str(target), "--check", "3"]) == 0
+    assert "check: 6 of 6 greedy answers" in capsys.readouterr().err
     out = imported_run / "export" / "train"
     config = json.loads((out / "config.json").read_text())
     assert config["_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

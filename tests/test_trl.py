@@ -66,3 +66,26 @@ def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, c
     assert manifest["settings"]["train"]["args"] == {"lr_scheduler_type": "constant",
                                                      "max_grad_norm": 0.5}
     assert "report_to" not in manifest["settings"]["train"]
+
+
+def test_a_held_out_share_gives_a_held_out_loss_while_training(imported_run):
+    """`train.heldout_share` keeps whole questions out of training; their loss (every term)
+    is computed every eval_steps and logged as eval_loss."""
+    from stages.train import hold_out, keep_share
+
+    rows = [{"id": f"q{i}"} for i in range(400)]
+    train, held = hold_out(rows, 0.25)
+    assert len(train) + len(held) == 400 and 60 < len(held) < 140
+    assert not {r["id"] for r in keep_share(train, 0.5)} & {r["id"] for r in held}
+
+    args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent)]
+    assert cli(args + SMALL + ["train.heldout_share=0.4", "train.eval_steps=2"]) == 0
+    log = [json.loads(line) for line in (imported_run / "train" / "log.jsonl").open()]
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] > 0 and "eval_loss_predict" in r and "eval_loss_explain" in r
+               for r in evals)
+    trained = [r for r in log if "loss" in r and "loss_predict" in r]
+    assert trained and all("eval_loss_predict" not in r for r in trained)
+    manifest = RunFolder(imported_run).stage("train").manifest()
+    assert manifest["counters"]["traces"] < 6  # the held-out questions were not trained on

@@ -21,7 +21,8 @@ OWN = {"output_dir": None, "per_device_train_batch_size": "train.batch_size",
        "save_total_limit": "train.save_total_limit", "seed": "train.seed",
        "data_seed": "train.seed", "report_to": "train.report_to",
        "logging_dir": "train.report_to", "max_length": "train.max_length",
-       "remove_unused_columns": None, "dataset_kwargs": None, "resume_from_checkpoint": None}
+       "remove_unused_columns": None, "dataset_kwargs": None, "resume_from_checkpoint": None,
+       "eval_steps": "train.eval_steps", "prediction_loss_only": None}
 # what cannot work with the trainer's examples, and why
 REFUSED = {
     "packing": "each trace is a predict: and an explain: example trained in two forward passes "
@@ -80,6 +81,9 @@ def sft_config(t, output_dir: Path, use_cpu: bool):
         use_cpu=use_cpu, dataloader_num_workers=0, logging_first_step=True,
         disable_tqdm=quiet(), bf16=False, fp16=False, gradient_checkpointing=False,
         max_length=t.max_length, dataset_kwargs={"skip_prepare_dataset": True})
+    if t.heldout_share > 0:
+        base.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps,
+                    per_device_eval_batch_size=t.batch_size, prediction_loss_only=True)
     try:
         return _sft_config()(**{**base, **t.args})
     except (ValueError, TypeError) as e:

@@ -42,6 +42,7 @@ class DSSTrainer(SFTTrainer):
                              "(check train.alpha and train.kd_lam)")
         self.terms, self.student = terms, student
         self._logged: dict[str, list[float]] = defaultdict(list)
+        self._eval_logged: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
@@ -50,18 +51,31 @@ class DSSTrainer(SFTTrainer):
         # all weights 0 (a warm-up start with alpha = 0): a zero loss that still has a graph
         active = [(term, w) for term, w in weighted if w != 0] or weighted
         loss = 0.0
+        logged = self._logged if model.training else self._eval_logged
         for term, weight in active:
             value = term(ctx)
-            self._logged[f"loss_{term.name}"].append(value.detach().item())
+            logged[f"loss_{term.name}"].append(value.detach().item())
             loss = loss + weight * value
         return (loss, None) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The held-out loss (`train.heldout_share`): the same weighted terms, no logits kept
+        (the examples are pairs, which the Trainer's own step does not take)."""
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs:
-            for name, values in self._logged.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 4)
-                    values.clear()
+        for when, logged, prefix in (("loss", self._logged, ""),
+                                     ("eval_loss", self._eval_logged, "eval_")):
+            if when in logs:
+                for name, values in logged.items():
+                    if values:
+                        logs[prefix + name] = round(sum(values) / len(values), 4)
+                        values.clear()
         super().log(logs, start_time)
 
 

