@@ -56,6 +56,8 @@ def set_verbosity(level: int) -> None:
     os.environ[VERBOSITY] = str(level)
     if level < 0:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+    elif os.environ.get("TQDM_DISABLE") == "1":
+        os.environ.pop("TQDM_DISABLE")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -63,6 +65,8 @@ def set_verbosity(level: int) -> None:
                                  logging.INFO if level > 0 else logging.WARNING)
         if level < 0:  # transformers' own bars (loading and writing weights)
             hf_logging.disable_progress_bar()
+        else:
+            hf_logging.enable_progress_bar()
     except ImportError:
         pass
 

@@ -188,8 +188,9 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     run, t = as_run_folder(run), cfg.train
     from trainer.arguments import check_args
 
-    if check_args(t.args):  # the settings first: a typo is said before any input is read
-        raise ConfigError(check_args(t.args))
+    problems = check_args(t.args)
+    if problems:  # the settings first: a typo is said before any input is read
+        raise ConfigError(problems)
     kept = run.stage("filter")
     upstream = kept.manifest()
     if upstream is None:

@@ -101,21 +101,19 @@ def test_quiet_and_verbose(tmp_path, capsys):
         assert capsys.readouterr().err == ""
         assert os.environ.get("TQDM_DISABLE") == "1"
         set_verbosity(1)
+        assert "TQDM_DISABLE" not in os.environ
         debug("filter", "a debug line")
         assert capsys.readouterr().err == "[filter] a debug line\n"
         set_verbosity(0)
         debug("filter", "hidden")
         log("filter", "shown")
         assert capsys.readouterr().err == "[filter] shown\n"
+        # a quiet command prints its errors all the same
+        assert cli(["filter", "-q", "--run", "x", "--runs-dir", str(tmp_path)]) == 1
+        assert "error: no finished generate stage" in capsys.readouterr().err
     finally:
         set_verbosity(0)
-        os.environ.pop("TQDM_DISABLE", None)
-    assert LOGGER.level == 20
-    # a quiet command prints its errors all the same
-    assert cli(["filter", "-q", "--run", "x", "--runs-dir", str(tmp_path)]) == 1
-    assert "error: no finished generate stage" in capsys.readouterr().err
-    set_verbosity(0)
-    os.environ.pop("TQDM_DISABLE", None)
+    assert LOGGER.level == 20 and "TQDM_DISABLE" not in os.environ
 
 
 def test_an_installed_distill_works_outside_the_repository(tmp_path, monkeypatch):
@@ -141,10 +139,10 @@ def test_an_installed_distill_works_outside_the_repository(tmp_path, monkeypatch
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert says in done.stdout, args
-        import_check = subprocess.run(
-            [sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], cwd=empty,
-            env=env, capture_output=True, text=True, timeout=60)
-        assert import_check.stdout.startswith(str(site))
+    import_check = subprocess.run(  # the unpacked wheel's code ran, not the checkout's
+        [sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], cwd=empty,
+        env=env, capture_output=True, text=True, timeout=60)
+    assert import_check.stdout.startswith(str(site))
     from pipeline.prompts import PromptTemplate
 
     monkeypatch.chdir(empty)  # a relative template path is found in the package

@@ -212,6 +212,7 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
     resolved = resolve_model(spec)
     base_id = base_model_id(spec, resolved)
     adapter = folder.local_copy("adapter")
+    student = student_for(resolved)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -221,7 +222,6 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
         config["base_model_name_or_path"] = base_id
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     else:
-        student = student_for(resolved)
         log("export", f"merging {folder.name}'s adapter into {base_id} ({dtype})")
         model = load_distilled(resolved, str(adapter), dtype, student)
         tokenizer = load_tokenizer(str(adapter))
@@ -247,7 +247,7 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
         shutil.rmtree(out)
     os.replace(tmp, out)
     log("export", f"{'adapter' if adapter_only else 'merged model'} of {folder.name} -> {out}")
-    if check and not adapter_only and student_for(resolved).kind == "causal_lm":
+    if check and not adapter_only and student.kind == "causal_lm":
         same, n = check_export(out, resolved, adapter, _questions(run, check))
         line = (f"check: {same} of {n} greedy answers (predict: and explain: on {n // 2} "
                 f"kept questions) of the exported model are those of the adapter ({dtype})")
