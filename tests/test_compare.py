@@ -63,3 +63,20 @@ def test_mode_agreement_counts_each_rows_two_answers(tmp_path):
     assert rows == [{"variant": "dss", "both": 4, "explain_only": 2, "predict_only": 2,
                      "neither": 2}]  # dss+kd has no shards: left out
     assert "dss" in agreement_table(rows)
+
+
+def test_table_columns_stay_aligned_for_long_variant_names():
+    """`dss+consistency` is longer than the default column: every row's accuracy, seeds and
+    tokens still start where the header's columns do."""
+    rows = [{"variant": v, "mode": m, "accuracy": [0.69, 0.615, 0.61], "mean": 0.638,
+             "sd": 0.045, "mean_tokens": t}
+            for v, m, t in [("dss", "predict", 1.4), ("dss+consistency", "explain", 23.9)]]
+    lines = table(rows, [{"system": "teacher", "accuracy": 0.39, "mean_tokens": 28.9}],
+                  200).splitlines()
+    header, body = lines[0], lines[2:-1]
+    for line in body:
+        assert len(line) == len(header)
+        end = header.index(" sd") + 3                  # the accuracy column ends here
+        assert line[end - 3:end] in ("4.5", ".0%"), line
+        assert line.find("69.0") in (-1, header.index("per seed"))
+    assert "69.0 61.5 61.0" in body[-1] and body[-1].startswith("dss+consistency explain")

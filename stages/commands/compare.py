@@ -134,26 +134,30 @@ def mode_agreement(run, variants: list[str], seeds: list[int]) -> list[dict]:
 
 
 def agreement_table(rows: list[dict]) -> str:
-    lines = [f"{'student':<18}{'both right':>11}{'explain only':>14}{'predict only':>14}"
-             f"{'neither':>9}", "-" * 66]
+    w = max([18] + [len(r["variant"]) + 2 for r in rows])
+    lines = [f"{'student':<{w}}{'both right':>11}{'explain only':>14}{'predict only':>14}"
+             f"{'neither':>9}", "-" * (w + 48)]
     for r in rows:
-        lines.append(f"{r['variant']:<18}{r['both']:>11}{r['explain_only']:>14}"
+        lines.append(f"{r['variant']:<{w}}{r['both']:>11}{r['explain_only']:>14}"
                      f"{r['predict_only']:>14}{r['neither']:>9}")
     return "\n".join(lines)
 
 
 def table(rows: list[dict], reference: list[dict], n: int) -> str:
-    lines = [f"{'student':<14}{'mode':<10}{'accuracy, mean ± sd':>22}   per seed      tokens",
-             "-" * 74]
+    """The accuracy table; the columns widen for long variant names and seed lists."""
+    w = max([14] + [len(r["variant"]) + 1 for r in rows])
+    seeds_w = max([14] + [5 * len(r["accuracy"]) - 1 for r in rows])
+    lines = [f"{'student':<{w}}{'mode':<13}{'accuracy, mean ± sd':>19}   "
+             f"{'per seed':<{seeds_w}}{'tokens':>7}", "-" * (w + 13 + 19 + 3 + seeds_w + 7)]
     for r in reference:
         name = {"teacher": "teacher", "base": "base student"}[r["system"]]
         mode = "few-shot CoT" if r["system"] == "teacher" else "predict"
-        lines.append(f"{name:<14}{mode:<10}{100 * r['accuracy']:>21.1f}%"
-                     f"{'':>15}{r['mean_tokens']:>10.1f}")
+        lines.append(f"{name:<{w}}{mode:<13}{100 * r['accuracy']:>18.1f}%"
+                     f"{'':>{3 + seeds_w}}{r['mean_tokens']:>7.1f}")
     for r in rows:
-        per_seed = " ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        lines.append(f"{r['variant'] + ' ':<14}{r['mode']:<10}"
-                     f"{100 * r['mean']:>13.1f}% ± {100 * r['sd']:>4.1f}   {per_seed:<14}"
+        per_seed = " ".join(f"{100 * a:>4.1f}" for a in r["accuracy"])
+        lines.append(f"{r['variant']:<{w}}{r['mode']:<13}"
+                     f"{100 * r['mean']:>11.1f}% ± {100 * r['sd']:>4.1f}   {per_seed:<{seeds_w}}"
                      f"{r['mean_tokens']:>7.1f}")
     lines.append(f"held-out rows: {n}")
     return "\n".join(lines)
