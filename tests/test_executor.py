@@ -87,6 +87,21 @@ def test_changed_settings_redo_everything_and_say_why(folder, capsys):
     assert "k: 1 -> 2" in capsys.readouterr().err
 
 
+def test_another_set_of_shards_reuses_the_done_ones_and_says_so(folder, capsys):
+    """eval of other systems asks for another set of shards: nothing is called damaged."""
+    run(folder, Doubler())
+    capsys.readouterr()
+    again = Doubler()
+    m = run(folder, again, shards=_shards(2))
+    assert again.calls == [] and m["shards_reused"] == 2
+    err = capsys.readouterr().err
+    assert "another set of shards" in err and "damaged" not in err
+    changed = _shards(2)
+    changed[1] = Shard("00001", "changed", 2, changed[1].load)
+    run(folder, Doubler(), shards=changed)
+    assert "damaged or made from another input" in capsys.readouterr().err
+
+
 def test_changed_input_shard_is_redone_and_stale_outputs_removed(folder):
     run(folder, Doubler())
     shards = _shards(3)

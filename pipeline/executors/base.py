@@ -72,9 +72,22 @@ def up_to_date(stage: Stage, folder: StageFolder, force: bool) -> dict | None:
         said_up_to_date(stage)
         return manifest
     folder.drop_manifest()
-    log(stage.name, "output incomplete, damaged or made from another input: redoing the "
-        "shards concerned")
+    log(stage.name, why_redone(stage, manifest))
     return None
+
+
+def why_redone(stage: Stage, manifest: dict) -> str:
+    """What the log says when the last manifest does not cover this call: a call that asks
+    for another set of shards (eval of other systems, another shard count) reuses what is done
+    and is not told its output is damaged."""
+    recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
+    wanted = {s.name: s.checksum for s in stage.shards}
+    if (manifest.get("fingerprint") == stage.fingerprint and set(recorded) != set(wanted)
+            and all(recorded[n] == wanted[n] for n in set(recorded) & set(wanted))):
+        return ("the last run made another set of shards: reusing those already done with "
+                "these settings, doing the rest")
+    return ("output incomplete, damaged or made from another input: redoing the shards "
+            "concerned")
 
 
 def reuse(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:

@@ -269,6 +269,10 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
     parts.append("<h2>Accuracy on the held-out split</h2>")
     if report:
         results = report["results"]
+        parts.append(f"<p>What the last <code>make eval</code> scored (finished "
+                     f"{_e(report.get('finished_at', '?'))}); <code>make eval</code> with "
+                     f"<code>eval.systems</code> and <code>eval.variants</code> unset scores "
+                     f"every system and every trained student.</p>")
         parts.append(_table(["system", "n", "accuracy", "tokens / answer"],
                             [[result_label(r), r["n"], f"{100 * r['accuracy']:.1f}%",
                               f"{r['mean_tokens']:.1f}"] for r in results], {1, 2, 3},
