@@ -80,3 +80,18 @@ def test_table_columns_stay_aligned_for_long_variant_names():
         assert line[end - 3:end] in ("4.5", ".0%"), line
         assert line.find("69.0") in (-1, header.index("per seed"))
     assert "69.0 61.5 61.0" in body[-1] and body[-1].startswith("dss+consistency explain")
+
+
+def test_late_predict_loss_reads_the_last_fifth_of_each_students_log(tmp_path):
+    from pipeline.run_folder import RunFolder
+    from stages.commands.compare import late_predict_loss
+
+    run = RunFolder(tmp_path / "run")
+    for seed, tail in [(0, [0.3, 0.2, 0.1]), (1, [0.5, 0.5, 0.5])]:
+        losses = [9.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.9] + tail  # logged at steps 10, 20, ..., 100
+        run.student(variant_name("dss", seed)).write_jsonl(
+            "log.jsonl", [{"step": 10 * (i + 1), "loss_predict": x}
+                          for i, x in enumerate(losses)] + [{"step": 100, "train_runtime": 1.0}])
+    got = late_predict_loss(run, ["dss", "answer-only"], [0, 1])
+    assert list(got) == ["dss"]  # answer-only has no logs: left out
+    assert got["dss"] == pytest.approx((0.2 + 0.5) / 2)  # steps 80, 90, 100 of each seed

@@ -41,14 +41,19 @@ def record_name(shard: str) -> str:
     return f"{RECORDS}/{shard}.json"
 
 
+def _shard_inputs(stage: Stage, manifest: dict) -> tuple[dict, dict]:
+    """Shard name -> input checksum: as the manifest recorded them, and as this call wants."""
+    return ({s["name"]: s["input_checksum"] for s in manifest.get("shards", [])},
+            {s.name: s.checksum for s in stage.shards})
+
+
 def complete(stage: Stage, folder: StageFolder, manifest: dict | None,
              repair: bool = False) -> bool:
     """Whether `manifest` is this stage's, for this input, with every file in place as
     written (sizes and sha256). `repair`: damaged files are quarantined on the way."""
     if manifest is None or manifest.get("fingerprint") != stage.fingerprint:
         return False
-    wanted = {s.name: s.checksum for s in stage.shards}
-    recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
+    recorded, wanted = _shard_inputs(stage, manifest)
     if recorded != wanted:
         return False
     if stage.redo is not None and any(stage.redo(s) for s in manifest.get("shards", [])):
@@ -80,8 +85,7 @@ def why_redone(stage: Stage, manifest: dict) -> str:
     """What the log says when the last manifest does not cover this call: a call that asks
     for another set of shards (eval of other systems, another shard count) reuses what is done
     and is not told its output is damaged."""
-    recorded = {s["name"]: s["input_checksum"] for s in manifest.get("shards", [])}
-    wanted = {s.name: s.checksum for s in stage.shards}
+    recorded, wanted = _shard_inputs(stage, manifest)
     if (manifest.get("fingerprint") == stage.fingerprint and set(recorded) != set(wanted)
             and all(recorded[n] == wanted[n] for n in set(recorded) & set(wanted))):
         return ("the last run made another set of shards: reusing those already done with "

@@ -133,6 +133,27 @@ def mode_agreement(run, variants: list[str], seeds: list[int]) -> list[dict]:
     return out
 
 
+def late_predict_loss(run, variants: list[str], seeds: list[int]) -> dict[str, float]:
+    """Per variant: the training `predict:` loss late in training (the mean of `loss_predict`
+    over the logged steps in the last fifth of the steps, then over the seeds), from each
+    student's `log.jsonl`: does the direct answer end up fitted as well as answer-only's?"""
+    out = {}
+    for v in variants:
+        means = []
+        for s in seeds:
+            folder = run.student(variant_name(v, s))
+            if not folder.exists("log.jsonl"):
+                continue
+            rows = [r for r in folder.read_jsonl("log.jsonl") if "loss_predict" in r]
+            last = max((r["step"] for r in rows), default=0)
+            late = [r["loss_predict"] for r in rows if r["step"] >= 0.8 * last]
+            if late:
+                means.append(statistics.fmean(late))
+        if means:
+            out[v] = statistics.fmean(means)
+    return out
+
+
 def agreement_table(rows: list[dict]) -> str:
     w = max([18] + [len(r["variant"]) + 2 for r in rows])
     lines = [f"{'student':<{w}}{'both right':>11}{'explain only':>14}{'predict only':>14}"
@@ -207,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, reference, report["n"])
     agreement = mode_agreement(run, [v for v in args.variants if v != "answer-only"],
                                args.seeds)
+    late_loss = late_predict_loss(run, args.variants, args.seeds)
     out = {"variants": rows, "reference": reference, "seeds": args.seeds,
-           "mode_agreement": agreement,
+           "mode_agreement": agreement, "late_predict_loss": late_loss,
            "kd_lam": args.kd_lam, "n": report["n"], "config": args.config,
            "overrides": args.overrides, "seconds": round(time.time() - t0, 1)}
     run.write_json("compare.json", out)
@@ -216,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if agreement:
         print("\nthe same student's predict: and explain: answers, held-out rows over the seeds:")
         print(agreement_table(agreement))
+    if late_loss:
+        print("\ntraining predict: loss in the last fifth of the steps, mean over the seeds: "
+              + ", ".join(f"{v} {x:.2f}" for v, x in late_loss.items()))
     return 0
 
 
