@@ -9,7 +9,6 @@ problems of every section together.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from pipeline.registry import (ANSWER_KINDS, BACKENDS, EXECUTORS, EXTRACTORS, Registry,
+                               did_you_mean)
 
 
 class ConfigError(ValueError):
@@ -30,10 +32,29 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.errors)} problem(s){where}:\n{lines}")
 
 
-def opt(default: Any, help: str, *, choices: list | None = None, ge: float | None = None,
-        le: float | None = None, gt: float | None = None, lt: float | None = None):
-    """A config field with its help text and range. Lists and dicts are copied per instance."""
-    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt}
+# How a setting enters its stage's fingerprint (`opt(..., fingerprint=...)`), said where the
+# setting is declared; `fingerprinted` applies the rule for every stage.
+ALWAYS = "always"                # it decides what the stage makes
+NEVER = "never"                  # it changes how the stage runs (speed, retries, where), not what
+UNLESS_DEFAULT = "unless default"  # a piece added after runs existed: at its default (off) it
+                                 # leaves every fingerprint as it was
+IF_READ = "if read"              # read by some backends only: counts when the chosen one reads it
+
+
+def with_(switch: str) -> str:
+    """The rule of a knob of a piece: it counts only while the setting `switch` is not at its
+    default (a KD temperature decides nothing while KD is off)."""
+    return f"with {switch}"
+
+
+def opt(default: Any, help: str, *, choices: "list | Registry | None" = None,
+        ge: float | None = None, le: float | None = None, gt: float | None = None,
+        lt: float | None = None, fingerprint: str = ALWAYS):
+    """A config field with its help text, its range and its part in the stage's fingerprint
+    (`ALWAYS`, `NEVER`, `UNLESS_DEFAULT`, `IF_READ` or `with_(switch)`). `choices` may be a
+    registry: its members' names. Lists and dicts are copied per instance."""
+    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt,
+            "fingerprint": fingerprint}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -96,7 +117,7 @@ class TaskConfig(Section):
                            "a tolerance), `math` (LaTeX / symbolic, via math-verify), `choice` "
                            "(a multiple-choice letter or the option's text), `label` (one of "
                            "task.labels), `string` (normalised text).",
-                           choices=["numeric", "math", "choice", "label", "string"])
+                           choices=ANSWER_KINDS)
     labels: list[str] = opt(["entailment", "neutral", "contradiction"], "answer_type=label: the "
                             "class labels (e-SNLI / ANLI by default).")
     id_field: str | None = opt(None, "file/hub: a field with a stable row id (default: position).")
@@ -112,7 +133,7 @@ class TaskConfig(Section):
             for op in self.operations:
                 if op not in ("add", "subtract", "multiply"):
                     errors.append(f"task.operations: unknown operation '{op}'; "
-                                  f"{_did_you_mean(op, ['add', 'subtract', 'multiply'])}")
+                                  f"{did_you_mean(op, ['add', 'subtract', 'multiply'])}")
             if self.n_train is None or self.n_test is None:
                 errors.append("task.n_train and task.n_test must be numbers for the demo task")
         elif self.kind in ("gsm8k", "file"):
@@ -129,8 +150,8 @@ class GenerateConfig(Section):
 
     backend: str = opt("hf", "Teacher backend: `hf` (transformers `generate` on this machine), "
                        "`vllm` (the vLLM engine in this process; settings in the `vllm` "
-                       "section) or `openai` (any OpenAI-compatible server).",
-                       choices=["hf", "vllm", "openai"])
+                       "section) or `openai` (any OpenAI-compatible server); any other "
+                       "backend file in stages/backends/ adds its name.", choices=BACKENDS)
     model: str = opt(EMBEDDED_MODEL, "Teacher: a local checkpoint folder, a hub id, or "
                      f"'{EMBEDDED_MODEL}' (the embedded default).")
     prompt_template: str = opt("data/prompts/arithmetic_cot.txt", "Few-shot chain-of-thought "
@@ -145,52 +166,53 @@ class GenerateConfig(Section):
                           "off with what follows).")
     top_k: int = opt(20, "Top-k log-probabilities kept per generated token.", ge=1, le=1000)
     seed: int = opt(0, "Sampling seed (each shard derives its own from it).", ge=0)
-    batch_size: int = opt(64, "Prompts per forward batch.", ge=1, le=4096)
+    batch_size: int = opt(64, "Prompts per forward batch.", ge=1, le=4096, fingerprint=NEVER)
     rows_per_shard: int = opt(64, "Task rows per output shard (the unit of resume).", ge=1)
     dtype: str = opt("bfloat16", "Teacher weights' dtype (log-probabilities are computed in "
-                     "float32 from its logits).", choices=["bfloat16", "float32", "float16"])
+                     "float32 from its logits).", choices=["bfloat16", "float32", "float16"],
+                     fingerprint=IF_READ)
     endpoint: str = opt("chat", "openai: `chat` (the prompt is one user message; the server "
                         "applies the chat template) or `completions` (the prompt is sent as "
                         "is, like the hf and vllm backends without chat_template).",
-                        choices=["chat", "completions"])
+                        choices=["chat", "completions"], fingerprint=IF_READ)
     base_url: str | None = opt(None, "openai: the server's base URL, e.g. "
-                               "http://127.0.0.1:8000/v1 (null = the OpenAI API).")
+                               "http://127.0.0.1:8000/v1 (null = the OpenAI API).",
+                               fingerprint=IF_READ)
     api_key_env: str = opt("OPENAI_API_KEY", "openai: the environment variable holding the API "
-                           "key (the key itself is never written anywhere).")
-    concurrency: int = opt(16, "openai: requests in flight at once.", ge=1, le=4096)
+                           "key (the key itself is never written anywhere).", fingerprint=NEVER)
+    concurrency: int = opt(16, "openai: requests in flight at once.", ge=1, le=4096,
+                           fingerprint=NEVER)
     max_retries: int = opt(6, "openai: retries of a request on 429, 5xx, timeouts, dropped "
-                           "connections and malformed bodies.", ge=0, le=100)
-    request_timeout: float = opt(120.0, "openai: seconds before a request times out.", gt=0.0)
+                           "connections and malformed bodies.", ge=0, le=100, fingerprint=NEVER)
+    request_timeout: float = opt(120.0, "openai: seconds before a request times out.", gt=0.0,
+                                 fingerprint=NEVER)
     backoff_max: float = opt(30.0, "openai: the longest wait between retries, in seconds.",
-                             gt=0.0)
+                             gt=0.0, fingerprint=NEVER)
     server_token_ids: bool = opt(False, "openai: ask the server for token ids "
-                                 "(vLLM's `return_tokens_as_token_ids`).")
+                                 "(vLLM's `return_tokens_as_token_ids`).", fingerprint=IF_READ)
     tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
-                                "map token strings to ids when the server cannot send ids.")
+                                "map token strings to ids when the server cannot send ids.",
+                                fingerprint=IF_READ)
     max_failed_share: float = opt(0.05, "The stage stops (non-zero exit, no manifest) when more "
                                   "than this share of the rows ended with an error; the rows "
                                   "made are kept, and `--retry-failed` re-sends only the failed "
-                                  "ones. 1 = never stop.", ge=0.0, le=1.0)
+                                  "ones. 1 = never stop.", ge=0.0, le=1.0, fingerprint=NEVER)
     shard_format: int = opt(2, "How shards store the teacher's top-k: 2 = compact (ids packed, "
                             "log-probabilities quantised to 1/32 nat below the exact top-1; "
                             "about a third of the bytes, see pipeline/topk_codec.py), 1 = float32 "
                             "lists. Not part of the fingerprint: both formats read alike, and "
-                            "`distill convert-shards` converts a run.", choices=[1, 2])
+                            "`distill convert-shards` converts a run.", choices=[1, 2],
+                            fingerprint=NEVER)
     executor: str = opt("local", "How the generate shards are run: `local` (one after the other "
                         "in this process) or `ray` (`generate.workers` Ray actors, settings in "
                         "the `ray` section). Job arrays need no setting: see `--worker-index`.",
-                        choices=["local", "ray"])
-    workers: int = opt(1, "Ray workers (actors) that take generate shards from one queue, each with its own teacher.",
-                       ge=1, le=4096)
+                        choices=EXECUTORS, fingerprint=NEVER)
+    workers: int = opt(1, "Ray workers (actors) that take generate shards from one queue, each "
+                       "with its own teacher.", ge=1, le=4096, fingerprint=NEVER)
 
     def _check(self, errors: list[str]) -> None:
-        if self.backend == "openai" and self.top_k > 20:
-            errors.append(f"generate.top_k: {self.top_k} is out of range for the openai backend, "
-                          "it must be <= 20 (the API's limit for top_logprobs)")
-        if self.backend == "openai" and self.endpoint == "completions" and self.chat_template:
-            errors.append("generate.chat_template: the completions endpoint sends the prompt as "
-                          "is; use generate.endpoint=chat to have the server apply its chat "
-                          "template")
+        # the chosen backend checks what it reads (an API's top-k limit, its endpoints)
+        BACKENDS.get(self.backend).check(self, errors)
 
 
 @dataclass
@@ -202,27 +224,28 @@ class VLLMConfig(Section):
     max_model_len: int | None = opt(None, "Context length (prompt + generation); null = the "
                                     "model's. Longer prompts are recorded as errors on their "
                                     "row.", ge=16)
-    tensor_parallel_size: int = opt(1, "GPUs the model is split over.", ge=1)
+    tensor_parallel_size: int = opt(1, "GPUs the model is split over.", ge=1, fingerprint=NEVER)
     gpu_memory_utilization: float = opt(0.9, "Share of each GPU's memory the engine may take.",
-                                        gt=0.0, le=1.0)
+                                        gt=0.0, le=1.0, fingerprint=NEVER)
     seed: int = opt(0, "Engine seed (every request also carries its own seed, derived from "
                     "generate.seed).", ge=0)
     enforce_eager: bool = opt(True, "Skip torch.compile / CUDA graphs: faster start-up (on a CPU "
-                              "compiling costs minutes at every start), slower steps on a GPU.")
+                              "compiling costs minutes at every start), slower steps on a GPU.",
+                              fingerprint=NEVER)
     max_num_seqs: int | None = opt(None, "Sequences in flight at most; null = vLLM's default.",
-                                   ge=1)
+                                   ge=1, fingerprint=NEVER)
     logprobs_mode: str = opt("raw_logprobs", "Where top-k log-probabilities come from: "
                              "`raw_logprobs` (log-softmax of the logits before temperature / "
                              "top-p, what KD wants) or `processed_logprobs` (after them).",
                              choices=["raw_logprobs", "processed_logprobs"])
     in_process: bool | None = opt(None, "Run the engine core in this process (vLLM's "
                                   "VLLM_ENABLE_V1_MULTIPROCESSING=0); null = on a CPU only, "
-                                  "where it starts sooner at the same speed.")
+                                  "where it starts sooner at the same speed.", fingerprint=NEVER)
     cpu_kvcache_gb: int = opt(4, "CPU only: GiB reserved for the KV cache "
-                              "(VLLM_CPU_KVCACHE_SPACE).", ge=1)
+                              "(VLLM_CPU_KVCACHE_SPACE).", ge=1, fingerprint=NEVER)
     cpu_threads: str = opt("all", "CPU only: the cores the engine binds its threads to "
                            "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-7'); `all` = every core this "
-                           "process may use (vLLM's own default uses fewer).")
+                           "process may use (vLLM's own default uses fewer).", fingerprint=NEVER)
 
 
 @dataclass
@@ -284,19 +307,19 @@ class FilterConfig(Section):
                                "samples give it.", gt=0.0, le=1.0)
     min_votes: int = opt(2, "Rows without a gold answer: samples that must give the majority "
                          "answer.", ge=1)
-    plot: bool = opt(True, "Also draw the funnel as funnel.png.")
+    plot: bool = opt(True, "Also draw the funnel as funnel.png.", fingerprint=NEVER)
     executor: str = opt("local", "How the filter shards are run: `local` (one after the other "
                         "in this process) or `ray` (`filter.workers` Ray actors, settings in "
                         "the `ray` section). Job arrays need no setting: see `--worker-index`.",
-                        choices=["local", "ray"])
+                        choices=EXECUTORS, fingerprint=NEVER)
     workers: int = opt(1, "Ray workers (actors) that take filter shards from one queue.",
-                       ge=1, le=4096)
+                       ge=1, le=4096, fingerprint=NEVER)
 
     def _check(self, errors: list[str]) -> None:
         for name in self.extractors or []:
-            if name not in VALID_EXTRACTORS:
+            if name not in EXTRACTORS.names():
                 errors.append(f"filter.extractors: unknown extractor '{name}'; "
-                              f"{_did_you_mean(name, VALID_EXTRACTORS)}")
+                              f"{did_you_mean(name, EXTRACTORS.names())}")
         if self.extractors is not None and not self.extractors:
             errors.append("filter.extractors: give at least one extractor, or null for the "
                           "answer type's default order")
@@ -314,7 +337,7 @@ class TrainConfig(Section):
 
     name: str = opt("", "Variant name: '' trains into the run's train/ folder, a name into "
                     "train-<name>/ beside it, so several students (settings, seeds) share one "
-                    "run's traces; eval scores every finished one.")
+                    "run's traces; eval scores every finished one.", fingerprint=NEVER)
     student: str = opt(EMBEDDED_MODEL, "Student: a local checkpoint folder, a hub id, or "
                        f"'{EMBEDDED_MODEL}'.")
     alpha: float = opt(0.5, "Weight of the predict loss: alpha*L_predict + (1-alpha)*L_explain.",
@@ -339,44 +362,52 @@ class TrainConfig(Section):
                         "* CE + lam * T^2 * D(teacher_T || student_T), from the stored top-k; "
                         "0 = no KD. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
     kd_temperature: float = opt(1.0, "KD temperature T (softens both distributions).", gt=0.0,
-                                le=20.0)
+                                le=20.0, fingerprint=with_("kd_lam"))
     kd_beta: float = opt(0.0, "KD divergence: 0 = forward KL(teacher || student), 1 = reverse "
-                         "KL, in between a mix of the two.", ge=0.0, le=1.0)
+                         "KL, in between a mix of the two.", ge=0.0, le=1.0,
+                         fingerprint=with_("kd_lam"))
     kd_tail: str = opt("bucket", "Probability outside the teacher's top k: one extra `bucket` "
                        "category, or `renormalize` both distributions over the top k.",
-                       choices=["bucket", "renormalize"])
+                       choices=["bucket", "renormalize"], fingerprint=with_("kd_lam"))
     answer_kd_lam: float = opt(0.0, "Weight of KD on the answer (soft labels, classic "
                                "distillation) in the predict loss: L_predict = (1 - lam) * CE + "
                                "lam * T^2 * D(teacher_T || student_T), from the stored top-k at "
                                "the teacher's answer tokens (the predict: target becomes those "
-                               "tokens); 0 = off. Needs the teacher's tokenizer.", ge=0.0, le=1.0)
-    answer_kd_temperature: float = opt(2.0, "Temperature T of the answer KD.", gt=0.0, le=20.0)
+                               "tokens); 0 = off. Needs the teacher's tokenizer.", ge=0.0, le=1.0,
+                               fingerprint=UNLESS_DEFAULT)
+    answer_kd_temperature: float = opt(2.0, "Temperature T of the answer KD.", gt=0.0, le=20.0,
+                                       fingerprint=with_("answer_kd_lam"))
     rationale_loss: str = opt("ce", "The explain loss: `ce` = token cross-entropy on the "
                               "rationale, `cosine` = a margin cosine loss between the student's "
                               "and the teacher's next-token distributions over the teacher's "
                               "top-k (+ the rest) at every rationale token, max(0, 1 - cos - "
-                              "margin) (needs the stored top-k).", choices=["ce", "cosine"])
+                              "margin) (needs the stored top-k).", choices=["ce", "cosine"],
+                              fingerprint=UNLESS_DEFAULT)
     cosine_margin: float = opt(0.05, "rationale_loss=cosine: positions whose cosine is within "
-                               "this of 1 add no loss.", ge=0.0, lt=1.0)
+                               "this of 1 add no loss.", ge=0.0, lt=1.0,
+                               fingerprint=with_("rationale_loss"))
     consistency_lam: float = opt(0.0, "Weight of consistency regularisation: KL(clean || noisy) "
                                  "between the student's answer distributions (predict:) on the "
-                                 "clean question and on a noisy copy; 0 = off.", ge=0.0, le=10.0)
+                                 "clean question and on a noisy copy; 0 = off.", ge=0.0, le=10.0,
+                                 fingerprint=UNLESS_DEFAULT)
     consistency_noise: str = opt("embedding", "The noise: `embedding` = Gaussian noise on the "
                                  "question's input embeddings (std = amount x their RMS), "
                                  "`dropout` = each question token's embedding zeroed with "
-                                 "probability amount.", choices=["embedding", "dropout"])
+                                 "probability amount.", choices=["embedding", "dropout"],
+                                 fingerprint=with_("consistency_lam"))
     consistency_amount: float = opt(0.1, "The noise's size (see consistency_noise).", gt=0.0,
-                                    lt=1.0)
+                                    lt=1.0, fingerprint=with_("consistency_lam"))
     data_fraction: float = opt(1.0, "Share of the kept traces to train on (whole questions, "
                                "chosen by a hash of their id, so a smaller share is a subset "
                                "of a larger one); the data-efficiency sweep sets it.", gt=0.0,
-                               le=1.0)
+                               le=1.0, fingerprint=UNLESS_DEFAULT)
     heldout_share: float = opt(0.0, "Share of the kept questions held out of training "
                                "(the last ones by the same hash as data_fraction, so the two "
                                "never overlap): their loss, every term, is computed every "
-                               "eval_steps and logged as eval_loss; 0 = off.", ge=0.0, lt=1.0)
+                               "eval_steps and logged as eval_loss; 0 = off.", ge=0.0, lt=1.0,
+                               fingerprint=UNLESS_DEFAULT)
     eval_steps: int = opt(0, "heldout_share > 0: compute the held-out loss every N steps "
-                          "(0 = every save_steps).", ge=0)
+                          "(0 = every save_steps).", ge=0, fingerprint=with_("heldout_share"))
     explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
                                     "first N optimizer steps (the student first learns to "
                                     "answer).", ge=0)
@@ -390,13 +421,14 @@ class TrainConfig(Section):
     report_to: list[str] = opt(["tensorboard"], "Where the training metrics go besides "
                                "log.jsonl: transformers' integrations (tensorboard, wandb, "
                                "mlflow, trackio, ...) or none. TensorBoard's event files are "
-                               "written to tensorboard/ in the student's folder.")
+                               "written to tensorboard/ in the student's folder.",
+                               fingerprint=NEVER)
     args: dict = opt({}, "Any other field of TRL's SFTConfig / transformers' "
                      "TrainingArguments, passed as it is, e.g. {lr_scheduler_type: linear, "
                      "gradient_checkpointing: true, optim: adamw_torch_fused, max_grad_norm: "
                      "0.5, run_name: try-3} or train.args.optim=adafactor; checked against the "
                      "real dataclass when training starts. Fields with a train.* key of their "
-                     "own are set there.")
+                     "own are set there.", fingerprint=UNLESS_DEFAULT)
     logging_steps: int = opt(5, "Log every N steps.", ge=1)
     save_steps: int = opt(50, "Checkpoint every N steps (the unit of resume).", ge=1)
     save_total_limit: int = opt(2, "Checkpoints kept.", ge=1)
@@ -438,7 +470,39 @@ class EvalConfig(Section):
         for name in self.systems:
             if name not in VALID_SYSTEMS:
                 errors.append(f"eval.systems: unknown system '{name}'; "
-                              f"{_did_you_mean(name, VALID_SYSTEMS)}")
+                              f"{did_you_mean(name, VALID_SYSTEMS)}")
+
+
+def fingerprinted(section: Section, reads: frozenset[str] | set[str] = frozenset()) -> dict:
+    """The settings of `section` that decide what its stage makes, by each field's declared
+    rule (`opt(..., fingerprint=...)`): `NEVER` ones left out, `UNLESS_DEFAULT` ones left out
+    at their default, knobs (`with_(switch)`) left out while their switch is at its default,
+    `IF_READ` ones kept when they are in `reads` (what the chosen backend reads)."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+
+    def at_default(name: str) -> bool:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return getattr(section, name) == default
+
+    out = {}
+    for name, f in fields.items():
+        rule = f.metadata.get("fingerprint", ALWAYS)
+        if (rule == NEVER or rule == UNLESS_DEFAULT and at_default(name)
+                or rule == IF_READ and name not in reads
+                or rule.startswith("with ") and at_default(rule[len("with "):])):
+            continue
+        out[name] = _plain(getattr(section, name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as `dataclasses.asdict` gives it (lists and dicts copied)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def answer_kind(task: "TaskConfig") -> str:
@@ -466,15 +530,7 @@ class Config:
 SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "vllm": VLLMConfig,
                  "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig,
                  "ray": RayConfig}
-VALID_EXTRACTORS = ["answer_is", "hash", "boxed", "answer_colon", "last_number", "last_letter",
-                    "last_line"]
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
-
-
-def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}available: {', '.join(options)}"
 
 
 def _type_name(tp: Any) -> str:
@@ -529,10 +585,12 @@ def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
     if value is None:
         return
     values = value if isinstance(value, list) else [value]
+    choices = meta.get("choices")
+    if isinstance(choices, Registry):
+        choices = choices.names()
     for v in values:
-        if meta.get("choices") and v not in meta["choices"]:
-            errors.append(f"{where}: {v!r} is not allowed; "
-                          f"{_did_you_mean(str(v), meta['choices'])}")
+        if choices and v not in choices:
+            errors.append(f"{where}: {v!r} is not allowed; {did_you_mean(str(v), choices)}")
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         for key, ok, text in (("ge", lambda a, b: a >= b, ">="), ("le", lambda a, b: a <= b, "<="),
@@ -548,7 +606,7 @@ def _build_section(name: str, raw: dict, errors: list[str]):
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in known:
-            errors.append(f"unknown key '{name}.{key}'; {_did_you_mean(key, known)}")
+            errors.append(f"unknown key '{name}.{key}'; {did_you_mean(key, known)}")
     try:
         return cls(**{k: v for k, v in raw.items() if k in known})
     except ConfigError as e:
@@ -615,7 +673,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     sections = {}
     for name, body in raw.items():
         if name not in SECTION_TYPES:
-            errors.append(f"unknown section '{name}'; {_did_you_mean(name, list(SECTION_TYPES))}")
+            errors.append(f"unknown section '{name}'; {did_you_mean(name, list(SECTION_TYPES))}")
             continue
         if body is None:
             body = {}

@@ -38,12 +38,13 @@ PLAN = "plan.json"
 LOCK = "lock.json"
 ASIDE = "by-fingerprint"  # output of other settings, kept: `by-fingerprint/<fingerprint>/`
 QUARANTINE = "quarantine"  # damaged files, moved aside (never deleted)
+REQUEST_CACHE = "requests.sqlite"  # a paid-for backend's responses, keyed by the request
 RECORDS = "done"  # one record per finished shard: `done/<shard>.json`, written after its files
 # What belongs to the stage folder itself rather than to the output of one set of settings:
 # never set aside with an output, never pruned (the request cache is keyed by the request, so
 # it serves every setting).
-FOLDER_OWN = {LOCK, ASIDE, QUARANTINE, "requests.sqlite", "requests.sqlite-wal",
-              "requests.sqlite-shm", "requests"}
+FOLDER_OWN = {LOCK, ASIDE, QUARANTINE, REQUEST_CACHE, f"{REQUEST_CACHE}-wal",
+              f"{REQUEST_CACHE}-shm", "requests"}
 
 
 class RunFolderError(RuntimeError):

@@ -51,14 +51,15 @@ FILTER_COLUMNS = [
     ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string())]
 
 
-def kept_schema(traces: pa.Schema = TRACE_SCHEMA) -> pa.Schema:
-    """The filter's kept shards for trace shards of schema `traces` (either format)."""
+def kept_schema(traces: pa.Schema = TRACE_SCHEMA, own: list | tuple = ()) -> pa.Schema:
+    """The filter's kept shards for trace shards of schema `traces` (either format); `own`:
+    (name, type) of the columns that checks record besides the usual ones."""
     return pa.schema(list(traces.remove_metadata())
-                     + [pa.field(n, t) for n, t in FILTER_COLUMNS])
+                     + [pa.field(n, t) for n, t in [*FILTER_COLUMNS, *own]])
 
 
-def rejected_schema(traces: pa.Schema = TRACE_SCHEMA) -> pa.Schema:
-    return kept_schema(traces).append(pa.field("reason", pa.string()))
+def rejected_schema(traces: pa.Schema = TRACE_SCHEMA, own: list | tuple = ()) -> pa.Schema:
+    return kept_schema(traces, own).append(pa.field("reason", pa.string()))
 
 
 KEPT_SCHEMA, REJECTED_SCHEMA = kept_schema(), rejected_schema()

@@ -23,7 +23,8 @@ from pipeline.executors import run_stage
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.prompts import PromptTemplate
-from pipeline.run_folder import DamagedFile, RunFolder, as_run_folder
+from pipeline.registry import BACKENDS
+from pipeline.run_folder import REQUEST_CACHE, DamagedFile, RunFolder, as_run_folder
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
@@ -138,43 +139,39 @@ class Models:
         self.cfg, self.run = cfg, run
         self.key: str | None = None
         self.backend: Backend | None = None
-        self._kinds: dict[str, str] = {}
+        self._students: dict = {}
 
     def get(self, job: Job) -> Backend:
-        if (self.cfg.generate.backend == "vllm" and job.system != "teacher"
-                and self._kind(job.model) == "causal_lm"):  # vLLM runs no T5 students
-            return self._vllm_student(job)
+        kind = BACKENDS.get(self.cfg.generate.backend)
+        if (kind.student_engine is not None and job.system != "teacher"
+                and self._student(job.model).decoder_only):
+            return self._engine_student(job, kind)
         key = job.variant if job.system in ("predict", "explain") else job.system
         if key != self.key or job.system not in ("predict", "explain"):
             self.close()
-            self.backend, self.key = self._load(job), key
+            self.backend, self.key = self._load(job, kind), key
         return self.backend
 
-    def _kind(self, model: str) -> str:
+    def _student(self, model: str):
         from pipeline.models import resolve_model
         from trainer.students import student_for
 
-        if model not in self._kinds:
-            self._kinds[model] = student_for(resolve_model(model)).kind
-        return self._kinds[model]
+        if model not in self._students:
+            self._students[model] = student_for(resolve_model(model))
+        return self._students[model]
 
-    def _vllm_student(self, job: Job) -> Backend:
-        """Students of a vLLM run are scored by the vLLM engine too: one engine for the
-        student model, serving the base model and each distilled student's LoRA adapter."""
-        key = f"vllm:{job.model}"
+    def _engine_student(self, job: Job, kind) -> Backend:
+        """Students of a run whose backend can serve them (vLLM) are scored by that engine
+        too: one engine for the student model, serving the base model and each distilled
+        student's LoRA adapter."""
+        key = f"{kind.name}:{job.model}"
         if key != self.key:
-            import dataclasses
-
-            from stages.backends.registry import make_vllm_student
-
             self.close()
             ranks = [(self.run.student(n).manifest() or {}).get("settings", {}).get(
                 "train", {}).get("lora_r", 0) for n in self.run.students()]
-            g = dataclasses.replace(self.cfg.generate, model=job.model, chat_template=False,
-                                    dtype=self.cfg.eval.dtype)
-            log("eval", f"student {job.model} in the vLLM engine, adapters through its LoRA "
-                "support")
-            self.backend = make_vllm_student(g, self.cfg.vllm, max(ranks + [8]))
+            log("eval", f"student {job.model} in the {kind.name} engine, adapters through its "
+                "LoRA support")
+            self.backend = kind.student_engine(self.cfg, job.model, max(ranks + [8]))
             self.key = key
         if job.adapter_from is None:
             self.backend.use_adapter(None)
@@ -183,27 +180,23 @@ class Models:
                                      str(job.adapter_from.local_copy("adapter")))
         return self.backend
 
-    def _load(self, job: Job) -> Backend:
+    def _load(self, job: Job, kind) -> Backend:
         from pipeline.models import load_tokenizer, resolve_model
         from stages.backends.hf import HFBackend
         from trainer.lora import load_distilled
-        from trainer.students import student_for
 
         g, e = self.cfg.generate, self.cfg.eval
         if job.system == "teacher":
             log("eval", f"teacher {g.model}: few-shot chain of thought")
-            from stages.backends.registry import make_backend
-
-            if g.backend == "openai":  # the teacher is only reachable through its API
+            cache = None
+            if kind.request_cache:  # the teacher is only reachable through its API
                 folder = self.run.stage("eval")
-                return make_backend(g, folder.local_path(
-                    "requests.sqlite", "the openai backend's request cache")
-                    if self.run.is_local else folder.scratch("requests.sqlite"))
-            if g.backend == "vllm":  # the engine that generated the traces scores it too
-                return make_backend(g, None, self.cfg.vllm)
-            return HFBackend(g.model, e.dtype, g.chat_template)
+                cache = (folder.local_path(REQUEST_CACHE, f"the {kind.name} backend's request "
+                                           "cache") if self.run.is_local
+                         else folder.scratch(REQUEST_CACHE))
+            return kind.teacher_for_eval(self.cfg, cache)
         path = resolve_model(job.model)
-        student = student_for(path)
+        student = self._student(job.model)
         if job.system == "base":
             return HFBackend(job.model, e.dtype, loaded=(student.load(path, e.dtype).eval(),
                                                          load_tokenizer(path)))
@@ -251,6 +244,7 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
     `models`: a factory for the object that hands each job its backend (default `Models`).
     """
     e, g, t = cfg.eval, cfg.generate, cfg.train
+    kind = BACKENDS.get(g.backend, "generate.backend")
     test = load_split(cfg.task, "test")
     if e.n is not None:
         test = test.slice(0, e.n)
@@ -269,16 +263,11 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
     jobs: list[Job] = []
     if "teacher" in e.systems:
         spec = {"model": g.model, "template": template.sha256, "chat": g.chat_template,
-                "stop": g.stop, "max_new_tokens": e.max_new_tokens}
-        if g.backend == "openai":  # scored through its API
-            spec.update(base_url=g.base_url, endpoint=g.endpoint)
-        elif g.backend == "vllm":  # scored by the engine that generated
-            spec.update(backend="vllm", vllm={k: v for k, v in cfg.section("vllm").items()
-                                              if k in ("dtype", "max_model_len", "seed")},
-                        engine_dtype=g.dtype)
+                "stop": g.stop, "max_new_tokens": e.max_new_tokens, **kind.eval_spec(cfg)}
         jobs.append(Job("teacher", model=g.model, max_new_tokens=e.max_new_tokens, spec=spec))
-    # the engine that scores the students: transformers, or vLLM (with LoRA) for a vLLM run
-    scorer = {"scorer": "vllm"} if g.backend == "vllm" else {}
+    # the engine that scores the students: transformers, or the backend's own engine (with
+    # LoRA) where it can serve them
+    scorer = {"scorer": kind.name} if kind.student_engine is not None else {}
     if "base" in e.systems:
         jobs.append(Job("base", model=t.student, max_new_tokens=e.predict_max_new_tokens,
                         first_line=True, spec={"model": t.student, "first_line": True,

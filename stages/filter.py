@@ -5,7 +5,8 @@ reason and its detail). Every check answers keep, or drop with a reason; the fir
 check is the reason, and every reason is counted in the funnel (`funnel.json`, printed as a
 table and drawn as `funnel.png`). The checks, in order:
 
-1. per trace: generation error, truncation, an answer found (and its marker), the answer right
+1. per trace, the registered checks of `stages.checks.traces` (one file each is enough for a
+   new one): generation error, truncation, an answer found (and its marker), the answer right
    (against the gold answer, or for unlabeled rows against the majority answer of the row's
    samples), the written arithmetic right, enough reasoning steps, length in tokens and
    words, no looping repetition;
@@ -27,61 +28,34 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, FilterConfig
+from pipeline.config import Config, FilterConfig, fingerprinted
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
+from pipeline.registry import BACKENDS
 from pipeline.run_folder import RunFolder, as_run_folder
 from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept_schema,
                              rejected_schema, shard_format)
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
-from stages.checks.answers import MARKER_EXTRACTORS, NO_ANSWER, AnswerChecker, answer_checker
+from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker, is_marker
+from stages.checks.traces import Trace, count_steps, ordered_checks, repeat_share
 from stages.dataset_card import write_dataset_card
-from stages.checks.arith import check_arithmetic
 
-# The reasons, in the order the checks run.
-REASONS = ["generation_error", "truncated", "no_answer", "no_answer_marker", "no_consensus",
-           "wrong_answer", "wrong_arithmetic", "too_few_steps", "too_short", "too_long",
-           "repetitive", "duplicate", "over_cap"]
-EXPLAINED = {
-    "generation_error": "the teacher call failed for good (its error is in the trace)",
-    "truncated": "cut off by the generation length limit",
-    "no_answer": "no final answer could be read",
-    "no_answer_marker": "only a fallback (a bare last number) found the answer",
-    "no_consensus": "no gold answer and too few of the row's samples agree on one",
-    "wrong_answer": "the final answer is not the gold (or majority) answer",
-    "wrong_arithmetic": "a written calculation is wrong, though the final answer may be right",
-    "too_few_steps": "fewer reasoning steps than filter.min_steps",
-    "too_short": "fewer tokens or words than filter.min_tokens / min_words",
-    "too_long": "more tokens or words than filter.max_tokens / max_words",
-    "repetitive": "a looping trace: too many repeated word n-grams",
+# Drops decided per question, among the traces every check kept.
+QUESTION_REASONS = {
     "duplicate": "the same (or nearly the same) rationale as a kept trace of the question",
     "over_cap": "more traces of the question than filter.max_per_question",
 }
 
-_CALC = re.compile(r"\d\s*[-+*/×x÷^]\s*\(?\$?\d|=\s*-?\$?\d|<<[^>]*>>")
-_NUMBERED = re.compile(r"^\s*(?:step\s*\d+|\(?\d{1,2}[.):]\s|[-*•]\s)", re.I)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+def reasons() -> list[str]:
+    """Every reason a trace can be dropped for, in the order the checks run."""
+    return [c.name for c in ordered_checks()] + list(QUESTION_REASONS)
 
 
-def count_steps(rationale: str) -> int:
-    """Reasoning steps: numbered lines ("1.", "Step 2:", a bullet) count one each; in other
-    lines, each sentence that carries a calculation (`5 + 3 = 8`, `<<5*3=15>>`) counts."""
-    n = 0
-    for line in rationale.splitlines():
-        if _NUMBERED.match(line):
-            n += 1
-        elif _CALC.search(line):
-            n += sum(1 for part in _SENTENCE.split(line) if _CALC.search(part))
-    return n
-
-
-def repeat_share(words: list[str], n: int) -> float:
-    """Share of the word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
-    if len(words) < 2 * n:
-        return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams)
+def explained() -> dict[str, str]:
+    """Each reason in words."""
+    return {**{c.name: c.explained for c in ordered_checks()}, **QUESTION_REASONS}
 
 
 def _norm_words(text: str) -> list[str]:
@@ -100,10 +74,11 @@ def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: s
                 gold_source: str) -> tuple[str | None, dict]:
     """(reason or None, the added columns) for one trace, checked against `gold`: the row's
     gold answer (`gold_source="gold"`) or its samples' majority answer ("majority"), None
-    when there is neither."""
+    when there is neither. The registered checks run in their order; the first that fails
+    gives the reason."""
     text = row["completion"] or ""
     found = row.get("_found") or checker.extract(text, row.get("question") or "")
-    marker = found.extractor.split(":")[0] in MARKER_EXTRACTORS
+    marker = is_marker(found.extractor)
     rationale = text[:found.start].strip() if marker else text.strip()
     words = text.split()
     added = {"pred_answer": found.answer, "extractor": found.extractor, "rationale": rationale,
@@ -111,40 +86,13 @@ def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: s
              "n_words": len(words), "n_equations": 0, "repeat_share": 0.0,
              "gold_source": gold_source if gold is not None else None,
              "agreement": row.get("_agreement"), "detail": None}
-    if row.get("error"):
-        added["detail"] = str(row["error"])[:300]
-        return "generation_error", added
-    if cfg.drop_truncated and row["finish_reason"] == "length":
-        return "truncated", added
-    if found.answer == NO_ANSWER:
-        return "no_answer", added
-    if cfg.require_answer_marker and not marker:
-        return "no_answer_marker", added
-    if gold is None:
-        return "no_consensus", added
-    if not checker.match(found.answer, gold, row.get("question") or ""):
-        added["detail"] = f"gold {gold}"
-        return "wrong_answer", added
-    added["pred_answer"] = checker.canonical(found.answer)
-    if cfg.check_arithmetic:
-        n_eq, wrong = check_arithmetic(rationale)
-        added["n_equations"] = n_eq
-        if wrong is not None:
-            added["detail"] = str(wrong)
-            return "wrong_arithmetic", added
-    if added["n_steps"] < cfg.min_steps:
-        return "too_few_steps", added
-    if added["n_tokens"] < cfg.min_tokens or added["n_words"] < cfg.min_words:
-        return "too_short", added
-    if (cfg.max_tokens is not None and added["n_tokens"] > cfg.max_tokens
-            or added["n_words"] > cfg.max_words):
-        return "too_long", added
-    if cfg.max_repeat_share < 1.0:
-        share = repeat_share(text.lower().split(), cfg.repeat_ngram)
-        added["repeat_share"] = round(share, 4)
-        if share > cfg.max_repeat_share:
-            added["detail"] = f"{share:.0%} of its word {cfg.repeat_ngram}-grams repeat"
-            return "repetitive", added
+    trace = Trace(row, found, marker, rationale, words, gold, checker, added)
+    for check in ordered_checks():
+        detail = check(trace, cfg)
+        if detail is not None:
+            if detail:
+                added["detail"] = detail
+            return check.name, added
     return None, added
 
 
@@ -198,8 +146,8 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
             results[i] = check_trace(small[i], cfg, checker, gold=gold, gold_source=source)
         _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
 
-    counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in REASONS}}
-    kept_idx, rej_idx, kept_add, rej_add, reasons = [], [], [], [], []
+    counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in reasons()}}
+    kept_idx, rej_idx, kept_add, rej_add, why = [], [], [], [], []
     for i, (reason, added) in enumerate(results):
         if reason is None:
             kept_idx.append(i)
@@ -208,7 +156,7 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
         else:
             rej_idx.append(i)
             rej_add.append(added)
-            reasons.append(reason)
+            why.append(reason)
             counters[f"dropped:{reason}"] += 1
     counters["pseudo_gold_rows"] = sum(
         1 for ids in by_question.values() if small[ids[0]]["gold"] is None
@@ -216,12 +164,13 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
 
     # the traces in the layout they came in (format 1 or 2); other columns are not carried
     traces = TRACE_SCHEMA_V2 if shard_format(table.schema) == 2 else TRACE_SCHEMA
+    own = [column for check in ordered_checks() for column in check.records]
     table = table.select(traces.names)
 
     def build(idx: list[int], adds: list[dict], schema: pa.Schema, extra=None) -> pa.Table:
         part = table.take(pa.array(idx, type=pa.int64())).cast(traces)
-        for name, typ in FILTER_COLUMNS:
-            part = part.append_column(pa.field(name, typ), pa.array([a[name] for a in adds],
+        for name, typ in FILTER_COLUMNS + own:
+            part = part.append_column(pa.field(name, typ), pa.array([a.get(name) for a in adds],
                                                                   type=typ))
         if extra is not None:
             part = part.append_column(pa.field("reason", pa.string()), pa.array(extra,
@@ -229,8 +178,8 @@ def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
         return part.cast(schema)
 
     progress(table.num_rows)
-    return ShardOutput({"kept": build(kept_idx, kept_add, kept_schema(traces)),
-                        "rejected": build(rej_idx, rej_add, rejected_schema(traces), reasons)},
+    return ShardOutput({"kept": build(kept_idx, kept_add, kept_schema(traces, own)),
+                        "rejected": build(rej_idx, rej_add, rejected_schema(traces, own), why)},
                        counters)
 
 
@@ -266,7 +215,7 @@ def funnel_table(counters: dict) -> str:
     total = counters.get("traces_in", 0) or 1
     lines = [f"{'step':<28}{'traces':>10}{'share':>9}",
              f"{'traces in':<28}{counters.get('traces_in', 0):>10}{'100.0%':>9}"]
-    for reason in REASONS:
+    for reason in reasons():
         n = counters.get(f"dropped:{reason}", 0)
         if n:
             lines.append(f"{'  dropped: ' + reason:<28}{n:>10}{100 * n / total:>8.1f}%")
@@ -285,7 +234,7 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
 
     total = counters.get("traces_in", 0) or 1
     rows = [("traces in", counters.get("traces_in", 0), "#7f7f7f")]
-    rows += [(f"dropped: {r}", counters.get(f"dropped:{r}", 0), "#d62728") for r in REASONS
+    rows += [(f"dropped: {r}", counters.get(f"dropped:{r}", 0), "#d62728") for r in reasons()
              if counters.get(f"dropped:{r}", 0)]
     rows.append(("kept", counters.get("kept", 0), "#2ca02c"))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
@@ -307,12 +256,14 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
 
 
 def remake_generate_hint(manifest: dict) -> str:
-    """How to remake a generate shard found damaged, by the teacher that made it."""
-    backend = manifest.get("facts", {}).get("backend")
-    if backend == "import":
+    """How to remake a generate shard found damaged, by what made it."""
+    facts = manifest.get("facts", {})
+    backend = facts.get("backend")
+    paid = backend in BACKENDS.names() and BACKENDS.get(backend).request_cache
+    if facts.get("imported"):
         return ("The traces were imported: run the same `distill import` again (with --force) "
                 "to remake the shards from your files, then the filter again")
-    if backend == "openai":
+    if paid:
         return ("The teacher was an API: `distill generate` remakes only that shard, from the "
                 "request cache (generate/requests.sqlite) for every response it still holds; "
                 "any other request is sent (and paid for) again. If you would rather not, put "
@@ -320,6 +271,15 @@ def remake_generate_hint(manifest: dict) -> str:
                 "filter again")
     return ("Run `distill generate` (`make generate`) to remake only that shard (the same "
             "settings and seed give the same traces), then the filter again")
+
+
+def filter_settings(cfg: Config) -> dict:
+    """What decides the kept traces: the filter section's fingerprinted settings and how
+    answers are read."""
+    checker = answer_checker(cfg, cfg.filter.extractors)
+    return {"filter": fingerprinted(cfg.filter), "answer_kind": checker.kind,
+            "extractors": checker.order,
+            "labels": checker.labels if checker.kind == "label" else None}
 
 
 def plan(cfg: Config, run: RunFolder) -> Stage:
@@ -330,10 +290,7 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         raise FileNotFoundError(f"no finished generate stage in {generated}; run `make "
                                 "generate` (or `distill generate`) for this run first")
     checker = answer_checker(cfg, cfg.filter.extractors)
-    settings = {"filter": {k: v for k, v in cfg.section("filter").items()
-                          if k not in ("plot", "executor", "workers")},
-                "answer_kind": checker.kind, "extractors": checker.order,
-                "labels": checker.labels if checker.kind == "label" else None}
+    settings = filter_settings(cfg)
     then = remake_generate_hint(upstream)
     shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
                     lambda e=s["outputs"]["traces"]: generated.read_checked(e, then=then))
@@ -353,13 +310,13 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     (`role`: this process's part of a job array; None from an array worker)."""
     run = as_run_folder(run)
     folder = run.stage("filter")
-    executor = executor_for(cfg.filter.executor, cfg.filter.workers, cfg.ray, role)
+    executor = executor_for(cfg.filter.executor, cfg.filter.workers, cfg, role)
     manifest = run_stage(plan(cfg, run), folder, force, executor)
     if manifest is None:
         return None
     counters = manifest["counters"]
     folder.write_json("funnel.json", {
-        "counters": counters, "reasons": REASONS, "explained": EXPLAINED,
+        "counters": counters, "reasons": reasons(), "explained": explained(),
         "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
     print(funnel_table(counters))
     if counters.get("pseudo_gold_rows"):

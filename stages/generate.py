@@ -18,41 +18,29 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, GenerateConfig
+from pipeline.config import Config, GenerateConfig, fingerprinted
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import fingerprint
 from pipeline.log import log
+from pipeline.registry import BACKENDS
 from pipeline.prompts import PromptTemplate
-from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
+from pipeline.run_folder import REQUEST_CACHE, RunFolder, StageFolder, as_run_folder
 from pipeline.schema import SCHEMA_VERSION, as_format, shard_format, traces_table
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
 
-# Settings that do not change what is asked of the teacher, so changing them keeps the shards.
-_NOT_FINGERPRINTED = {"batch_size", "concurrency", "max_retries", "request_timeout",
-                      "backoff_max", "api_key_env", "executor", "workers", "max_failed_share",
-                      "shard_format"}
-_OPENAI_ONLY = {"base_url", "endpoint", "server_token_ids", "tokenizer"}
-# vLLM engine settings that change speed or memory, not the distribution sampled from.
-_VLLM_NOT_FINGERPRINTED = {"tensor_parallel_size", "gpu_memory_utilization", "enforce_eager",
-                           "max_num_seqs", "in_process", "cpu_kvcache_gb", "cpu_threads"}
-
-
 def generate_settings(cfg: Config) -> dict:
-    """What decides the traces: the settings that go into the fingerprint."""
-    backend = cfg.generate.backend
-    skip = _NOT_FINGERPRINTED | (set() if backend == "openai" else _OPENAI_ONLY)
-    if backend == "openai":
-        skip = skip | {"dtype"}  # the server decides
-    section = {k: v for k, v in cfg.section("generate").items() if k not in skip}
+    """What decides the traces: the settings that go into the fingerprint, by each setting's
+    declared rule; those only some backends read count when the chosen one reads them, with
+    the config sections it reads (the vLLM engine's)."""
+    kind = BACKENDS.get(cfg.generate.backend, "generate.backend")
     template = PromptTemplate(cfg.generate.prompt_template)
-    settings = {"generate": section, "template_sha256": template.sha256,
-                "schema_version": SCHEMA_VERSION}
-    if backend == "vllm":
-        settings["vllm"] = {k: v for k, v in cfg.section("vllm").items()
-                            if k not in _VLLM_NOT_FINGERPRINTED}
+    settings = {"generate": fingerprinted(cfg.generate, kind.reads),
+                "template_sha256": template.sha256, "schema_version": SCHEMA_VERSION}
+    for section in kind.sections:
+        settings[section] = fingerprinted(getattr(cfg, section))
     return settings
 
 
@@ -195,7 +183,6 @@ def kd_usability(manifest: dict) -> None:
         facts.pop("kd_unusable_because", None)
 
 
-REQUEST_CACHE = "requests.sqlite"
 WORKER_CACHES = "requests"  # one published cache per worker, merged into REQUEST_CACHE
 
 
@@ -226,30 +213,29 @@ def teacher_factory(cfg: Config, folder: StageFolder,
                     per_worker: bool = False) -> Callable[[], Backend]:
     """The configured teacher, built when called.
 
-    The openai backend's request cache: `generate/requests.sqlite` when one process on a local
-    run folder does the stage; with several workers (Ray, a job array) or a run folder on
+    A backend with a request cache (`BackendKind.request_cache`, the openai one) keeps it in
+    `generate/requests.sqlite` when one process on a local run folder does the stage; with several workers (Ray, a job array) or a run folder on
     object storage (`per_worker`), each worker keeps its own SQLite file on its own disk, reads
     the run's merged cache under it, and publishes a copy as `generate/requests/<worker>.sqlite`
     after every shard; the commit merges them into `requests.sqlite`.
     """
     def build() -> Backend:
-        from stages.backends.registry import make_backend
-
         g = cfg.generate
+        kind = BACKENDS.get(g.backend, "generate.backend")
         log("generate", f"loading teacher {g.model} ({g.backend}, {g.dtype})")
         t0 = time.time()
-        if g.backend != "openai":
-            teacher = make_backend(g, None, cfg.vllm)
+        if not kind.request_cache:
+            teacher = kind.build(cfg, None, None)
         elif not per_worker:
-            teacher = make_backend(g, folder.local_path(REQUEST_CACHE, "the openai backend's "
-                                                        "request cache"), cfg.vllm)
+            teacher = kind.build(cfg, folder.local_path(REQUEST_CACHE, f"the {g.backend} "
+                                                        "backend's request cache"), None)
         else:
             import socket
 
             worker = f"{socket.gethostname()}-{os.getpid()}"
             seed = folder.scratch(f"seed-{worker}.sqlite")
-            backend = make_backend(g, folder.scratch(f"live-{worker}.sqlite"), cfg.vllm,
-                                   seed if folder.download(REQUEST_CACHE, seed) else None)
+            backend = kind.build(cfg, folder.scratch(f"live-{worker}.sqlite"),
+                                 seed if folder.download(REQUEST_CACHE, seed) else None)
 
             def publish() -> None:
                 copy = folder.scratch(f"copy-{worker}.sqlite")
@@ -322,7 +308,7 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
 
     def finalize(manifest: dict) -> None:
         kd_usability(manifest)
-        if g.backend == "openai":
+        if BACKENDS.get(g.backend).request_cache:
             merge_worker_caches(folder)
         too_many_failed(manifest, g.max_failed_share)
 
@@ -358,8 +344,10 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
             "generate` would replace them with a teacher's. Run `distill filter`, `train` and "
             "`eval` on them instead, or add --force to generate (the imported traces are "
             "kept aside)")
-    executor = executor_for(g.executor, g.workers, cfg.ray, role)
-    per_worker = role is not None or g.executor == "ray" or not run.is_local
+    executor = executor_for(g.executor, g.workers, cfg, role)
+    # workers apart from this process (or a run folder on object storage) keep a request cache
+    # each on their own disk: SQLite is unsafe on shared file systems and impossible on S3
+    per_worker = executor.workers_apart or not run.is_local
     manifest = run_stage(plan(cfg, run, teacher, per_worker, retry_failed),
                          run.stage("generate"), force, executor)
     if manifest is None:

@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.config import Config, ConfigError, TrainConfig, fingerprinted
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, as_run_folder
@@ -24,22 +24,18 @@ from pipeline.schema import logical, topk_columns
 from trainer.lora import lora_targets
 from trainer.students.base import Student
 
-_KD_KNOBS = ("kd_temperature", "kd_beta", "kd_tail")
-# Settings that decide nothing while the piece they belong to is off: left out of the
-# fingerprint then, so students trained before the piece existed stay up to date.
-_OFF = {"answer_kd_lam": (0.0, ("answer_kd_temperature",)),
-        "rationale_loss": ("ce", ("cosine_margin",)),
-        "consistency_lam": (0.0, ("consistency_noise", "consistency_amount")),
-        "data_fraction": (1.0, ()),
-        "heldout_share": (0.0, ("eval_steps",)),
-        "args": ({}, ())}
+def uses_topk(t: TrainConfig) -> list[str]:
+    """The settings (as `train.key=value`) whose loss terms need the teacher's stored top-k."""
+    from trainer.losses import terms_from_settings
+
+    return [f"train.{term.switch}={getattr(t, term.switch)}" for term in terms_from_settings(t)
+            if "topk" in term.needs]
 
 
-def uses_topk(t) -> list[str]:
-    """The settings (as `key=value`) whose loss terms need the teacher's stored top-k."""
-    return [s for s, on in (("train.kd_lam", t.kd_lam > 0),
-                            ("train.answer_kd_lam", t.answer_kd_lam > 0),
-                            ("train.rationale_loss=cosine", t.rationale_loss == "cosine")) if on]
+def _switched_off(t: TrainConfig, switches: list[str]) -> TrainConfig:
+    """`t` with each of `switches` at its default (the loss term it turns on is off)."""
+    fields = {f.name: f for f in dataclasses.fields(t)}
+    return dataclasses.replace(t, **{s: fields[s].default for s in switches})
 
 
 def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> list[dict]:
@@ -64,15 +60,11 @@ def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> lis
 
 
 def train_settings(cfg: Config, upstream: dict, student: Student) -> dict:
-    """What decides the adapter; the KD knobs only count when KD is on, the name and where
-    the metrics go never; the LoRA targets as the student's kind resolves them."""
-    section = {k: v for k, v in cfg.section("train").items() if k not in ("name", "report_to")}
+    """What decides the adapter: the train settings by each one's declared rule (the knobs of
+    a loss term that is off, the name and where the metrics go never count), the LoRA targets
+    as the student's kind resolves them, and the filter's output."""
+    section = fingerprinted(cfg.train)
     section["lora_targets"] = lora_targets(cfg.train, student)
-    if section["kd_lam"] <= 0:
-        section = {k: v for k, v in section.items() if k not in _KD_KNOBS}
-    for key, (off, knobs) in _OFF.items():
-        if section[key] == off:
-            section = {k: v for k, v in section.items() if k != key and k not in knobs}
     return {"train": section, "filter_digest": manifest_digest(upstream)}
 
 
@@ -136,11 +128,14 @@ def loss_settings(cfg: Config, facts: dict, tokenizer) -> tuple[bool, TrainConfi
     token_targets, kd_lam = target_plan(cfg, facts, tokenizer)
     used = dataclasses.replace(t, kd_lam=kd_lam)
     topk_ok = token_targets and bool(facts.get("k")) and facts.get("usable_for_kd", True)
-    if not topk_ok and (t.answer_kd_lam > 0 or t.rationale_loss == "cosine"):
+    from trainer.losses import terms_from_settings
+
+    needing = [term.switch for term in terms_from_settings(used) if "topk" in term.needs]
+    if not topk_ok and needing:
         log("train", "the traces give no usable top-k log-probabilities (see the lines above): "
-            "train.answer_kd_lam and train.rationale_loss=cosine are off, the rationale is "
-            "learnt by cross-entropy")
-        used = dataclasses.replace(used, answer_kd_lam=0.0, rationale_loss="ce")
+            + ", ".join(f"train.{s}" for s in needing) + " off; what they replace is learnt "
+            "by cross-entropy")
+        used = _switched_off(used, needing)
     return token_targets, used
 
 
@@ -322,7 +317,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
             "stage": "train", "fingerprint": fp, "settings": settings,
             "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},
             "facts": {"student": t.student, "student_revision": model_revision(student_path),
-                      "student_kind": student.kind,
+                      "student_kind": student.name,
                       "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                       "trainable_parameters": n_trainable, "kd_lam_used": kd_lam,
                       "explain_targets": "tokens" if token_targets else "text",

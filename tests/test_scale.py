@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.schema import logical
-from pipeline.config import RayConfig, load_config
+from pipeline.config import Config, RayConfig, load_config
 from pipeline.executors import executor_for, run_stage
 from pipeline.fingerprints import fingerprint
 from pipeline.run_folder import RunFolder
@@ -59,7 +59,7 @@ def toy_stage(params, n=6):
 def test_ray_worker_killed_mid_run_loses_and_duplicates_no_row(tmp_path, capsys):
     folder = RunFolder(tmp_path / "run").stage("toy")
     params = {"die_on": "00002", "marker": str(tmp_path / "died")}
-    manifest = run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
+    manifest = run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, Config(ray=RAY)))
     assert os.path.exists(params["marker"])  # a worker did die
     assert "shard 00002: its worker died" in capsys.readouterr().err
     table = folder.read_tables(manifest["files"], each=logical)
@@ -75,7 +75,7 @@ def test_ray_shard_that_keeps_failing_stops_the_stage_and_keeps_the_rest(tmp_pat
     with pytest.raises(RuntimeError, match=r"toy: 1 shard\(s\) could not be made: 00004 failed 3 "
                        r"times \(last: it failed: ValueError: bad rows in 00004\)\. The 5 other "
                        r"shards are written and kept"):
-        run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, RAY))
+        run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, Config(ray=RAY)))
     assert folder.manifest() is None
     assert "out-00004.parquet" not in folder.files() and len(folder.files(".parquet")) == 5
     # fixed: the rerun (local this time) does only the failed shard

@@ -8,6 +8,9 @@ executor a stage's settings and the command line ask for:
 - `ray`: `workers` Ray actors take shards from one queue (`ray.py`);
 - a job array: `--num-workers N --worker-index I` does every N-th shard, `--finalize` commits
   (`array.py`).
+
+Each executor a stage's `executor` setting can name registers an `ExecutorKind` in its own
+file (`EXECUTORS`); the settings take their choices from there.
 """
 
 from __future__ import annotations
@@ -15,33 +18,32 @@ from __future__ import annotations
 from typing import Protocol
 
 from pipeline.executors.array import ArrayRole, ArrayWorker
+from pipeline.executors.base import ExecutorKind
+from pipeline.registry import EXECUTORS
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage
 
 
 class Executor(Protocol):
-    name: str
+    # its workers are processes apart from this one (a worker-local request cache each)
+    workers_apart: bool
 
     def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict | None:
         """Run the stage's missing shards; the manifest, or None when this process only did
         its part (an array worker)."""
 
 
-def executor_for(kind: str = "local", workers: int = 1, ray_cfg=None,
+def executor_for(kind: str = "local", workers: int = 1, cfg=None,
                  role: ArrayRole | None = None) -> Executor:
-    """The executor for a stage: a job-array role when one is given, else `kind`."""
+    """The executor for a stage: a job-array role when one is given, else the registered
+    executor `kind` (`cfg`: the run's config, None for the defaults)."""
     if role is not None:
         return ArrayWorker(role)
-    if kind == "local":
-        from pipeline.executors.local import LocalExecutor
+    if cfg is None:
+        from pipeline.config import Config
 
-        return LocalExecutor()
-    if kind == "ray":
-        from pipeline.config import RayConfig
-        from pipeline.executors.ray import RayExecutor
-
-        return RayExecutor.from_config(workers, ray_cfg or RayConfig())
-    raise ValueError(f"unknown executor {kind!r}; available: local, ray")
+        cfg = Config()
+    return EXECUTORS.get(kind, "executor").make(workers, cfg)
 
 
 def run_stage(stage: Stage, folder: StageFolder, force: bool = False,

@@ -88,9 +88,10 @@ def _refuse_if_locked(folder: StageFolder, what: str) -> None:
 class ArrayWorker:
     """Does one worker's shards of a stage; never commits, never deletes."""
 
+    workers_apart = True
+
     def __init__(self, role: ArrayRole):
         self.role = role
-        self.name = str(role)
 
     def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict | None:
         if self.role.finalize:

@@ -15,10 +15,25 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pipeline.log import log
 from pipeline.run_folder import MANIFEST, PLAN, RECORDS, StageFolder
 from pipeline.stage import Shard, ShardOutput, Stage
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    """A way to run a stage's shards, chosen by a stage's `executor` setting; declared by its
+    own file (`EXECUTORS.register(ExecutorKind(...))`).
+
+    name (`str`): the setting's value.
+    make: `make(workers, cfg)` -> the `Executor`, from the stage's `workers` setting and the
+        run's config (for a section of the executor's own, such as `ray`).
+    """
+
+    name: str
+    make: Callable[[int, Any], "Executor"]
 
 
 @dataclass

@@ -6,7 +6,8 @@ import time
 
 from tqdm import tqdm
 
-from pipeline.executors.base import commit, up_to_date, work_through, writing
+from pipeline.executors.base import ExecutorKind, commit, up_to_date, work_through, writing
+from pipeline.registry import EXECUTORS
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage
 
@@ -48,7 +49,7 @@ class ProgressBar:
 class LocalExecutor:
     """Runs the shards of a stage one after the other in this process."""
 
-    name = "local"
+    workers_apart = False
 
     def run(self, stage: Stage, folder: StageFolder, force: bool = False) -> dict:
         with writing(folder) as lock:
@@ -62,3 +63,6 @@ class LocalExecutor:
             finally:
                 progress.close()
             return commit(stage, folder, done, started, lock)
+
+
+EXECUTORS.register(ExecutorKind("local", lambda workers, cfg: LocalExecutor()))

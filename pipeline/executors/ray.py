@@ -21,10 +21,11 @@ import os
 import time
 from collections import Counter, deque
 
-from pipeline.executors.base import (ShardDone, close, commit, previous_outputs, reuse,
-                                     up_to_date, write_outputs, writing)
+from pipeline.executors.base import (ExecutorKind, ShardDone, close, commit, previous_outputs,
+                                     reuse, up_to_date, write_outputs, writing)
 from pipeline.executors.local import ProgressBar
 from pipeline.log import log
+from pipeline.registry import EXECUTORS
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Shard, Stage
 
@@ -64,7 +65,7 @@ class ShardWorker:
 class RayExecutor:
     """Runs a stage's missing shards on `workers` Ray actors (settings: the `ray` section)."""
 
-    name = "ray"
+    workers_apart = True
 
     def __init__(self, workers: int, address: str = "", num_cpus_per_worker: float = 1.0,
                  num_gpus_per_worker: float = 0.0, max_retries: int = 3,
@@ -197,3 +198,7 @@ def _first_sentence(error: Exception) -> str:
         text = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
     short = text.split(". ")[0]
     return (short[:240] + "...") if len(short) > 240 else short or type(error).__name__
+
+
+EXECUTORS.register(ExecutorKind("ray", lambda workers, cfg: RayExecutor.from_config(workers,
+                                                                                   cfg.ray)))

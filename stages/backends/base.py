@@ -54,7 +54,7 @@ def greedy(max_new_tokens: int, stop: list[str]) -> SamplingSettings:
 
 
 class Backend(Protocol):
-    """A model that generates: `hf`, `vllm` or `openai` (see `stages.backends.registry`).
+    """A model that generates (one of the kinds registered in `BACKENDS`, see `BackendKind`).
 
     Optional attributes: `whole_shards` (True: the engine schedules requests itself and wants
     a whole shard at once), `stats` (counters such as `engine_s`, `requests`, `retries`),
@@ -70,6 +70,55 @@ class Backend(Protocol):
                  ) -> list[list[Generation] | Exception]:
         """`settings.n` generations for every prompt, in prompt order; a prompt that cannot be
         generated gives its error instead (the others are still answered)."""
+
+
+def _no_checks(g, errors: list[str]) -> None:
+    """A backend with no rules between the generate settings it reads."""
+
+
+def _no_spec(cfg) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """What the stages need to know of a kind of teacher backend, declared by its own file
+    (`BACKENDS.register(BackendKind(...))`): how to build it and what it can do. No stage asks
+    for a backend by its name.
+
+    name (`str`): the value of `generate.backend`.
+    build: `build(cfg, cache, cache_seed)` -> the `Backend` for the run's config `cfg`;
+        `cache`: the SQLite request cache for a kind with `request_cache` (`cache_seed`: a
+        read-only cache consulted after it).
+    reads (`frozenset[str]`): the generate settings declared `IF_READ` that this kind reads
+        (they enter the generate fingerprint only when it is chosen).
+    sections (`tuple[str, ...]`): whole config sections it reads (and fingerprints), e.g. `vllm`.
+    request_cache (`bool`): its requests are paid for: each is kept in a request cache, so a
+        rerun never pays twice (a cache per worker when workers are apart, merged at the end).
+    check: `check(generate_config, errors)` appends what is wrong between the settings it reads.
+    eval_teacher: `eval_teacher(cfg, cache)` -> the backend that scores the teacher in eval.
+    eval_spec: `eval_spec(cfg)` -> what, besides the model and the prompt, decides the
+        teacher's eval answers (so a change redoes the teacher's eval alone).
+    student_engine: `student_engine(cfg, model, lora_rank)` -> an engine that also scores the
+        run's students (base and LoRA adapters, `use_adapter`), or None to score them with
+        transformers.
+    """
+
+    name: str
+    build: Callable
+    reads: frozenset = frozenset()
+    sections: tuple = ()
+    request_cache: bool = False
+    check: Callable = _no_checks
+    eval_teacher: Callable | None = None
+    eval_spec: Callable = _no_spec
+    student_engine: Callable | None = None
+
+    def teacher_for_eval(self, cfg, cache) -> "Backend":
+        """The backend that scores the teacher in eval (by default: the one that generated)."""
+        if self.eval_teacher is not None:
+            return self.eval_teacher(cfg, cache)
+        return self.build(cfg, cache, None)
 
 
 Outcome = list[Generation] | str  # a prompt's generations, or why it has none

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from stages.backends.base import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
-                                  render_prompt)
+from pipeline.registry import BACKENDS
+from stages.backends.base import (LOGPROB_SOURCE, BackendKind, Generation, SamplingSettings,
+                                  cut_at_stop, render_prompt)
 
 
 class _TopKCapture:
@@ -150,3 +151,17 @@ class HFBackend:
                     topk_logprobs=topk_lp[i, :length].astype(np.float32)))
             results.append(row)
         return results
+
+
+def _build(cfg, cache=None, cache_seed=None) -> HFBackend:
+    g = cfg.generate
+    return HFBackend(g.model, dtype=g.dtype, chat_template=g.chat_template)
+
+
+def _eval_teacher(cfg, cache=None) -> HFBackend:
+    """Eval loads the teacher in eval.dtype."""
+    return HFBackend(cfg.generate.model, cfg.eval.dtype, cfg.generate.chat_template)
+
+
+BACKENDS.register(BackendKind("hf", _build, reads=frozenset({"dtype"}),
+                              eval_teacher=_eval_teacher))

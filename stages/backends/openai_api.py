@@ -30,7 +30,9 @@ import numpy as np
 
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
-from stages.backends.base import Generation, SamplingSettings, TeacherUnavailable
+from pipeline.registry import BACKENDS
+from stages.backends.base import (BackendKind, Generation, SamplingSettings,
+                                  TeacherUnavailable)
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -416,3 +418,28 @@ def wait_for_server(base_url: str, timeout: float = 120.0) -> None:
                 raise TimeoutError(f"no OpenAI-compatible server at {base_url} after "
                                    f"{timeout:.0f}s") from None
             time.sleep(1)
+
+
+def _build(cfg, cache: Path | None, cache_seed: Path | None = None) -> OpenAIBackend:
+    if cache is None:
+        raise ValueError("the openai backend needs a path for its request cache")
+    return OpenAIBackend(cfg.generate, cache, cache_seed)
+
+
+def _check(g, errors: list[str]) -> None:
+    if g.top_k > API_TOP_LOGPROBS_LIMIT:
+        errors.append(f"generate.top_k: {g.top_k} is out of range for the openai backend, it "
+                      f"must be <= {API_TOP_LOGPROBS_LIMIT} (the API's limit for top_logprobs)")
+    if g.endpoint == "completions" and g.chat_template:
+        errors.append("generate.chat_template: the completions endpoint sends the prompt as is; "
+                      "use generate.endpoint=chat to have the server apply its chat template")
+
+
+def _eval_spec(cfg) -> dict:
+    """The teacher is scored through its API."""
+    return {"base_url": cfg.generate.base_url, "endpoint": cfg.generate.endpoint}
+
+
+BACKENDS.register(BackendKind(
+    "openai", _build, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
+    request_cache=True, check=_check, eval_spec=_eval_spec))

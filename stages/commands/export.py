@@ -247,7 +247,7 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
         shutil.rmtree(out)
     os.replace(tmp, out)
     log("export", f"{'adapter' if adapter_only else 'merged model'} of {folder.name} -> {out}")
-    if check and not adapter_only and student.kind == "causal_lm":
+    if check and not adapter_only and student.decoder_only:
         same, n = check_export(out, resolved, adapter, _questions(run, check))
         line = (f"check: {same} of {n} greedy answers (predict: and explain: on {n // 2} "
                 f"kept questions) of the exported model are those of the adapter ({dtype})")

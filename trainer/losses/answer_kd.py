@@ -13,18 +13,19 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, LossTerm, register
+from trainer.losses.base import LossContext, register, teacher_rows
 from trainer.losses.topk_kd import topk_kd_loss
 
 
 @register
-class AnswerKD(LossTerm):
-    name, part = "answer_kd", "predict"
-    needs = frozenset({"topk"})
+class AnswerKD:
+    name, part, needs, switch = "answer_kd", "predict", frozenset({"topk"}), "answer_kd_lam"
 
     def __init__(self, weight: float, temperature: float):
-        super().__init__(weight)
-        self.temperature = temperature
+        self.weight, self.temperature = weight, temperature
+
+    def weight_at(self, step: int) -> float:
+        return self.weight
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "AnswerKD | None":
@@ -32,8 +33,5 @@ class AnswerKD(LossTerm):
         return cls(weight, t.answer_kd_temperature) if weight > 0 else None
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
-        out, part = ctx.outputs(self.part), ctx.batch[self.part]
-        ids, lps = part["topk_ids"], part["topk_logprobs"]
-        has = (ids >= 0).any(-1)  # the eos, and answers not found in the trace, have no row
-        return topk_kd_loss(out.logits[has], ids[has], lps[has], self.temperature,
-                            lse=out.lse[has])
+        logits, lse, ids, lps = teacher_rows(ctx, self.part)
+        return topk_kd_loss(logits, ids, lps, self.temperature, lse=lse)

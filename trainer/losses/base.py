@@ -1,8 +1,8 @@
 """Loss terms: the training loss is a weighted sum of small pieces taken from the settings.
 
-A term names the part of the batch it works on (`predict` or `explain`), says how it is made
-from the train settings (`from_settings`, None when it is off), and computes its value from a
-`LossContext`: the student's logits at that part's target positions (run once per part and
+A term (the `LossTerm` protocol) names the part of the batch it works on (`predict` or
+`explain`), says how it is made from the train settings (`from_settings`, None when it is off)
+and which setting switches it on, and computes its value from a `LossContext`: the student's logits at that part's target positions (run once per part and
 step, and shared by every term on the part), the batch itself (a term's own fields, such as
 the teacher's top-k rows), and the model, for a term that needs a forward pass of its own.
 Its weight can follow a schedule over the optimizer steps.
@@ -11,7 +11,7 @@ Its weight can follow a schedule over the optimizer steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, Protocol
 
 import torch
 
@@ -43,36 +43,50 @@ class LossContext:
         return self._outputs[part]
 
 
-class LossTerm:
-    """One weighted piece of the loss. Subclasses set `name` (logged as `loss_<name>`),
-    `part`, and `needs` (extra per-target fields the examples must carry: `topk` = the
-    teacher's top-k rows), and implement `from_settings` and `__call__`."""
+class LossTerm(Protocol):
+    """One weighted piece of the loss (each a small class of its own file, sharing helpers
+    by function, never by inheritance).
 
-    name: ClassVar[str]
-    part: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()
+    name: logged as `loss_<name>`; part: the part of the batch it works on (`predict` or
+    `explain`); needs: extra per-target fields the examples must carry (`topk` = the teacher's
+    top-k rows); switch: the train setting that turns it on, off at its default (a term that
+    needs the top-k is switched off there when the traces cannot give it); weight: its weight.
+    `from_settings(t)` (a classmethod) makes it from the train settings, None when they leave
+    it out.
+    """
 
-    def __init__(self, weight: float, schedule: Callable[[int], float] | None = None):
-        self.weight = weight
-        self.schedule = schedule
+    name: str
+    part: str
+    needs: frozenset[str]
+    switch: str
+    weight: float
 
     def weight_at(self, step: int) -> float:
-        return self.weight * (self.schedule(step) if self.schedule is not None else 1.0)
-
-    @classmethod
-    def from_settings(cls, t: TrainConfig) -> "LossTerm | None":
-        """The term as the settings ask for it, or None when they leave it out."""
-        raise NotImplementedError
+        """The weight at optimizer step `step` (a schedule may ramp it)."""
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         """The term's value (a scalar) at this step."""
-        raise NotImplementedError
 
 
-TERMS: dict[str, type[LossTerm]] = {}
+def scheduled(weight: float, schedule: Callable[[int], float] | None, step: int) -> float:
+    """`weight` at `step` under `schedule` (None: constant)."""
+    return weight * (schedule(step) if schedule is not None else 1.0)
 
 
-def register(cls: type[LossTerm]) -> type[LossTerm]:
+def teacher_rows(ctx: LossContext, part: str):
+    """(student logits, their log-sum-exp, teacher top-k ids, teacher top-k log-probabilities)
+    at the part's target positions that carry a teacher row (the end-of-sequence target, and
+    answers not found in the trace, have none)."""
+    out, batch = ctx.outputs(part), ctx.batch[part]
+    ids, lps = batch["topk_ids"], batch["topk_logprobs"]
+    has = (ids >= 0).any(-1)
+    return out.logits[has], out.lse[has], ids[has], lps[has]
+
+
+TERMS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
     """Class decorator: make a term available to `terms_from_settings`."""
     if cls.name in TERMS and TERMS[cls.name] is not cls:
         raise ValueError(f"two loss terms are named {cls.name!r}: "

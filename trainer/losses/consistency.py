@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, LossTerm, register
+from trainer.losses.base import LossContext, register
 
 
 def embedding_noise(kind: str, amount: float) -> Callable[[torch.Tensor, torch.Tensor],
@@ -45,12 +45,14 @@ def consistency_kl(clean_logits: torch.Tensor, noisy_logits: torch.Tensor) -> to
 
 
 @register
-class Consistency(LossTerm):
-    name, part = "consistency", "predict"
+class Consistency:
+    name, part, needs, switch = "consistency", "predict", frozenset(), "consistency_lam"
 
     def __init__(self, weight: float, kind: str, amount: float):
-        super().__init__(weight)
-        self.perturb = embedding_noise(kind, amount)
+        self.weight, self.perturb = weight, embedding_noise(kind, amount)
+
+    def weight_at(self, step: int) -> float:
+        return self.weight
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "Consistency | None":

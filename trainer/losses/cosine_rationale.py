@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, LossTerm, explain_schedule, register
+from trainer.losses.base import (LossContext, explain_schedule, register, scheduled,
+                                  teacher_rows)
 from trainer.losses.topk_kd import _categoricals
 
 
@@ -36,13 +37,15 @@ def margin_cosine_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
 
 
 @register
-class ExplainCosine(LossTerm):
-    name, part = "explain_cosine", "explain"
-    needs = frozenset({"topk"})
+class ExplainCosine:
+    name, part, needs, switch = ("explain_cosine", "explain", frozenset({"topk"}),
+                                 "rationale_loss")
 
     def __init__(self, weight: float, schedule=None, margin: float = 0.0):
-        super().__init__(weight, schedule)
-        self.margin = margin
+        self.weight, self.schedule, self.margin = weight, schedule, margin
+
+    def weight_at(self, step: int) -> float:
+        return scheduled(self.weight, self.schedule, step)
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "ExplainCosine | None":
@@ -52,8 +55,5 @@ class ExplainCosine(LossTerm):
         return cls(weight, explain_schedule(t), t.cosine_margin)
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
-        out, part = ctx.outputs(self.part), ctx.batch[self.part]
-        ids, lps = part["topk_ids"], part["topk_logprobs"]
-        has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
-        return margin_cosine_loss(out.logits[has], ids[has], lps[has], self.margin,
-                                  lse=out.lse[has])
+        logits, lse, ids, lps = teacher_rows(ctx, self.part)
+        return margin_cosine_loss(logits, ids, lps, self.margin, lse=lse)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, LossTerm, explain_schedule, register
+from trainer.losses.base import LossContext, explain_schedule, register, scheduled
 
 
 def cross_entropy(ctx: LossContext, part: str) -> torch.Tensor:
@@ -17,10 +17,16 @@ def cross_entropy(ctx: LossContext, part: str) -> torch.Tensor:
 
 
 @register
-class PredictCE(LossTerm):
+class PredictCE:
     """`predict: <question>` -> the answer, weighted by `alpha`."""
 
-    name, part = "predict", "predict"
+    name, part, needs, switch = "predict", "predict", frozenset(), "alpha"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def weight_at(self, step: int) -> float:
+        return self.weight
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "PredictCE | None":
@@ -32,12 +38,18 @@ class PredictCE(LossTerm):
 
 
 @register
-class ExplainCE(LossTerm):
+class ExplainCE:
     """`explain: <question>` -> the rationale, weighted by `(1 - alpha) * (1 - kd_lam)` (KD
     takes the rest of the explain weight) and warmed up over `explain_warmup_steps`; the
     rationale loss unless `rationale_loss=cosine` replaces it."""
 
-    name, part = "explain", "explain"
+    name, part, needs, switch = "explain", "explain", frozenset(), "alpha"
+
+    def __init__(self, weight: float, schedule=None):
+        self.weight, self.schedule = weight, schedule
+
+    def weight_at(self, step: int) -> float:
+        return scheduled(self.weight, self.schedule, step)
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "ExplainCE | None":

@@ -29,7 +29,8 @@ import math
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, LossTerm, explain_schedule, register
+from trainer.losses.base import (LossContext, explain_schedule, register, scheduled,
+                                  teacher_rows)
 
 TAILS = ("bucket", "renormalize")
 _TAIL_FLOOR = math.log(1e-6)
@@ -101,17 +102,19 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
 
 
 @register
-class ExplainTopKKD(LossTerm):
+class ExplainTopKKD:
     """KD on the explain targets (the teacher's own tokens) from their stored top-k rows,
     weighted by `(1 - alpha) * kd_lam` and warmed up with the explain cross-entropy."""
 
-    name, part = "kd", "explain"
-    needs = frozenset({"topk"})
+    name, part, needs, switch = "kd", "explain", frozenset({"topk"}), "kd_lam"
 
     def __init__(self, weight: float, schedule=None, temperature: float = 1.0,
                  beta: float = 0.0, tail: str = "bucket"):
-        super().__init__(weight, schedule)
+        self.weight, self.schedule = weight, schedule
         self.temperature, self.beta, self.tail = temperature, beta, tail
+
+    def weight_at(self, step: int) -> float:
+        return scheduled(self.weight, self.schedule, step)
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "ExplainTopKKD | None":
@@ -121,8 +124,5 @@ class ExplainTopKKD(LossTerm):
         return cls(weight, explain_schedule(t), t.kd_temperature, t.kd_beta, t.kd_tail)
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
-        out, part = ctx.outputs(self.part), ctx.batch[self.part]
-        ids, lps = part["topk_ids"], part["topk_logprobs"]
-        has = (ids >= 0).any(-1)  # the end-of-sequence target has no teacher row
-        return topk_kd_loss(out.logits[has], ids[has], lps[has], self.temperature, self.beta,
-                            self.tail, lse=out.lse[has])
+        logits, lse, ids, lps = teacher_rows(ctx, self.part)
+        return topk_kd_loss(logits, ids, lps, self.temperature, self.beta, self.tail, lse=lse)

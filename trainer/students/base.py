@@ -15,9 +15,16 @@ import torch
 
 
 class Student(Protocol):
-    kind: str                  # "causal_lm" or "seq2seq"
+    name: str                  # the kind's name ("causal_lm", "seq2seq"), recorded in manifests
     task_type: str             # peft's TaskType for LoRA
     lora_targets: list[str]    # the layers that get adapters unless train.lora_targets says
+    decoder_only: bool         # prompt and answer in one sequence: `generate` returns the prompt
+                               # then the new tokens, and vLLM can serve it with LoRA adapters
+    generic: bool              # tried after the specific kinds when a model is matched
+
+    @classmethod
+    def fits(cls, config) -> bool:
+        """Whether this kind takes a model with this transformers config."""
 
     def load(self, path: str, dtype: str) -> torch.nn.Module:
         """The model's weights, frozen dtype `dtype`, ready to train or to generate."""

@@ -14,14 +14,22 @@ import inspect
 import torch
 
 from pipeline.models import hub_errors, torch_dtype
+from pipeline.registry import STUDENT_KINDS
 
 
+@STUDENT_KINDS.register
 class CausalLMStudent:
-    kind = "causal_lm"
+    name = "causal_lm"
+    decoder_only = True
+    generic = True
     task_type = "CAUSAL_LM"
     # attention and MLP projections, as Llama, Qwen, Mistral and SmolLM name them
     lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+
+    @classmethod
+    def fits(cls, config) -> bool:
+        return not getattr(config, "is_encoder_decoder", False)
     def __init__(self):
         self._keeps_logits: bool | None = None
 

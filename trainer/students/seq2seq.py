@@ -12,16 +12,24 @@ from __future__ import annotations
 import torch
 
 from pipeline.models import hub_errors, torch_dtype
+from pipeline.registry import STUDENT_KINDS
 from trainer.students.causal_lm import unwrap
 
 
+@STUDENT_KINDS.register
 class Seq2SeqStudent:
-    kind = "seq2seq"
+    name = "seq2seq"
+    decoder_only = False
+    generic = False
     task_type = "SEQ_2_SEQ_LM"
     # the attention projections, as T5 names them (BART's are q_proj/k_proj/...; set
     # train.lora_targets for those)
     lora_targets = ["q", "k", "v", "o"]
 
+
+    @classmethod
+    def fits(cls, config) -> bool:
+        return bool(getattr(config, "is_encoder_decoder", False))
     def load(self, path: str, dtype: str) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 

@@ -1,0 +1,124 @@
+"""Fingerprints are pinned: what decides each stage's output, for the shipped configs and
+many variants of them, hashes to what it did when these values were recorded (commit b23c416,
+before settings declared their own part in the fingerprint). A change here means every user's
+finished stages would be redone (an API teacher paid again, every student retrained): it must
+be on purpose, with a new format version, never by accident."""
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.fingerprints import fingerprint
+from pipeline.run_folder import RunFolder
+from stages.filter import filter_settings
+from stages.generate import generate_settings
+from stages.train import train_settings
+from trainer.students.causal_lm import CausalLMStudent
+
+FIXTURE = "tests/fixtures/run-before-house"
+
+CASES = {
+ "demo": ("configs/demo.yaml", []),
+ "gsm8k": ("configs/gsm8k.yaml", []),
+ "demo-hf": ("configs/demo.yaml", ["generate.backend=hf"]),
+ "demo-openai": ("configs/demo.yaml", ["generate.backend=openai", "generate.base_url=http://127.0.0.1:8000/v1", "generate.tokenizer=x"]),
+ "demo-openai-completions": ("configs/demo.yaml", ["generate.backend=openai", "generate.endpoint=completions"]),
+ "demo-ray": ("configs/demo.yaml", ["generate.executor=ray", "generate.workers=3", "generate.batch_size=8", "generate.shard_format=1", "vllm.max_num_seqs=4", "filter.executor=ray", "filter.workers=2", "filter.plot=false"]),
+ "kd": ("configs/demo.yaml", ["train.kd_lam=0.5", "train.kd_temperature=2", "train.kd_tail=renormalize"]),
+ "answer-kd": ("configs/demo.yaml", ["train.answer_kd_lam=0.3", "train.answer_kd_temperature=3"]),
+ "cosine": ("configs/demo.yaml", ["train.rationale_loss=cosine", "train.cosine_margin=0.1"]),
+ "consistency": ("configs/demo.yaml", ["train.consistency_lam=0.5", "train.consistency_noise=dropout"]),
+ "fraction": ("configs/demo.yaml", ["train.data_fraction=0.25", "train.heldout_share=0.1", "train.eval_steps=7"]),
+ "args": ("configs/demo.yaml", ["train.args.optim=adafactor", "train.name=x", "train.report_to=[]"]),
+ "off-knobs": ("configs/demo.yaml", ["train.answer_kd_temperature=5", "train.cosine_margin=0.2", "train.consistency_amount=0.3", "train.eval_steps=3", "train.kd_beta=0.5"]),
+ "filter": ("configs/demo.yaml", ["filter.extractors=[answer_is,last_number]", "filter.dedup=exact"]),
+ "file-label": ("configs/demo.yaml", ["task.kind=file", "task.train_path=x.jsonl", "task.answer_type=label"]),
+}
+
+PINNED = {
+    "demo": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "gsm8k": {
+        "generate": "37b14c79d9d13fa9",
+        "filter": "6f33d2e3d6ecae5a",
+        "train": "7075460bd081f5e0"
+    },
+    "demo-hf": {
+        "generate": "b4727a7a5d694d96",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "demo-openai": {
+        "generate": "037365f7dd0ec1c6",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "demo-openai-completions": {
+        "generate": "f489c16d40821f3e",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "demo-ray": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "kd": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "594ce6b6746193f5"
+    },
+    "answer-kd": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "a6bbdff6ce619e48"
+    },
+    "cosine": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "38b38c1e86d1adca"
+    },
+    "consistency": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "83770b4b5c088533"
+    },
+    "fraction": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "d5bc9c3b8a4be2e5"
+    },
+    "args": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "71e11e0b5b75d758"
+    },
+    "off-knobs": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "5dccccfcb6511df5",
+        "train": "0cf3676e72053af2"
+    },
+    "filter": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "2dc26a1db5af8d9f",
+        "train": "0cf3676e72053af2"
+    },
+    "file-label": {
+        "generate": "1ac2a84b0c086223",
+        "filter": "7a63ab88e49f4eb8",
+        "train": "0cf3676e72053af2"
+    }
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fingerprints_are_pinned(name):
+    path, overrides = CASES[name]
+    cfg = load_config(path, overrides)
+    upstream = RunFolder(FIXTURE).stage("filter").manifest()
+    found = {"generate": fingerprint(generate_settings(cfg)),
+             "filter": fingerprint(filter_settings(cfg)),
+             "train": fingerprint(train_settings(cfg, upstream, CausalLMStudent()))}
+    assert found == PINNED[name]
