@@ -1,7 +1,7 @@
 """What a stage is: a plan of shards, a function over one shard, and what its manifest records.
 
-A stage declares its settings (hashed into its fingerprint), its input shards (each with a
-checksum of its content) and a shard function
+A stage declares what decides its output (`fingerprinted`, hashed into its fingerprint), its
+input shards (each with a checksum of its content) and a shard function
 
     work(settings, shard, resources, progress) -> ShardOutput
 
@@ -16,9 +16,12 @@ How shards are run, reused, written and committed is the executors' business
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import pyarrow as pa
+
+from pipeline.fingerprints import fingerprint
 
 
 @dataclass
@@ -42,11 +45,14 @@ class Shard:
 @dataclass
 class ShardOutput:
     """What a shard function returns: one table per output kind, counters summed over the
-    stage's shards, and facts for the manifest (a teacher's name and tokenizer, say)."""
+    stage's shards, facts for the manifest (a teacher's name and tokenizer, say), and folders
+    it built on this machine's disk (a trained adapter, by its name in `Stage.folders`), which
+    the executor moves into the stage folder, file by file recorded."""
 
     tables: dict[str, pa.Table]
     counters: dict[str, float] = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)
 
 
 class Progress(Protocol):
@@ -71,12 +77,15 @@ class Stage:
     """Everything an executor needs to run a stage.
 
     name (`str`): the stage folder inside the run (`generate`, `eval`).
-    settings (`dict`): what decides the output; hashed into `fingerprint`, recorded in the plan
-        and the manifest, and compared key by key when it changes.
+    fingerprinted (`dict`): what decides the output; hashed into `fingerprint`, recorded in the
+        plan and the manifest (as `settings`), and compared key by key when it changes.
     shards (`list[Shard]`): the input, in order.
-    work (`ShardFn`) and params: the shard function and its settings argument.
+    work (`ShardFn`) and settings: the shard function and what it gets as its first argument
+        (the stage's settings object: its config section and what the plan resolved).
     outputs (`list[str]`): the output kinds; each shard writes `output_name(kind, shard)`
         (by default `<kind>-<shard>.parquet`).
+    folders (`tuple[str, ...]`): folders a shard function builds (train's `adapter`), each
+        published into the stage folder under its name.
     resources: a factory the executor calls once per worker, before the first shard that has
         to be done (never when every shard is reused); `close()` is called on what it built.
     facts (`dict`): facts known before any shard runs; shard facts are added to them.
@@ -92,12 +101,12 @@ class Stage:
     """
 
     name: str
-    settings: dict
-    fingerprint: str
+    fingerprinted: dict
     shards: list[Shard]
     work: ShardFn
-    params: Any
+    settings: Any
     outputs: list[str]
+    folders: tuple[str, ...] = ()
     resources: Callable[[], Any] | None = None
     facts: dict = field(default_factory=dict)
     upstream: dict | None = None
@@ -108,3 +117,7 @@ class Stage:
     output_name: Callable[[str, str], str] = output_file
     paid: bool = False
     redo: Callable[[dict], bool] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.fingerprinted)

@@ -71,7 +71,7 @@ class Job:
 
 
 @dataclass
-class EvalParams:
+class EvalSettings:
     """What `eval_shard` needs besides the shard and the models."""
 
     jobs: dict[str, Job]
@@ -90,7 +90,7 @@ def prompts_for(job: Job, questions: list[str], template: PromptTemplate) -> lis
     return [task_prompt(PREFIX[job.system], q) for q in questions]
 
 
-def eval_shard(params: EvalParams, shard: Shard, models: "Models",
+def eval_shard(settings: EvalSettings, shard: Shard, models: "Models",
                progress: Progress = no_progress) -> ShardOutput:
     """Greedy answers of one system to every held-out row, each extracted and checked.
 
@@ -99,15 +99,15 @@ def eval_shard(params: EvalParams, shard: Shard, models: "Models",
     that was generated. Answers are read with the answer kind's flexible order (an explicit
     marker first, else a fallback such as the last number).
     """
-    job = params.jobs[shard.name]
+    job = settings.jobs[shard.name]
     rows = shard.load().to_pylist()
-    prompts = prompts_for(job, [r["question"] for r in rows], params.template)
-    stop = params.stop if job.system == "teacher" else []
+    prompts = prompts_for(job, [r["question"] for r in rows], settings.template)
+    stop = settings.stop if job.system == "teacher" else []
     t0 = time.time()
     backend = models.get(job)
     outcomes = generate_in_batches(backend, prompts, greedy(job.max_new_tokens, stop),
-                                   params.batch_size, on_batch=lambda outs: progress(len(outs)))
-    checker, records = params.checker, []
+                                   settings.batch_size, on_batch=lambda outs: progress(len(outs)))
+    checker, records = settings.checker, []
     for prompt, row, out in zip(prompts, rows, outcomes):
         if isinstance(out, str):  # a request that failed for good
             records.append({"id": row["id"], "prompt": prompt, "output": "", "gold": row["gold"],
@@ -294,11 +294,11 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
                                       "max_new_tokens": budget, **scorer}))
     shards = [Shard.of(job.key, test, fingerprint(job.system, {**job.spec, **common}))
               for job in jobs]
-    params = EvalParams({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,
+    settings = EvalSettings({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,
                         checker)
     return Stage(
-        name="eval", settings=common, fingerprint=fingerprint(common), shards=shards,
-        work=eval_shard, params=params, outputs=["predictions"],
+        name="eval", fingerprinted=common, shards=shards,
+        work=eval_shard, settings=settings, outputs=["predictions"],
         resources=models or (lambda: Models(cfg, run)), facts={"n": test.num_rows},
         finalize=_results, prune=False, output_name=lambda kind, shard: f"{shard}.parquet")
 

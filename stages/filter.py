@@ -111,17 +111,17 @@ def _majority(rows: list[dict], checker: AnswerChecker, cfg: FilterConfig):
 
 
 @dataclass
-class FilterParams:
+class FilterSettings:
     """What `filter_shard` needs besides the shard: the settings and the answer checker."""
 
     cfg: FilterConfig
     checker: AnswerChecker
 
 
-def filter_shard(params: FilterParams, shard: Shard, resources: None = None,
+def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
                  progress: Progress = no_progress) -> ShardOutput:
     """The kept and the rejected traces of one generate shard, and the funnel's counts."""
-    cfg, checker = params.cfg, params.checker
+    cfg, checker = settings.cfg, settings.checker
     table = shard.load()
     # Token columns pass through untouched: only the small columns go through Python.
     small = table.select(["id", "sample", "question", "completion", "finish_reason", "gold",
@@ -273,7 +273,7 @@ def remake_generate_hint(manifest: dict) -> str:
             "settings and seed give the same traces), then the filter again")
 
 
-def filter_settings(cfg: Config) -> dict:
+def filter_fingerprinted(cfg: Config) -> dict:
     """What decides the kept traces: the filter section's fingerprinted settings and how
     answers are read."""
     checker = answer_checker(cfg, cfg.filter.extractors)
@@ -290,14 +290,14 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         raise FileNotFoundError(f"no finished generate stage in {generated}; run `make "
                                 "generate` (or `distill generate`) for this run first")
     checker = answer_checker(cfg, cfg.filter.extractors)
-    settings = filter_settings(cfg)
+    settings = filter_fingerprinted(cfg)
     then = remake_generate_hint(upstream)
     shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
                     lambda e=s["outputs"]["traces"]: generated.read_checked(e, then=then))
               for s in upstream["shards"]]
     return Stage(
-        name="filter", settings=settings, fingerprint=fingerprint(settings), shards=shards,
-        work=filter_shard, params=FilterParams(cfg.filter, checker),
+        name="filter", fingerprinted=settings, shards=shards,
+        work=filter_shard, settings=FilterSettings(cfg.filter, checker),
         outputs=["kept", "rejected"], facts=upstream.get("facts", {}),
         upstream={"generate": upstream["fingerprint"], "digest": manifest_digest(upstream)},
         unit="trace")

@@ -31,7 +31,7 @@ from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
 
-def generate_settings(cfg: Config) -> dict:
+def generate_fingerprinted(cfg: Config) -> dict:
     """What decides the traces: the settings that go into the fingerprint, by each setting's
     declared rule; those only some backends read count when the chosen one reads them, with
     the config sections it reads (the vLLM engine's)."""
@@ -61,7 +61,7 @@ def task_shards(cfg: Config) -> list[Shard]:
 
 
 @dataclass
-class GenerateParams:
+class GenerateSettings:
     """What `generate_shard` needs besides the shard and the teacher."""
 
     cfg: GenerateConfig
@@ -73,21 +73,21 @@ def _shard_seed(base: int, shard: str, batch: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def generate_shard(params: GenerateParams, shard: Shard, teacher: Backend,
+def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
                    progress: Progress = no_progress) -> ShardOutput:
     """`n_samples` traces for every row of the shard, with their token arrays.
 
     A row whose generation fails for good is kept with its error (and no tokens); API
     backends' per-token id checks come back as `kd_*` counters.
     """
-    g = params.cfg
+    g = settings.cfg
     rows = shard.load().to_pylist()
     previous = shard.previous()["traces"] if shard.previous is not None else None
     if previous is not None:  # --retry-failed: only the rows that ended with an error
         failed = {r["id"] for r in previous.select(["id", "error"]).to_pylist()
                   if r["error"] is not None}
         rows = [r for r in rows if r["id"] in failed]
-    prompts = [params.template.render(r["question"]) for r in rows]
+    prompts = [settings.template.render(r["question"]) for r in rows]
     sampling = SamplingSettings(n=g.n_samples, temperature=g.temperature, top_p=g.top_p,
                                 max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=0,
                                 stop=list(g.stop))
@@ -214,10 +214,11 @@ def teacher_factory(cfg: Config, folder: StageFolder,
     """The configured teacher, built when called.
 
     A backend with a request cache (`BackendKind.request_cache`, the openai one) keeps it in
-    `generate/requests.sqlite` when one process on a local run folder does the stage; with several workers (Ray, a job array) or a run folder on
-    object storage (`per_worker`), each worker keeps its own SQLite file on its own disk, reads
-    the run's merged cache under it, and publishes a copy as `generate/requests/<worker>.sqlite`
-    after every shard; the commit merges them into `requests.sqlite`.
+    `generate/requests.sqlite` when one process on a local run folder does the stage; with
+    several workers (Ray, a job array) or a run folder on object storage (`per_worker`), each
+    worker keeps its own SQLite file on its own disk, reads the run's merged cache under it,
+    and publishes a copy as `generate/requests/<worker>.sqlite` after every shard; the commit
+    merges them into `requests.sqlite`.
     """
     def build() -> Backend:
         g = cfg.generate
@@ -299,7 +300,7 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
     `retry_failed`, shards with failed rows are done again, only for those rows."""
     g = cfg.generate
     folder = run.stage("generate")
-    settings = generate_settings(cfg)
+    settings = generate_fingerprinted(cfg)
     template = PromptTemplate(g.prompt_template)
     facts = {"k": g.top_k, "schema_version": SCHEMA_VERSION, "template": g.prompt_template,
              "template_sha256": template.sha256, "sampling": {
@@ -313,8 +314,8 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
         too_many_failed(manifest, g.max_failed_share)
 
     return Stage(
-        name="generate", settings=settings, fingerprint=fingerprint(settings),
-        shards=task_shards(cfg), work=generate_shard, params=GenerateParams(g, template),
+        name="generate", fingerprinted=settings, shards=task_shards(cfg), work=generate_shard,
+        settings=GenerateSettings(g, template),
         outputs=["traces"], resources=teacher or teacher_factory(cfg, folder, per_worker),
         facts=facts, upstream={"task": cfg.section("task")}, finalize=finalize,
         rates=("tokens", "requests"), paid=True,

@@ -59,7 +59,7 @@ def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> lis
                             "train again").to_pylist()
 
 
-def train_settings(cfg: Config, upstream: dict, student: Student) -> dict:
+def train_fingerprinted(cfg: Config, upstream: dict, student: Student) -> dict:
     """What decides the adapter: the train settings by each one's declared rule (the knobs of
     a loss term that is off, the name and where the metrics go never count), the LoRA targets
     as the student's kind resolves them, and the filter's output."""
@@ -194,7 +194,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     folder = run.student(t.name)
     student_path = resolve_model(t.student)
     student = student_for(student_path)
-    settings = train_settings(cfg, upstream, student)
+    settings = train_fingerprinted(cfg, upstream, student)
     fp = fingerprint(settings)
     # Read-only here: every process of a multi-process run must come to the same answer.
     manifest = folder.manifest()

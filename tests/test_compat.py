@@ -41,13 +41,13 @@ def test_a_student_trained_before_keeps_its_fingerprint():
     """The train fingerprint is what the code before the current layout computed on the same
     filter output (recorded from commit 2281697), so its trained students are up to date."""
     from pipeline.fingerprints import fingerprint
-    from stages.train import train_settings
+    from stages.train import train_fingerprinted
     from trainer.students.causal_lm import CausalLMStudent
 
     upstream = RunFolder(FIXTURE).stage("filter").manifest()
     for extra, recorded in (([], "0cf3676e72053af2"), (["train.kd_lam=0.5"], "a792cafa399bb6e2")):
         cfg = load_config("configs/demo.yaml", OVERRIDES + extra)
-        assert fingerprint(train_settings(cfg, upstream, CausalLMStudent())) == recorded
+        assert fingerprint(train_fingerprinted(cfg, upstream, CausalLMStudent())) == recorded
 
 
 def test_filter_as_a_job_array_equals_the_local_filter(tmp_path):

@@ -37,8 +37,8 @@ class Doubler:
 
 def run(folder, fn, settings=None, shards=None):
     settings = settings or {"k": 1}
-    stage = Stage(name="s", settings=settings, fingerprint=fingerprint(settings),
-                  shards=shards or _shards(), work=fn, params={"factor": 2}, outputs=["out"],
+    stage = Stage(name="s", fingerprinted=settings, shards=shards or _shards(), work=fn,
+                  settings={"factor": 2}, outputs=["out"],
                   resources=fn.resources, facts={"k": 1})
     return run_stage(stage, folder)
 
@@ -150,8 +150,8 @@ def test_a_stage_runs_on_an_fsspec_url_as_on_a_local_disk():
 
 def _stage(fn, settings=None, shards=None):
     settings = settings or {"k": 1}
-    return Stage(name="s", settings=settings, fingerprint=fingerprint(settings),
-                 shards=shards or _shards(5), work=fn, params={"factor": 2}, outputs=["out"],
+    return Stage(name="s", fingerprinted=settings, shards=shards or _shards(5), work=fn,
+                 settings={"factor": 2}, outputs=["out"],
                  resources=fn.resources, facts={"k": 1})
 
 

@@ -10,7 +10,7 @@ from pipeline.schema import (KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA_V2, kept
 from pipeline.stage import Shard
 from stages.backends.base import Generation
 from stages.checks.answers import AnswerChecker
-from stages.filter import FilterParams, count_steps, filter_shard, funnel_table, repeat_share
+from stages.filter import FilterSettings, count_steps, filter_shard, funnel_table, repeat_share
 
 _ids = itertools.count()
 NUMERIC = AnswerChecker("numeric")
@@ -30,7 +30,7 @@ def _trace(completion, gold="8", finish="stop", n_tokens=12, error=None, row=Non
 
 def _filter(traces, cfg=None, checker=NUMERIC):
     table = traces_table([t[0] for t in traces], [t[1] for t in traces], 3)
-    return filter_shard(FilterParams(cfg or FilterConfig(), checker), Shard.of("00000", table))
+    return filter_shard(FilterSettings(cfg or FilterConfig(), checker), Shard.of("00000", table))
 
 
 CASES = [
@@ -191,7 +191,7 @@ def test_format_1_shards_filter_as_before():
     traces = [c[0] for c in CASES]
     table = traces_table([t[0] for t in traces], [t[1] for t in traces], 3, fmt=1)
     cfg = FilterConfig(max_tokens=256)
-    params = FilterParams(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
+    params = FilterSettings(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
     old = filter_shard(params, Shard.of("s", table))
     new = filter_shard(params, Shard.of("s", traces_table([t[0] for t in traces],
                                                           [t[1] for t in traces], 3)))

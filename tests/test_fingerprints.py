@@ -9,9 +9,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.fingerprints import fingerprint
 from pipeline.run_folder import RunFolder
-from stages.filter import filter_settings
-from stages.generate import generate_settings
-from stages.train import train_settings
+from stages.filter import filter_fingerprinted
+from stages.generate import generate_fingerprinted
+from stages.train import train_fingerprinted
 from trainer.students.causal_lm import CausalLMStudent
 
 FIXTURE = "tests/fixtures/run-before-house"
@@ -118,7 +118,7 @@ def test_fingerprints_are_pinned(name):
     path, overrides = CASES[name]
     cfg = load_config(path, overrides)
     upstream = RunFolder(FIXTURE).stage("filter").manifest()
-    found = {"generate": fingerprint(generate_settings(cfg)),
-             "filter": fingerprint(filter_settings(cfg)),
-             "train": fingerprint(train_settings(cfg, upstream, CausalLMStudent()))}
+    found = {"generate": fingerprint(generate_fingerprinted(cfg)),
+             "filter": fingerprint(filter_fingerprinted(cfg)),
+             "train": fingerprint(train_fingerprinted(cfg, upstream, CausalLMStudent()))}
     assert found == PINNED[name]

@@ -59,7 +59,7 @@ def test_the_shard_function_alone_on_an_in_memory_table(teacher):
     cfg = load_config("configs/demo.yaml", ["generate.n_samples=3", "generate.top_k=4"])
     rows = pa.table({"id": ["a", "b"], "question": ["Anna has 2 apples.", "Ben has 3."],
                      "gold": ["2", None]})
-    params = generate.GenerateParams(cfg.generate, PromptTemplate(cfg.generate.prompt_template))
+    params = generate.GenerateSettings(cfg.generate, PromptTemplate(cfg.generate.prompt_template))
     out = generate.generate_shard(params, Shard.of("00000", rows), teacher)
     table = out.tables["traces"]
     assert table.column("id").to_pylist() == ["a"] * 3 + ["b"] * 3
@@ -124,10 +124,10 @@ def test_prompt_template_errors_are_clear(tmp_path):
 
 def test_only_the_settings_of_the_chosen_backend_are_fingerprinted():
     from pipeline.fingerprints import fingerprint
-    from stages.generate import generate_settings
+    from stages.generate import generate_fingerprinted
 
     def fp(*over):
-        return fingerprint(generate_settings(load_config("configs/demo.yaml", list(over))))
+        return fingerprint(generate_fingerprinted(load_config("configs/demo.yaml", list(over))))
 
     hf = fp("generate.backend=hf")
     assert fp("generate.backend=hf", "generate.base_url=http://elsewhere/v1",

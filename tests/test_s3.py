@@ -10,7 +10,6 @@ import pytest
 
 from pipeline.executors import run_stage
 from pipeline.executors.array import ArrayRole, ArrayWorker
-from pipeline.fingerprints import fingerprint
 from pipeline.run_folder import RunFolder
 from pipeline.stage import Shard, ShardOutput, Stage
 
@@ -50,8 +49,8 @@ def doubler(params, shard, resources, progress):
 def toy(n=5):
     shards = [Shard(f"{i:05d}", f"sum{i}", 2, lambda i=i: pa.table({"x": [i, i + 1]}))
               for i in range(n)]
-    return Stage(name="toy", settings={"k": 1}, fingerprint=fingerprint({"k": 1}),
-                 shards=shards, work=doubler, params=None, outputs=["out"])
+    return Stage(name="toy", fingerprinted={"k": 1}, shards=shards, work=doubler, settings=None,
+                 outputs=["out"])
 
 
 def test_stage_and_job_array_on_s3(s3, tmp_path):
@@ -153,7 +152,7 @@ def test_one_writer_damaged_shards_and_kept_settings_on_s3(s3):
     assert not folder.exists("lock.json")
     first = run_stage(toy(), folder)
     other = toy()
-    other.settings, other.fingerprint = {"k": 2}, fingerprint({"k": 2})
+    other.fingerprinted = {"k": 2}
     run_stage(other, folder)
     assert folder.exists(f"by-fingerprint/{first['fingerprint']}/out-00000.parquet")
     back = run_stage(toy(), folder)  # the first settings' output is brought back whole

@@ -51,15 +51,16 @@ def dying_doubler(params, shard, resources, progress):
 def toy_stage(params, n=6):
     shards = [Shard(f"{i:05d}", f"sum{i}", 2, lambda i=i: pa.table({"x": [10 * i, 10 * i + 1]}))
               for i in range(n)]
-    return Stage(name="toy", settings={"k": 1}, fingerprint=fingerprint({"k": 1}),
-                 shards=shards, work=dying_doubler, params=params, outputs=["out"],
+    return Stage(name="toy", fingerprinted={"k": 1}, shards=shards, work=dying_doubler,
+                 settings=params, outputs=["out"],
                  resources=lambda: None, rates=("tokens",))
 
 
 def test_ray_worker_killed_mid_run_loses_and_duplicates_no_row(tmp_path, capsys):
     folder = RunFolder(tmp_path / "run").stage("toy")
     params = {"die_on": "00002", "marker": str(tmp_path / "died")}
-    manifest = run_stage(toy_stage(params), folder, executor=executor_for("ray", 2, Config(ray=RAY)))
+    manifest = run_stage(toy_stage(params), folder,
+                         executor=executor_for("ray", 2, Config(ray=RAY)))
     assert os.path.exists(params["marker"])  # a worker did die
     assert "shard 00002: its worker died" in capsys.readouterr().err
     table = folder.read_tables(manifest["files"], each=logical)

@@ -60,7 +60,7 @@ class ArrayRole:
 def _check_plan(stage: Stage, folder: StageFolder, plan: dict, what: str) -> None:
     """Refuse to work on a folder planned with other settings or another input."""
     if plan.get("fingerprint") != stage.fingerprint:
-        diff = changed_keys(plan.get("settings", {}), stage.settings)
+        diff = changed_keys(plan.get("settings", {}), stage.fingerprinted)
         why = "; ".join(diff) if diff else "its input changed"
         raise RunFolderError(
             f"{what} refused: {folder} was planned with other settings ({why}). Every worker "
@@ -108,7 +108,7 @@ class ArrayWorker:
             return None
         _refuse_if_locked(folder, str(self.role))
         _check_plan(stage, folder, folder.claim_plan(
-            {"fingerprint": stage.fingerprint, "settings": stage.settings,
+            {"fingerprint": stage.fingerprint, "settings": stage.fingerprinted,
              "shards": planned_shards(stage)}), str(self.role))
         mine = stage.shards[self.role.worker_index::self.role.num_workers]
         started = time.time()
@@ -128,7 +128,7 @@ class ArrayWorker:
             return self._plan_only(stage, folder, force)
 
     def _plan_only(self, stage: Stage, folder: StageFolder, force: bool) -> None:
-        manifest = folder.begin(stage.fingerprint, stage.settings, force,
+        manifest = folder.begin(stage.fingerprint, stage.fingerprinted, force,
                                 planned_shards(stage))
         if complete(stage, folder, manifest):
             said_up_to_date(stage)

@@ -85,7 +85,7 @@ def up_to_date(stage: Stage, folder: StageFolder, force: bool) -> dict | None:
     """The stage's manifest when its output is complete for these settings and this input
     (every file checked against its sha256); otherwise None, and the folder is ready for work
     (other settings' output set aside, damaged files quarantined, a stale manifest dropped)."""
-    manifest = folder.begin(stage.fingerprint, stage.settings, force, planned_shards(stage))
+    manifest = folder.begin(stage.fingerprint, stage.fingerprinted, force, planned_shards(stage))
     if manifest is None:
         return None
     if complete(stage, folder, manifest, repair=True):
@@ -181,7 +181,7 @@ def work_through(stage: Stage, folder: StageFolder, shards: list[Shard],
                 if hasattr(progress, "start_clock"):
                     progress.start_clock()
             shard = previous_outputs(stage, folder, shard)
-            out = stage.work(stage.params, shard, resources, progress)
+            out = stage.work(stage.settings, shard, resources, progress)
             done.append(write_outputs(stage, folder, shard, out))
     finally:
         close(resources)
@@ -244,7 +244,7 @@ def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: fl
     manifest = {
         "stage": stage.name,
         "fingerprint": stage.fingerprint,
-        "settings": stage.settings,
+        "settings": stage.fingerprinted,
         "upstream": stage.upstream,
         "facts": facts,
         "counters": dict(totals),

@@ -53,7 +53,7 @@ class ShardWorker:
             counts.update(more)
 
         shard = previous_outputs(self.stage, self.folder, shard)
-        out = self.stage.work(self.stage.params, shard, self.resources, progress)
+        out = self.stage.work(self.stage.settings, shard, self.resources, progress)
         done = write_outputs(self.stage, self.folder, shard, out)
         return done.counters, done.facts, done.entries, dict(counts)
 

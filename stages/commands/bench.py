@@ -233,7 +233,7 @@ def bench_filter() -> list[tuple[str, str]]:
     from pipeline.stage import Shard
     from stages.backends.base import Generation
     from stages.checks.answers import AnswerChecker
-    from stages.filter import FilterParams, filter_shard, funnel_table
+    from stages.filter import FilterSettings, filter_shard, funnel_table
 
     gsm = Path(__file__).resolve().parents[2].parent / "shared/datasets/gsm8k/train.jsonl"
     if gsm.is_file():
@@ -262,7 +262,7 @@ def bench_filter() -> list[tuple[str, str]]:
             for i, (t, g, q) in enumerate(zip(texts, golds, questions))]
     table = traces_table(recs, gens, 0)
     cfg = FilterConfig()
-    params = FilterParams(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
+    params = FilterSettings(cfg, AnswerChecker("numeric", cfg.extractors, cfg.tolerance))
     best = float("inf")
     for _ in range(3):  # the best of three: the machine's other work only slows a run down
         t = time.perf_counter()

@@ -212,7 +212,7 @@ def dss_rows(outputs: list[Path], questions: Path | None) -> list[dict]:
 
 
 @dataclass
-class ImportParams:
+class ImportSettings:
     source: str
 
 
@@ -236,7 +236,7 @@ class _Tokens:
         self.topk_logprobs = np.zeros((len(ids), 0), np.float32)
 
 
-def import_shard(params: ImportParams, shard: Shard, tokenizer,
+def import_shard(settings: ImportSettings, shard: Shard, tokenizer,
                  progress: Progress = no_progress) -> ShardOutput:
     rows = shard.load().to_pylist()
     records, gens = [], []
@@ -291,8 +291,8 @@ def import_traces(cfg: Config, run: RunFolder, kind: str, sources: list[str],
              "teacher": f"imported ({described})", "backend": "import",
              "usable_for_kd": False,
              "kd_unusable_because": "the traces were imported and carry no log-probabilities"}
-    stage = Stage(name="generate", settings=settings, fingerprint=fingerprint(settings),
-                  shards=shards, work=import_shard, params=ImportParams(described),
+    stage = Stage(name="generate", fingerprinted=settings, shards=shards, work=import_shard,
+                  settings=ImportSettings(described),
                   outputs=["traces"], facts=facts, upstream={"import": described},
                   resources=lambda: load_tokenizer(resolve_model(student)), unit="trace")
     manifest = run_stage(stage, run.stage("generate"), force)
