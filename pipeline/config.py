@@ -643,9 +643,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"config file '{path}' does not exist; the shipped ones are in "
                                "configs/ (e.g. configs/demo.yaml)"])
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"the file is not UTF-8 text (byte {e.start}: "
+                               f"{e.object[e.start:e.start + 1]!r}), so it cannot be a YAML "
+                               "config; give the run's YAML file, e.g. configs/demo.yaml"],
+                              source) from None
+        except OSError as e:
+            raise ConfigError([f"cannot be read: {e.strerror or e}"], source) from None
         if not isinstance(raw, dict):
             raise ConfigError(["the file must hold a mapping of sections"], source)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}

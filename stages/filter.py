@@ -39,7 +39,7 @@ from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker, is_marker
 from stages.checks.traces import Trace, count_steps, ordered_checks, repeat_share
-from stages.dataset_card import write_dataset_card
+from stages.dataset_card import CARD, write_dataset_card
 
 # Drops decided per question, among the traces every check kept.
 QUESTION_REASONS = {
@@ -300,13 +300,26 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         work=filter_shard, settings=FilterSettings(cfg.filter, checker),
         outputs=["kept", "rejected"], facts=upstream.get("facts", {}),
         upstream={"generate": upstream["fingerprint"], "digest": manifest_digest(upstream)},
+        finalize=lambda manifest: write_reports(run.stage("filter"), manifest, cfg, run.name),
         unit="trace")
+
+
+def write_reports(folder, manifest: dict, cfg: Config, run_name: str) -> None:
+    """`funnel.json`, `funnel.png` and the dataset card with its SFT pairs: written before the
+    manifest (from `Stage.finalize`), so a stage whose manifest is there has them all."""
+    counters = manifest["counters"]
+    folder.write_json("funnel.json", {
+        "counters": counters, "reasons": reasons(), "explained": explained(),
+        "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
+    if cfg.filter.plot:
+        folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run_name}"))
+    write_dataset_card(folder, manifest, run_name)
 
 
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
          role: ArrayRole | None = None) -> dict | None:
-    """Run the filter stage, print its funnel and write `funnel.json`, `funnel.png` and the
-    folder's dataset card with the SFT pairs (`stages.dataset_card`).
+    """Run the filter stage, print its funnel; `funnel.json`, `funnel.png` and the folder's
+    dataset card with the SFT pairs (`stages.dataset_card`) are written before its manifest.
     (`role`: this process's part of a job array; None from an array worker)."""
     run = as_run_folder(run)
     folder = run.stage("filter")
@@ -314,15 +327,11 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     manifest = run_stage(plan(cfg, run), folder, force, executor)
     if manifest is None:
         return None
+    if not folder.exists(CARD):  # a stage finished before the reports came before its manifest
+        write_reports(folder, manifest, cfg, run.name)
     counters = manifest["counters"]
-    folder.write_json("funnel.json", {
-        "counters": counters, "reasons": reasons(), "explained": explained(),
-        "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
     print(funnel_table(counters))
     if counters.get("pseudo_gold_rows"):
         log("filter", f"{counters['pseudo_gold_rows']} unlabeled rows got a majority-vote "
             "pseudo-gold (see the gold_source and agreement columns)")
-    if cfg.filter.plot:
-        folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run.name}"))
-    write_dataset_card(folder, manifest, run.name)
     return manifest

@@ -9,18 +9,20 @@ the sum of the loss terms the settings switch on (`trainer.losses`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, TrainConfig, fingerprinted
 from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
-from pipeline.run_folder import RunFolder, as_run_folder
+from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import logical, topk_columns
+from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from trainer.lora import lora_targets
 from trainer.students.base import Student
 
@@ -39,6 +41,11 @@ def _switched_off(t: TrainConfig, switches: list[str]) -> TrainConfig:
 
 
 def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> list[dict]:
+    """The kept traces as rows (`kept_table`)."""
+    return kept_table(kept, upstream, token_targets, with_topk).to_pylist()
+
+
+def kept_table(kept, upstream: dict, token_targets: bool, with_topk: bool):
     """The kept traces the examples are built from, each shard checked as it is read; with
     `with_topk`, the teacher's top-k as float32 `topk_ids` / `topk_logprobs` whatever format
     the shard stores them in."""
@@ -56,7 +63,7 @@ def kept_rows(kept, upstream: dict, token_targets: bool, with_topk: bool) -> lis
     return kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
                             columns=wanted, each=float32_topk if with_topk else None,
                             then="Run `distill filter` (`make filter`) to remake it, then "
-                            "train again").to_pylist()
+                            "train again")
 
 
 def train_fingerprinted(cfg: Config, upstream: dict, student: Student) -> dict:
@@ -162,27 +169,32 @@ def hold_out(rows: list[dict], share: float) -> tuple[list[dict], list[dict]]:
             [r for r in rows if _unit(r["id"]) >= 1 - share])
 
 
-def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict | None:
-    """Train the student; under `torchrun` / `accelerate launch` every process trains and the
-    main one writes (the others return None)."""
-    import torch
-    from datasets import Dataset
+@dataclass
+class TrainSettings:
+    """What `train_shard` needs besides the kept traces: the settings, the student, the loss
+    the traces allow, and the student's folder (its checkpoints, log and TensorBoard files go
+    through it)."""
 
-    from pipeline.lock import StageLock
-    from trainer.arguments import sft_config, tensorboard_dir
-    from pipeline.models import load_tokenizer, model_revision, resolve_model, \
-        tokenizer_fingerprint
-    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
-                             last_complete_checkpoint)
-    from trainer.examples import DSSCollator, build_examples
-    from trainer.lora import lora_student
+    cfg: TrainConfig
+    student_path: str
+    student: Student
+    tokenizer: object
+    token_targets: bool
+    used: TrainConfig          # the train settings with what the traces cannot give turned off
+    terms: list
+    folder: StageFolder
+
+
+def plan(cfg: Config, run: RunFolder) -> Stage:
+    """The train stage of a student (`train.name`): one shard, the filter's kept traces, whose
+    output is the `adapter/` folder; the same protocol as the shard stages (lock, plan,
+    record, manifest last), so resume, the lock and set-aside work as they do there."""
+    from pipeline.models import load_tokenizer, resolve_model
+    from trainer.arguments import check_args
     from trainer.losses import terms_from_settings
     from trainer.students import student_for
 
-    # ---- up to date?
-    run, t = as_run_folder(run), cfg.train
-    from trainer.arguments import check_args
-
+    t = cfg.train
     problems = check_args(t.args)
     if problems:  # the settings first: a typo is said before any input is read
         raise ConfigError(problems)
@@ -195,44 +207,91 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
     student_path = resolve_model(t.student)
     student = student_for(student_path)
     settings = train_fingerprinted(cfg, upstream, student)
-    fp = fingerprint(settings)
-    # Read-only here: every process of a multi-process run must come to the same answer.
-    manifest = folder.manifest()
-    if (not force and manifest is not None and manifest.get("fingerprint") == fp
-            and folder.intact(manifest)):
-        log(folder.name, f"up to date (fingerprint {fp}): nothing to do")
-        return manifest
-
-    # ---- the examples
     tokenizer = load_tokenizer(student_path, padding_side="right")
     generate_facts = (run.stage("generate").manifest() or {}).get("facts", {})
     token_targets, used = loss_settings(cfg, generate_facts, tokenizer)
-    kd_lam = used.kd_lam
     terms = terms_from_settings(used)
-    topk_parts = {term.part for term in terms if "topk" in term.needs}
-    rows = kept_rows(kept, upstream, token_targets, bool(topk_parts))
+    with_topk = any("topk" in term.needs for term in terms)
+    digest = manifest_digest(upstream)
+    traces = Shard("adapter", digest, int(upstream["counters"].get("kept", 0)),
+                   lambda: kept_table(kept, upstream, token_targets, with_topk))
+    return Stage(
+        name=folder.name, fingerprinted=settings, shards=[traces], work=train_shard,
+        settings=TrainSettings(t, student_path, student, tokenizer, token_targets, used, terms,
+                               folder),
+        outputs=[], folders=("adapter",), facts={"student": t.student, "name": t.name},
+        upstream={"filter": upstream["fingerprint"], "digest": digest}, prune=False,
+        unit="trace")
+
+
+def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict | None:
+    """Train the student; under `torchrun` / `accelerate launch` every process trains and the
+    main one writes (the others return None)."""
+    from pipeline.executors import run_stage
+    from pipeline.executors.local import LocalExecutor
+    from pipeline.executors.peer import PeerExecutor
+
+    run = as_run_folder(run)
+    stage = plan(cfg, run)
+    folder = stage.settings.folder
+    # A student trained before train used the stages' protocol has no shard record: its
+    # manifest, when it is this one's and its files are intact, still means it is done.
+    manifest = folder.manifest()
+    if (not force and manifest is not None and "shards" not in manifest
+            and manifest.get("fingerprint") == stage.fingerprint and folder.intact(manifest)):
+        log(folder.name, f"up to date (fingerprint {stage.fingerprint}): nothing to do")
+        return manifest
+    # Every process of a multi-process run trains; the main one alone holds the lock (taken
+    # before the student is loaded) and writes.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    return run_stage(stage, folder, force, LocalExecutor() if main_process else PeerExecutor())
+
+
+def train_shard(settings: TrainSettings, traces: Shard, resources=None,
+                progress: Progress = no_progress) -> ShardOutput:
+    """Train the student on the kept traces (from its last complete checkpoint, if any) and
+    save its adapter into a folder of this machine, which the executor publishes."""
+    import torch
+    from datasets import Dataset
+
+    from pipeline.models import model_revision, tokenizer_fingerprint
+    from trainer.arguments import sft_config, tensorboard_dir
+    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
+                             last_complete_checkpoint)
+    from trainer.examples import DSSCollator, build_examples
+    from trainer.lora import lora_student
+
+    t, used, folder = settings.cfg, settings.used, settings.folder
+    student, tokenizer, terms = settings.student, settings.tokenizer, settings.terms
+    name = folder.name
+
+    # ---- the examples
+    rows = traces.load().to_pylist()
     rows, heldout = hold_out(rows, t.heldout_share)
     n_kept = len(rows)
     rows = keep_share(rows, t.data_fraction)
     if t.heldout_share > 0:
-        log(folder.name, f"train.heldout_share={t.heldout_share:g}: {len(heldout)} kept traces "
+        log(name, f"train.heldout_share={t.heldout_share:g}: {len(heldout)} kept traces "
             "held out for the held-out loss (eval_loss)")
         if not heldout:
             raise ValueError(f"train.heldout_share={t.heldout_share:g} holds out none of the "
                              f"{n_kept} kept traces; raise it or set it to 0")
     if t.data_fraction < 1:
-        log(folder.name, f"train.data_fraction={t.data_fraction:g}: {len(rows)} of {n_kept} "
+        log(name, f"train.data_fraction={t.data_fraction:g}: {len(rows)} of {n_kept} "
             "kept traces")
     if not rows and n_kept:
         raise ValueError(f"train.data_fraction={t.data_fraction:g} leaves none of the {n_kept} "
                          "kept traces; raise it")
     if not rows:
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
-                         f"{kept.where('funnel.json')} for why they were dropped, and loosen "
+                         "the filter's funnel.json for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
+    topk_parts = {term.part for term in terms if "topk" in term.needs}
+
     def examples_of(part: list[dict]) -> list[dict]:
         return build_examples(part, tokenizer, student, t.max_length,
-                              teacher_tokens=token_targets, with_topk="explain" in topk_parts,
+                              teacher_tokens=settings.token_targets,
+                              with_topk="explain" in topk_parts,
                               answer_tokens=used.answer_kd_lam > 0)
 
     examples = examples_of(rows)
@@ -244,89 +303,104 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict 
                 if ids and ids[0] >= 0]
         found = sum(any(ids and ids[0] >= 0 for ids in ex["predict"]["topk_ids"])
                     for ex in examples)
-        log(folder.name, f"answer KD: {found} of {len(examples)} traces write their answer as "
-            f"is (their targets are the teacher's answer tokens); the teacher's top-1 "
+        log(name, f"answer KD: {found} of {len(examples)} traces write their answer as is "
+            f"(their targets are the teacher's answer tokens); the teacher's top-1 "
             f"probability there is {sum(top1) / max(1, len(top1)):.3f} on average")
-    log(folder.name, ("explain targets: the teacher's own rationale tokens" + (
-        f"; KD on them: lam={kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
-        f"tail={t.kd_tail}" if kd_lam > 0 else "")) if token_targets else
+    log(name, ("explain targets: the teacher's own rationale tokens" + (
+        f"; KD on them: lam={used.kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
+        f"tail={t.kd_tail}" if used.kd_lam > 0 else "")) if settings.token_targets else
         "explain targets: the rationale text, tokenised by the student")
-    log(folder.name, f"{len(rows)} kept traces -> {len(rows)} predict + {len(rows)} explain "
+    log(name, f"{len(rows)} kept traces -> {len(rows)} predict + {len(rows)} explain "
         f"examples; student {t.student}; loss terms: "
         + ", ".join(f"{term.name} x {term.weight:g}" for term in terms))
 
     # ---- the student and the trainer
     torch.manual_seed(t.seed)
-    model = lora_student(student_path, t, student)
+    model = lora_student(settings.student_path, t, student)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    log(folder.name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
+    log(name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
     ckpt_dir, tb_dir = folder.working_dir("checkpoints"), folder.working_dir("tensorboard")
     args = sft_config(t, ckpt_dir, use_cpu=not torch.cuda.is_available())
-    # The main process holds the stage's lock (one writer) until the adapter is published and
-    # alone prepares the folder (setting other settings' output aside); the others wait for
-    # it, then each machine's first process fetches the checkpoints of a run folder on object
-    # storage, so that every process resumes from the same one.
-    lock = StageLock(folder) if args.process_index == 0 else None
-    with lock or contextlib.nullcontext():
-        with args.main_process_first(local=False, desc="prepare the train folder"):
-            if lock is not None:
-                folder.clean_temporary()
-                if folder.begin(fp, settings, force) is not None:
-                    folder.drop_manifest()
-                    log(folder.name, "the adapter is missing or damaged: training again")
-        with args.main_process_first(local=True, desc="fetch checkpoints"):
-            if not run.is_local and args.local_process_index == 0:
-                folder.mirror_down("checkpoints", ckpt_dir)
-        training_log = JsonlLogCallback(
-            lambda records: folder.write_jsonl("log.jsonl", records),
-            folder.read_jsonl("log.jsonl"))
-        callbacks = [training_log, SealCheckpoints()]
-        if not run.is_local:
-            def upload() -> None:
-                folder.mirror_up(ckpt_dir, "checkpoints")
-                if tb_dir.is_dir():
-                    folder.mirror_up(tb_dir, "tensorboard")
+    main_process = args.process_index == 0
+    # The main process has prepared the folder (under the lock) before it came here; the
+    # others wait for it, then each machine's first process fetches the checkpoints of a run
+    # folder on object storage, so that every process resumes from the same one.
+    with args.main_process_first(local=False, desc="prepare the train folder"):
+        pass
+    with args.main_process_first(local=True, desc="fetch checkpoints"):
+        if not folder.run.is_local and args.local_process_index == 0:
+            folder.mirror_down("checkpoints", ckpt_dir)
+    training_log = JsonlLogCallback(lambda records: folder.write_jsonl("log.jsonl", records),
+                                    folder.read_jsonl("log.jsonl"))
+    callbacks = [training_log, SealCheckpoints()]
+    if not folder.run.is_local:
+        def upload() -> None:
+            folder.mirror_up(ckpt_dir, "checkpoints")
+            if tb_dir.is_dir():
+                folder.mirror_up(tb_dir, "tensorboard")
 
-            callbacks.append(OnSave(upload))
-        with tensorboard_dir(tb_dir):
-            trainer = DSSTrainer(model=model, args=args, processing_class=tokenizer,
-                                 train_dataset=Dataset.from_list(examples),
-                                 eval_dataset=Dataset.from_list(examples_of(heldout))
-                                 if heldout else None,
-                                 data_collator=DSSCollator(student, tokenizer.pad_token_id),
-                                 terms=terms, student=student, callbacks=callbacks)
+        callbacks.append(OnSave(upload))
+    with tensorboard_dir(tb_dir):
+        trainer = DSSTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(examples),
+                             eval_dataset=Dataset.from_list(examples_of(heldout))
+                             if heldout else None,
+                             data_collator=DSSCollator(student, tokenizer.pad_token_id),
+                             terms=terms, student=student, callbacks=callbacks)
 
-        # ---- train (from the last complete checkpoint), then publish the adapter and commit
-        last = last_complete_checkpoint(ckpt_dir, lambda line: log(folder.name, line))
+    # ---- train (from the last complete checkpoint), then save the adapter
+    last = last_complete_checkpoint(ckpt_dir, lambda line: log(name, line))
+    t0 = time.time()
+    state = _trainer_state(last)
+    finished = state is not None and state["global_step"] >= state["max_steps"] > 0
+    if finished:
+        # the training had ended at that checkpoint (the adapter was not published): training
+        # "from" it again would take a step past train.max_steps, so its weights are the ones
+        log(name, f"{Path(last).name} is the last step of this training: its adapter is "
+            "published as it is")
+        steps = state["global_step"]
+        train_loss = next((r["train_loss"] for r in reversed(training_log.records)
+                           if "train_loss" in r), float("nan"))
+    else:
         if last:
-            log(folder.name, f"resuming from {last}")
-        t0 = time.time()
+            log(name, f"resuming from {last}")
         result = trainer.train(resume_from_checkpoint=last)
-        if lock is None:  # the main process writes the adapter and the manifest
-            return None
-        lock.check()
-        built = folder.working_dir("adapter.tmp")
+        steps, train_loss = result.global_step, result.training_loss
+    built = folder.working_dir("adapter.tmp") if main_process else None
+    if built is not None:
         shutil.rmtree(built, ignore_errors=True)
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
+        if finished:
+            built.mkdir(parents=True)
+            for file in Path(last).iterdir():
+                if file.name.startswith("adapter_") or file.name == "README.md":
+                    shutil.copy2(file, built / file.name)
+        else:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
         tokenizer.save_pretrained(built)
-        folder.publish_dir(built, "adapter")
         if tb_dir.is_dir():
             folder.mirror_up(tb_dir, "tensorboard")
-        manifest = folder.write_manifest({
-            "stage": "train", "fingerprint": fp, "settings": settings,
-            "upstream": {"filter": upstream["fingerprint"], "digest": manifest_digest(upstream)},
-            "facts": {"student": t.student, "student_revision": model_revision(student_path),
-                      "student_kind": student.name,
-                      "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                      "trainable_parameters": n_trainable, "kd_lam_used": kd_lam,
-                      "explain_targets": "tokens" if token_targets else "text",
-                      "loss_terms": {term.name: term.weight for term in terms}, "name": t.name},
-            "counters": {"traces": len(rows), "steps": result.global_step,
-                         "train_loss": round(result.training_loss, 4)},
-            "files": folder.entries_under("adapter"),
-            "seconds": round(time.time() - t0, 1),
-        })
-    log(folder.name, f"done: {result.global_step} steps, loss {result.training_loss:.4f}, "
-        f"{time.time() - t0:.0f}s -> {folder.where('adapter')}")
-    return manifest
+        log(name, f"done: {steps} steps, loss {train_loss:.4f}, {time.time() - t0:.0f}s")
+    progress(traces.rows)
+    return ShardOutput(
+        {}, {"traces": len(rows), "steps": steps, "train_loss": round(train_loss, 4)},
+        {"student_revision": model_revision(settings.student_path),
+         "student_kind": student.name,
+         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+         "trainable_parameters": n_trainable, "kd_lam_used": used.kd_lam,
+         "explain_targets": "tokens" if settings.token_targets else "text",
+         "loss_terms": {term.name: term.weight for term in terms}},
+        folders={"adapter": built} if built is not None else {})
+
+
+def _trainer_state(checkpoint: str | None) -> dict | None:
+    """The Trainer's state saved in a (complete) checkpoint: its `global_step`, `max_steps`."""
+    if checkpoint is None:
+        return None
+    import json
+
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        return {"global_step": int(state["global_step"]), "max_steps": int(state["max_steps"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

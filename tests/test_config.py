@@ -62,9 +62,18 @@ def test_type_errors_and_bad_override_syntax():
     text = str(err.value)
     assert "generate.n_samples: expected int, got 'two'" in text
     assert "section.key" in text
-    assert "did you mean 'hf'" not in text or "generate.backend" in text
+    assert "generate.backend: 'vlm' is not allowed; did you mean 'vllm'?" in text
 
 
 def test_missing_file_says_where_configs_are():
     with pytest.raises(ConfigError, match="configs/"):
         load_config("configs/nope.yaml")
+
+
+def test_a_binary_config_file_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert str(path) in text and "not UTF-8 text" in text and "configs/demo.yaml" in text

@@ -45,6 +45,12 @@ class ShardDone:
     facts: dict
     entries: dict[str, dict]
     reused: bool
+    folder_files: list[dict] = dataclasses.field(default_factory=list)  # `Stage.folders`' files
+
+    @property
+    def files(self) -> list[dict]:
+        """Every file the shard's output is made of, as manifest entries."""
+        return [*self.entries.values(), *self.folder_files]
 
 
 def planned_shards(stage: Stage) -> list[dict]:
@@ -83,8 +89,10 @@ def said_up_to_date(stage: Stage) -> None:
 
 def up_to_date(stage: Stage, folder: StageFolder, force: bool) -> dict | None:
     """The stage's manifest when its output is complete for these settings and this input
-    (every file checked against its sha256); otherwise None, and the folder is ready for work
-    (other settings' output set aside, damaged files quarantined, a stale manifest dropped)."""
+    (every file checked against its sha256; the stage's own files, not those of the stage
+    before it, which are checked as they are read); otherwise None, and the folder is ready for
+    work (other settings' output set aside, damaged files quarantined, a stale manifest
+    dropped)."""
     manifest = folder.begin(stage.fingerprint, stage.fingerprinted, force, planned_shards(stage))
     if manifest is None:
         return None
@@ -109,29 +117,34 @@ def why_redone(stage: Stage, manifest: dict) -> str:
             "concerned")
 
 
-def reuse(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
+def reuse(stage: Stage, folder: StageFolder, shard: Shard,
+          repair: bool = True) -> ShardDone | None:
     """The shard's outputs when they are on disk as its record says, made with these settings
     from this input; files that do not match their record are quarantined (and the shard is
-    done again)."""
+    done again; `repair=False`: only looked at)."""
     try:
         record = folder.read_json(record_name(shard.name))
     except (FileNotFoundError, ValueError):
         return _reuse_unrecorded(stage, folder, shard)
     if (record.get("fingerprint") != stage.fingerprint
             or record.get("input_checksum") != shard.checksum
-            or set(record.get("outputs", {})) != set(stage.outputs)):
+            or set(record.get("outputs", {})) != set(stage.outputs)
+            or set(record.get("folders", {})) != set(stage.folders)):
         return None
     if stage.redo is not None and stage.redo(record):
         return None
     entries = record["outputs"]
-    if folder.problems(list(entries.values()), quarantine=True):
+    in_folders = [e for entries_ in record.get("folders", {}).values() for e in entries_]
+    if folder.problems([*entries.values(), *in_folders], quarantine=repair):
         return None
     return ShardDone(shard, record.get("counters", {}), record.get("facts", {}),
-                     entries, reused=True)
+                     entries, reused=True, folder_files=in_folders)
 
 
 def _reuse_unrecorded(stage: Stage, folder: StageFolder, shard: Shard) -> ShardDone | None:
     """A shard written before shards had records: recognised by its files' own metadata."""
+    if stage.folders or not stage.outputs:  # such shards only ever wrote tables
+        return None
     files = {kind: stage.output_name(kind, shard.name) for kind in stage.outputs}
     metas = [folder.table_meta(f) for f in files.values()]
     if not all(m is not None and m.get("fingerprint") == stage.fingerprint
@@ -204,15 +217,25 @@ def write_outputs(stage: Stage, folder: StageFolder, shard: Shard,
                                      f"{time.strftime('%Y%m%dT%H%M%S')}", there)
             log(stage.name, f"shard {shard.name}: its earlier output is kept in "
                 f"{folder.where(moved)}")
+    missing = [name for name in stage.folders if name not in out.folders]
+    if missing:
+        raise RuntimeError(f"the {stage.name} shard function built no {missing} folder for "
+                           f"shard {shard.name}")
     facts = {**stage.facts, **out.facts}
     meta = {"stage": stage.name, "fingerprint": stage.fingerprint, "input": shard.name,
             "input_checksum": shard.checksum, "counters": out.counters, "facts": facts}
     entries = {kind: folder.write_table(names[kind], out.tables[kind], meta)
                for kind in stage.outputs}
+    folders = {}
+    for name in stage.folders:
+        folder.publish_dir(out.folders[name], name)
+        folders[name] = folder.entries_under(name)
     folder.write_json(record_name(shard.name), {
         "shard": shard.name, "fingerprint": stage.fingerprint, "input_checksum": shard.checksum,
-        "counters": dict(out.counters), "facts": dict(out.facts), "outputs": entries})
-    return ShardDone(shard, dict(out.counters), dict(out.facts), entries, reused=False)
+        "counters": dict(out.counters), "facts": dict(out.facts), "outputs": entries,
+        **({"folders": folders} if folders else {})})
+    return ShardDone(shard, dict(out.counters), dict(out.facts), entries, reused=False,
+                     folder_files=[e for found in folders.values() for e in found])
 
 
 def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: float,
@@ -222,7 +245,7 @@ def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: fl
     stage's lock, checked first (a writer that lost it must not commit)."""
     if lock is not None:
         lock.check()
-    files = [e for d in done for e in d.entries.values()]
+    files = [e for d in done for e in d.files]
     if stage.prune:
         keep = {f["file"] for f in files} | {MANIFEST, PLAN}
         stale = [n for n in folder.files(".parquet") if n not in keep]
