@@ -90,6 +90,3 @@ def log(stage: str, message: str, level: int = logging.INFO) -> None:
 def debug(stage: str, message: str) -> None:
     log(stage, message, logging.DEBUG)
 
-
-def warn(stage: str, message: str) -> None:
-    log(stage, message, logging.WARNING)

@@ -66,6 +66,12 @@ class Registry(Generic[T]):
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
             importlib.import_module(f"{self.home}.{info.name}")
 
+    def rescan(self) -> None:
+        """Import the package's modules again (those not imported yet): for a file that
+        joined the package after the first look (a test's throwaway extension)."""
+        self._loaded = False
+        self.load()
+
     def names(self) -> list[str]:
         self.load()
         return list(self._members)

@@ -19,7 +19,6 @@ This stage reads only the generate shards: it never loads a model.
 from __future__ import annotations
 
 import difflib
-import io
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker, is_marker
 from stages.checks.traces import Trace, count_steps, ordered_checks, repeat_share
 from stages.dataset_card import CARD, write_dataset_card
+from stages.figures import png, pyplot
 
 # Drops decided per question, among the traces every check kept.
 QUESTION_REASONS = {
@@ -227,10 +227,7 @@ def funnel_table(counters: dict) -> str:
 def draw_funnel(counters: dict, title: str = "") -> bytes:
     """The funnel as a horizontal bar chart (PNG bytes): traces in, each reason's drops,
     kept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     total = counters.get("traces_in", 0) or 1
     rows = [("traces in", counters.get("traces_in", 0), "#7f7f7f")]
@@ -249,10 +246,7 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
     ax.set_xlabel("traces")
     ax.set_title(title or "filter funnel")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def remake_generate_hint(manifest: dict) -> str:

@@ -8,7 +8,8 @@ Worker I does the shards I, I+N, I+2N, ... of the plan. The plan (settings finge
 list of shards with their checksums) is written once, by whichever worker comes first
 (create-if-absent); a worker started with other settings or on other input refuses, and no
 worker ever deletes or rewrites a shard made by another (a finished shard is recognised by its
-own metadata and kept). `--finalize` checks that every shard of the plan is there, made with
+record, `done/<shard>.json`, or for shards made before records by its files' own metadata, and
+kept). `--finalize` checks that every shard of the plan is there, made with
 these settings from this input, and writes the manifest, last. A shard's content does not
 depend on which worker made it or how many there were: its seeds come from the shard's name.
 `--plan-only` writes the plan and stops (with `--force`, after setting the stage's previous

@@ -184,6 +184,13 @@ def _verbosity() -> argparse.ArgumentParser:
     return common
 
 
+def run_options(parser: argparse.ArgumentParser) -> None:
+    """`--run` and `--runs-dir`, which every command that works on a run takes."""
+    parser.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
+    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
+                        help="where run folders live ($STEPDISTILL_RUNS)")
+
+
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand with its description, defaults shown and examples."""
     return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
@@ -204,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = _command(sub, name, "run all four stages" if name == "all" else
                      f"run the {name} stage")
         p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
-        p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-        p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                       help="where run folders live")
+        run_options(p)
         p.add_argument("--force", action="store_true",
                        help="redo the stage; its previous output is kept aside (`distill gc` "
                        "removes it) and an API teacher's cached responses are reused")
@@ -231,26 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings that override the config file")
     p = _command(sub, "gc", "list (and with --yes remove) the output a run keeps "
                        "aside: other settings' output and quarantined files")
-    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                   help="where run folders live ($STEPDISTILL_RUNS)")
+    run_options(p)
     p.add_argument("--yes", action="store_true", help="remove them (without it: only list)")
     p.add_argument("--quarantine", action="store_true",
                    help="also the damaged files moved to <stage>/quarantine/")
     p = _command(sub, "convert-shards", "rewrite a run's generate and filter shards in "
                        "another format (2: compact top-k, 1: float32), verified, without the "
                        "teacher; the old files are kept aside")
-    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                   help="where run folders live ($STEPDISTILL_RUNS)")
+    run_options(p)
     p.add_argument("--to", type=int, choices=[1, 2], default=2, help="the format")
     p = _command(sub, "import", "bring traces made elsewhere (the DSS repository's "
                        "LLM outputs, a JSONL/Parquet of question, answer and rationale, a "
                        "distilabel or curator dataset folder) into a run as its generate stage")
     p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
-    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                   help="where run folders live ($STEPDISTILL_RUNS)")
+    run_options(p)
     p.add_argument("--kind", required=True, choices=["dss", "table", "hf"],
                    help="dss: DSS LLM-output JSON (+ --questions); table: JSONL/JSON/Parquet "
                    "rows; hf: a Hugging Face dataset folder")
@@ -266,15 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p = _command(sub, "report", "write report.html in the run folder: funnel, loss "
                        "curves, accuracy, sweep, example and rejected traces")
-    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                   help="where run folders live ($STEPDISTILL_RUNS)")
+    run_options(p)
     p.add_argument("--examples", type=int, default=4, help="kept traces shown")
     p = _command(sub, "export", "write a trained student as a merged transformers "
                        "model (or its PEFT adapter) with a model card")
-    p.add_argument("--run", default="demo", help="run name (its folder under --runs-dir)")
-    p.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                   help="where run folders live ($STEPDISTILL_RUNS)")
+    run_options(p)
     p.add_argument("--student", default="", metavar="NAME",
                    help="the student's train.name ('' = the run's train/ folder)")
     p.add_argument("--out", help="the folder to write (without it: export/<student folder> "

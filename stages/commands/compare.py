@@ -22,10 +22,11 @@ is also written to `<run>/compare.json`.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
+
+from stages.commands.cli import run_options
 
 VARIANTS = {  # after the user's overrides, so these win
     "answer-only": ["train.alpha=1.0", "train.kd_lam=0"],
@@ -61,9 +62,7 @@ def students_parser(description: str, seeds: str) -> argparse.ArgumentParser:
     """The options of a command that trains students on one run: config, run, seeds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--run", default="demo")
-    parser.add_argument("--runs-dir", default=os.environ.get("STEPDISTILL_RUNS", "data/runs"),
-                        help="where run folders live")
+    run_options(parser)
     parser.add_argument("--seeds", default=seeds, type=seed_list,
                         help=f"training seeds, comma-separated (default {seeds})")
     return parser

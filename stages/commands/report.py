@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import time
 
 from pipeline.log import log
 from pipeline.run_folder import RunFolder
+from stages.figures import png, pyplot
 
 _MAX_ROWS = 5000  # rejected traces listed in the table at most (the funnel counts them all)
 
@@ -75,12 +75,7 @@ def _e(value) -> str:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(png(fig)).decode()
 
 
 def _figure(png_b64: str, caption: str, name: str) -> str:
@@ -90,10 +85,7 @@ def _figure(png_b64: str, caption: str, name: str) -> str:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     return plt
 
@@ -137,10 +129,7 @@ def loss_curves(logs: dict[str, list[dict]]) -> str | None:
 
 def sweep_plot(rows: list[dict], title: str) -> bytes:
     """Accuracy against the share of the kept traces, one line per method (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -159,10 +148,7 @@ def sweep_plot(rows: list[dict], title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def result_label(r: dict) -> str:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.registry import Registry
 
 
 @dataclass
@@ -83,16 +84,13 @@ def teacher_rows(ctx: LossContext, part: str):
     return out.logits[has], out.lse[has], ids[has], lps[has]
 
 
-TERMS: dict[str, type] = {}
+# every file of trainer/losses/ registers its terms here
+TERMS: Registry = Registry("loss term", "trainer.losses")
 
 
 def register(cls: type) -> type:
     """Class decorator: make a term available to `terms_from_settings`."""
-    if cls.name in TERMS and TERMS[cls.name] is not cls:
-        raise ValueError(f"two loss terms are named {cls.name!r}: "
-                         f"{TERMS[cls.name].__qualname__} and {cls.__qualname__}")
-    TERMS[cls.name] = cls
-    return cls
+    return TERMS.register(cls)
 
 
 def explain_schedule(t: TrainConfig) -> Callable[[int], float] | None:
