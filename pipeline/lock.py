@@ -20,7 +20,8 @@ import time
 import uuid
 
 from pipeline.log import log
-from pipeline.run_folder import LOCK, RunFolderError, StageFolder
+from pipeline.kept_aside import LOCK
+from pipeline.run_folder import RunFolderError, StageFolder
 from pipeline.secrets import scrub
 
 DEFAULT_LEASE_S = 120.0

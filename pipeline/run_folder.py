@@ -1,10 +1,12 @@
-"""The run folder: the one module that reads and writes a run's files.
+"""The run folder: reading and writing a run's files goes through it.
 
 A run folder holds one folder per stage (`generate/`, `filter/`, `train/`, `train-<name>/`,
 `eval/`) and the run's `config.yaml`. Everything in it is reached through fsspec, so the folder
-may be a local path or any fsspec URL; the few things that must live on a local disk (the
-SQLite request cache, training checkpoints, the adapter that `save_pretrained` writes) ask for
-a `local_path`, which says so clearly on any other file system.
+may be a local path or any fsspec URL. A stage folder's concerns each have a short module of
+their own: files written whole and checked (`pipeline.files`), what is kept aside and
+quarantined (`pipeline.kept_aside`, as `folder.aside`), and the files that must live on this
+machine's disk, mirrored to object storage (`pipeline.local_files`, as `folder.local`); this
+module holds the folders themselves, their manifests, plans and checked reads.
 
 Writes never leave a lie on disk: on a local disk every file is written to a temporary name in
 its folder, synced and renamed into place; on object storage, where there is no rename, a file
@@ -20,8 +22,6 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -29,44 +29,20 @@ from typing import Any, Callable, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import files
+from pipeline.files import RunFolderError, mismatch, parquet_options, sha256_of, to_json
 from pipeline.fingerprints import FORMAT_VERSION, changed_keys
+from pipeline.kept_aside import ASIDE, KeptAside, kept_aside
+from pipeline.local_files import LocalFiles
 from pipeline.log import log
 
 META_KEY = b"stepdistill"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-LOCK = "lock.json"
-ASIDE = "by-fingerprint"  # output of other settings, kept: `by-fingerprint/<fingerprint>/`
-QUARANTINE = "quarantine"  # damaged files, moved aside (never deleted)
-REQUEST_CACHE = "requests.sqlite"  # a paid-for backend's responses, keyed by the request
 RECORDS = "done"  # one record per finished shard: `done/<shard>.json`, written after its files
-# What belongs to the stage folder itself rather than to the output of one set of settings:
-# never set aside with an output, never pruned (the request cache is keyed by the request, so
-# it serves every setting).
-FOLDER_OWN = {LOCK, ASIDE, QUARANTINE, REQUEST_CACHE, f"{REQUEST_CACHE}-wal",
-              f"{REQUEST_CACHE}-shm", "requests"}
-
-
-class RunFolderError(RuntimeError):
-    """A run folder cannot do what was asked of it (the message says why and what to do)."""
 
 
 Columns = Union[list[str], Callable[[pa.Schema], list[str]], None]
-
-
-def parquet_options(table: pa.Table) -> dict:
-    """How shards are written, each choice measured on the demo's generate shards while
-    designing format 2 (`make bench ONLY=shards` prints the result and level 19's): zstd level
-    9 (level 19 saves little at a small fraction of the speed); no column statistics (a min/max
-    of whole prompts or code rows is of no use to us and costs bytes in every page); float
-    lists split into byte streams, which zstd compresses better; dictionary encoding only for
-    the scalar columns."""
-    floats = [f.name for f in table.schema if pa.types.is_list(f.type)
-              and pa.types.is_floating(f.type.value_type)]
-    scalars = [f.name for f in table.schema if not pa.types.is_list(f.type)
-               and not pa.types.is_binary(f.type)]
-    return {"compression": "zstd", "compression_level": 9, "write_statistics": False,
-            "use_dictionary": scalars, "use_byte_stream_split": floats}
 
 
 class DamagedFile(RunFolderError):
@@ -139,36 +115,21 @@ class RunFolder:
         return [n[len("train-"):] if n != "train" else "" for n in self.stage_names("train")]
 
     def kept_aside(self, quarantine: bool = False) -> list[tuple[str, str, int]]:
-        """What the stages keep aside: (stage, folder relative to the run, bytes) for every
-        output of other settings (`<stage>/by-fingerprint/<fingerprint>/`) and, with
-        `quarantine`, every quarantined file's folder."""
-        out = []
-        if not self.fs.isdir(self.root):
-            return out
-        kinds = [ASIDE] + ([QUARANTINE] if quarantine else [])
-        for p in sorted(self.fs.ls(self.root, detail=False)):
-            stage = posixpath.basename(p.rstrip("/"))
-            for kind in kinds:
-                base = posixpath.join(self.root, stage, kind)
-                if not self.fs.isdir(base):
-                    continue
-                for entry in sorted(self.fs.ls(base, detail=False)):
-                    name = posixpath.basename(entry.rstrip("/"))
-                    out.append((stage, f"{stage}/{kind}/{name}", int(self.fs.du(entry))))
-        return out
+        """What the stages keep aside (`pipeline.kept_aside.kept_aside`)."""
+        return kept_aside(self, quarantine)
 
     def write_text(self, name: str, text: str) -> None:
-        _write_bytes(self.fs, self.is_local, self.path(name), text.encode())
+        files.write_whole(self.fs, self.is_local, self.path(name), text.encode())
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        _write_bytes(self.fs, self.is_local, self.path(name), data)
+        files.write_whole(self.fs, self.is_local, self.path(name), data)
 
     def where(self, name: str) -> str:
         """A file's location as the user should read it in a message."""
         return f"{self.url.rstrip('/')}/{name}"
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, _json(obj))
+        self.write_text(name, to_json(obj))
 
     def read_json(self, name: str) -> Any:
         with self.fs.open(self.path(name), "rb") as f:
@@ -176,12 +137,15 @@ class RunFolder:
 
 
 class StageFolder:
-    """One stage's folder inside a run: its shards, manifest, plan, reports and logs."""
+    """One stage's folder inside a run: its shards, manifest, plan, reports and logs (and, as
+    `aside` and `local`, what it keeps aside and its files on this machine)."""
 
     def __init__(self, run: RunFolder, name: str):
         self.run, self.name = run, name
         self.fs = run.fs
         self.root = run.path(name)
+        self.aside = KeptAside(self)    # other settings' output and damaged files, kept
+        self.local = LocalFiles(self)   # what must live on this machine's disk
 
     def __str__(self) -> str:
         return f"{self.run.url.rstrip('/')}/{self.name}"
@@ -228,55 +192,6 @@ class StageFolder:
             self.fs.copy(key, self.path(dest) + key[len(source):])
         for key in keys:
             self.fs.rm_file(key)
-
-    def output_names(self) -> list[str]:
-        """The top-level names of the folder that belong to one settings' output (everything
-        but the lock, the request cache, the set-aside outputs and the quarantine)."""
-        if not self.fs.isdir(self.root):
-            return []
-        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
-        return sorted(n for n in names if n not in FOLDER_OWN)
-
-    def set_aside(self, label: str, names: list[str] | None = None) -> str | None:
-        """Move the current output (or just `names`) into `by-fingerprint/<label>/`, kept
-        until the user removes it (`distill gc`); returns where it went, None when there was
-        nothing to move."""
-        names = self.output_names() if names is None else names
-        if not names:
-            return None
-        label = self._unused(ASIDE, label)
-        for name in names:
-            self.move(name, f"{ASIDE}/{label}/{name}")
-        return f"{ASIDE}/{label}"
-
-    def _unused(self, folder: str, label: str) -> str:
-        """`label`, or `label-2`, `label-3`, ...: the first name not taken in `folder`."""
-        name, n = label, 1
-        while self.exists(f"{folder}/{name}"):
-            n += 1
-            name = f"{label}-{n}"
-        return name
-
-    def bring_back(self, label: str) -> bool:
-        """Move an output set aside as `label` back into place; False when there is none."""
-        base = f"{ASIDE}/{label}"
-        if not self.fs.isdir(self.path(base)):
-            return False
-        for p in self.fs.ls(self.path(base), detail=False):
-            name = posixpath.basename(p.rstrip("/"))
-            self.remove(name)
-            self.move(f"{base}/{name}", name)
-        self.remove(base)
-        return True
-
-    def quarantine(self, file: str, why: str) -> str:
-        """Move a damaged file to `quarantine/` (kept for the user to look at, never deleted)
-        with a note of why; returns where it went."""
-        dest = f"{QUARANTINE}/{self._unused(QUARANTINE, time.strftime('%Y%m%dT%H%M%S'))}/{file}"
-        self.move(file, dest)
-        self.write_bytes(dest + ".why.txt", f"{why}\n".encode())
-        log(self.name, f"{self.where(file)} is damaged ({why}): moved to {self.where(dest)}")
-        return self.where(dest)
 
     def clean_temporary(self) -> int:
         """Remove the temporary files of writers that died before renaming them into place
@@ -346,20 +261,20 @@ class StageFolder:
         previous = manifest or plan
         stamp = time.strftime("%Y%m%dT%H%M%S")
         if previous is None:
-            moved = self.set_aside(f"unknown-{stamp}")
+            moved = self.aside.keep(f"unknown-{stamp}")
             if moved:
                 log(self.name, f"files of an unknown earlier run are kept in {self.where(moved)}")
         elif force:
-            moved = self.set_aside(f"{previous.get('fingerprint')}-replaced-{stamp}")
+            moved = self.aside.keep(f"{previous.get('fingerprint')}-replaced-{stamp}")
             log(self.name, "--force: redoing the stage; the previous output is kept in "
                 f"{self.where(moved or ASIDE)} (`distill gc` removes it)")
         elif previous.get("fingerprint") != fingerprint:
             diff = changed_keys(previous.get("settings", {}), settings)
             why = "; ".join(diff) if diff else "its input changed"
-            moved = self.set_aside(str(previous.get("fingerprint")))
+            moved = self.aside.keep(str(previous.get("fingerprint")))
             log(self.name, f"settings changed since the last run ({why}); the previous output "
                 f"is kept in {self.where(moved or ASIDE)}")
-            if self.bring_back(fingerprint):
+            if self.aside.bring_back(fingerprint):
                 log(self.name, f"output made with these settings before (fingerprint "
                     f"{fingerprint}) is back in place: only what it lacks is done")
                 manifest = self.manifest()
@@ -382,7 +297,7 @@ class StageFolder:
         path = self.path(entry["file"])
         if not self.fs.isfile(path):
             return "missing"
-        return _mismatch(entry, self.fs.size(path), lambda: _sha256(self.fs, path))
+        return mismatch(entry, self.fs.size(path), lambda: sha256_of(self.fs, path))
 
     def problems(self, entries: list[dict], quarantine: bool = False) -> dict[str, str]:
         """What is wrong with each file of `entries` that is not as recorded ({file: why});
@@ -393,7 +308,7 @@ class StageFolder:
             if why is not None:
                 out[entry["file"]] = why
                 if quarantine and why != "missing":
-                    self.quarantine(entry["file"], why)
+                    self.aside.quarantine(entry["file"], why)
         return out
 
     # ------------------------------------------------------------------ shards
@@ -413,7 +328,7 @@ class StageFolder:
         else:  # no row group at all: readers such as `datasets` fail on a row group of 0 rows
             pq.ParquetWriter(sink, table.schema, **parquet_options(table)).close()
         data = sink.getvalue().to_pybytes()
-        _write_bytes(self.fs, self.run.is_local, self.path(file), data)
+        files.write_whole(self.fs, self.run.is_local, self.path(file), data)
         return {"file": file, "rows": table.num_rows, "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -439,7 +354,7 @@ class StageFolder:
         except FileNotFoundError:
             self.drop_manifest()
             raise DamagedFile(self.where(file), "it is missing", then) from None
-        why = _mismatch(entry, len(data), lambda: hashlib.sha256(data).hexdigest())
+        why = mismatch(entry, len(data), lambda: hashlib.sha256(data).hexdigest())
         table = None
         if why is None:
             try:
@@ -451,7 +366,7 @@ class StageFolder:
         if why is None and "rows" in entry and table.num_rows != entry["rows"]:
             why = f"{table.num_rows} rows where {entry['rows']} were written"
         if why is not None:
-            moved = self.quarantine(file, why)
+            moved = self.aside.quarantine(file, why)
             self.drop_manifest()
             raise DamagedFile(self.where(file), why, f"It was moved to {moved} (kept, never "
                               f"deleted) and the {self.name} stage is no longer finished. "
@@ -491,7 +406,7 @@ class StageFolder:
             else:
                 with self.fs.open(path, "rb") as f:
                     out["rows"] = pq.ParquetFile(f).metadata.num_rows
-        out.update(bytes=self.fs.size(path), sha256=_sha256(self.fs, path))
+        out.update(bytes=self.fs.size(path), sha256=sha256_of(self.fs, path))
         return out
 
     def entries_under(self, folder: str) -> list[dict]:
@@ -503,15 +418,15 @@ class StageFolder:
     # ------------------------------------------------------------------ reports and logs
 
     def write_bytes(self, file: str, data: bytes) -> None:
-        _write_bytes(self.fs, self.run.is_local, self.path(file), data)
+        files.write_whole(self.fs, self.run.is_local, self.path(file), data)
 
     def write_json(self, file: str, obj: Any) -> None:
-        self.write_bytes(file, _json(obj).encode())
+        self.write_bytes(file, to_json(obj).encode())
 
     def create_json(self, file: str, obj: Any) -> bool:
         """Write `obj` only if `file` does not exist yet; returns whether this call wrote it."""
-        return _write_bytes(self.fs, self.run.is_local, self.path(file), _json(obj).encode(),
-                            exclusive=True)
+        return files.write_whole(self.fs, self.run.is_local, self.path(file),
+                                 to_json(obj).encode(), exclusive=True)
 
     def read_json(self, file: str) -> Any:
         with self.fs.open(self.path(file), "rb") as f:
@@ -536,162 +451,7 @@ class StageFolder:
                 break
         return out
 
-    # ------------------------------------------------------------------ local-only things
-
-    def local_path(self, name: str, what: str) -> Path:
-        """A path on the local disk inside the stage folder, for `what` (a SQLite cache,
-        checkpoints) that only a local file system can hold."""
-        if not self.run.is_local:
-            raise RunFolderError(
-                f"{what} needs a run folder on a local disk, and {self.run} is not one; use a "
-                "local --runs-dir for this stage")
-        path = Path(self.path(name))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def scratch(self, name: str) -> Path:
-        """A path on this machine's disk that belongs to this stage of this run (under the
-        cache folder, never in the run folder): for files a worker keeps to itself, such as
-        its live SQLite request cache, which a shared or object-storage folder cannot hold."""
-        from pipeline.models import cache_dir
-
-        key = hashlib.sha256(str(self).encode()).hexdigest()[:16]
-        path = cache_dir() / "scratch" / f"{self.run.name}-{key}" / self.name / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def download(self, file: str, dest: Path) -> bool:
-        """Copy `file` from the stage folder to `dest` on the local disk; False when absent."""
-        if not self.exists(file):
-            return False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(self.path(file), str(dest))
-        return True
-
-    def upload(self, src: Path, file: str) -> None:
-        """Publish a local file as `file` in the stage folder, whole (see `_write_bytes`)."""
-        self.write_bytes(file, Path(src).read_bytes())
-
-    def working_dir(self, name: str) -> Path:
-        """A folder on this machine for files that libraries write to a local path
-        (checkpoints, `save_pretrained`): inside the stage folder on a local disk; for a run
-        folder on object storage, a scratch folder that `mirror_up` copies to the store."""
-        if self.run.is_local:
-            return self.local_path(name, name)
-        return self.scratch(name)
-
-    def mirror_up(self, local: Path, name: str) -> None:
-        """Make `name/` in the stage folder hold the files of the local folder `local`: new and
-        changed files uploaded, files no longer there removed (nothing to do on a local run
-        folder, where `local` is `name/` itself)."""
-        if self.run.is_local and Path(self.path(name)) == Path(local):
-            return
-        remote = {posixpath.relpath(f, f"{name}"): self.fs.size(self.path(f))
-                  for f in self.files_under(name)}
-        here = {p.relative_to(local).as_posix(): p for p in sorted(Path(local).rglob("*"))
-                if p.is_file()}
-        for rel, path in here.items():
-            if remote.get(rel) != path.stat().st_size:
-                self.upload(path, f"{name}/{rel}")
-        for rel in set(remote) - set(here):
-            self.remove(f"{name}/{rel}")
-
-    def mirror_down(self, name: str, local: Path) -> bool:
-        """Copy the files of `name/` into the local folder `local` (what is there already with
-        the same size is kept); False when the stage folder has no `name/`."""
-        found = self.files_under(name)
-        for f in found:
-            dest = Path(local) / posixpath.relpath(f, name)
-            if not (dest.is_file() and dest.stat().st_size == self.fs.size(self.path(f))):
-                self.download(f, dest)
-        return bool(found)
-
-    def local_copy(self, name: str) -> Path:
-        """A folder of the stage (an adapter) on this machine's disk: itself on a local run
-        folder, else a fresh copy in a scratch folder."""
-        if self.run.is_local:
-            return Path(self.path(name))
-        local = self.scratch(f"copy-of-{name}")
-        shutil.rmtree(local, ignore_errors=True)
-        if not self.mirror_down(name, local):
-            raise FileNotFoundError(f"{self.where(name)} does not exist")
-        return local
-
-    def publish_dir(self, built: Path, name: str) -> None:
-        """Move a folder built elsewhere on the local disk (`save_pretrained`'s output) into
-        place as `name`, replacing what was there."""
-        if not self.run.is_local:
-            self.mirror_up(built, name)
-            shutil.rmtree(built, ignore_errors=True)
-            return
-        target = self.local_path(name, f"the folder {name}/")
-        shutil.rmtree(target, ignore_errors=True)
-        built.rename(target)
-
-
-def _mismatch(entry: dict, size: int, sha256) -> str | None:
-    """Why a file of `size` bytes (and the digest `sha256()`, computed only when the size
-    matches) is not the one its manifest entry records, or None."""
-    if size != entry["bytes"]:
-        return f"{size} bytes where {entry['bytes']} were written"
-    if "sha256" in entry and sha256() != entry["sha256"]:
-        return "its sha256 is not the one recorded when it was written"
-    return None
-
-
-def _sha256(fs, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-
-
-def _write_bytes(fs, is_local: bool, path: str, data: bytes, exclusive: bool = False) -> bool:
-    """Write a whole file: on a local disk through a synced temporary file and a rename, on
-    object storage straight to its key. `exclusive`: only when no file is there yet
-    (create-if-absent: a hard link on a local disk, a conditional PUT on S3); returns whether
-    this call wrote it."""
-    parent = posixpath.dirname(path)
-    if not is_local:
-        fs.makedirs(parent, exist_ok=True)
-        if not exclusive:
-            fs.pipe_file(path, data)
-            return True
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError):  # a store with no create-if-absent
-            if fs.exists(path):
-                return False
-            fs.pipe_file(path, data)
-        return True
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.", suffix=".tmp",
-                               dir=parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are for the user to share
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # fails when the file exists: the first writer wins, whole
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def as_run_folder(run: "RunFolder | str | os.PathLike") -> RunFolder:
     return run if isinstance(run, RunFolder) else RunFolder(run)
-

@@ -24,7 +24,8 @@ from pipeline.fingerprints import fingerprint, manifest_digest
 from pipeline.log import log
 from pipeline.prompts import PromptTemplate
 from pipeline.registry import BACKENDS
-from pipeline.run_folder import REQUEST_CACHE, DamagedFile, RunFolder, as_run_folder
+from pipeline.kept_aside import REQUEST_CACHE
+from pipeline.run_folder import DamagedFile, RunFolder, as_run_folder
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
@@ -177,7 +178,7 @@ class Models:
             self.backend.use_adapter(None)
         else:
             self.backend.use_adapter(job.adapter_from.name,
-                                     str(job.adapter_from.local_copy("adapter")))
+                                     str(job.adapter_from.local.copy_of("adapter")))
         return self.backend
 
     def _load(self, job: Job, kind) -> Backend:
@@ -191,16 +192,16 @@ class Models:
             cache = None
             if kind.request_cache:  # the teacher is only reachable through its API
                 folder = self.run.stage("eval")
-                cache = (folder.local_path(REQUEST_CACHE, f"the {kind.name} backend's request "
+                cache = (folder.local.path(REQUEST_CACHE, f"the {kind.name} backend's request "
                                            "cache") if self.run.is_local
-                         else folder.scratch(REQUEST_CACHE))
+                         else folder.local.scratch(REQUEST_CACHE))
             return kind.teacher_for_eval(self.cfg, cache)
         path = resolve_model(job.model)
         student = self._student(job.model)
         if job.system == "base":
             return HFBackend(job.model, e.dtype, loaded=(student.load(path, e.dtype).eval(),
                                                          load_tokenizer(path)))
-        adapter_dir = str(job.adapter_from.local_copy("adapter"))
+        adapter_dir = str(job.adapter_from.local.copy_of("adapter"))
         model = load_distilled(path, adapter_dir, e.dtype, student)
         name = self.run.student(job.variant).name
         return HFBackend(f"{job.model}+{name}", e.dtype,

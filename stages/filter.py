@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config, FilterConfig, fingerprinted
 from pipeline.executors import ArrayRole, executor_for, run_stage
-from pipeline.fingerprints import fingerprint, manifest_digest
+from pipeline.fingerprints import manifest_digest
 from pipeline.log import log
 from pipeline.registry import BACKENDS
 from pipeline.run_folder import RunFolder, as_run_folder
@@ -37,7 +37,7 @@ from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept
                              rejected_schema, shard_format)
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker, is_marker
-from stages.checks.traces import Trace, count_steps, ordered_checks, repeat_share
+from stages.checks.traces import Trace, count_steps, ordered_checks
 from stages.dataset_card import CARD, write_dataset_card
 from stages.figures import png, pyplot
 

@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config, GenerateConfig, fingerprinted
 from pipeline.executors import ArrayRole, executor_for, run_stage
-from pipeline.fingerprints import fingerprint
 from pipeline.log import log
 from pipeline.registry import BACKENDS
 from pipeline.prompts import PromptTemplate
-from pipeline.run_folder import REQUEST_CACHE, RunFolder, StageFolder, as_run_folder
+from pipeline.kept_aside import REQUEST_CACHE
+from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import SCHEMA_VERSION, as_format, shard_format, traces_table
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
@@ -228,20 +228,20 @@ def teacher_factory(cfg: Config, folder: StageFolder,
         if not kind.request_cache:
             teacher = kind.build(cfg, None, None)
         elif not per_worker:
-            teacher = kind.build(cfg, folder.local_path(REQUEST_CACHE, f"the {g.backend} "
+            teacher = kind.build(cfg, folder.local.path(REQUEST_CACHE, f"the {g.backend} "
                                                         "backend's request cache"), None)
         else:
             import socket
 
             worker = f"{socket.gethostname()}-{os.getpid()}"
-            seed = folder.scratch(f"seed-{worker}.sqlite")
-            backend = kind.build(cfg, folder.scratch(f"live-{worker}.sqlite"),
-                                 seed if folder.download(REQUEST_CACHE, seed) else None)
+            seed = folder.local.scratch(f"seed-{worker}.sqlite")
+            backend = kind.build(cfg, folder.local.scratch(f"live-{worker}.sqlite"),
+                                 seed if folder.local.download(REQUEST_CACHE, seed) else None)
 
             def publish() -> None:
-                copy = folder.scratch(f"copy-{worker}.sqlite")
+                copy = folder.local.scratch(f"copy-{worker}.sqlite")
                 backend.cache.snapshot(copy)
-                folder.upload(copy, f"{WORKER_CACHES}/{worker}.sqlite")
+                folder.local.upload(copy, f"{WORKER_CACHES}/{worker}.sqlite")
 
             teacher = _PublishingTeacher(backend, publish)
         log("generate", f"teacher ready in {time.time() - t0:.0f}s")
@@ -259,19 +259,19 @@ def merge_worker_caches(folder: StageFolder) -> None:
     if not found:
         return
     local = folder.run.is_local
-    merged = (folder.local_path(REQUEST_CACHE, "the request cache") if local
-              else folder.scratch("merged.sqlite"))
+    merged = (folder.local.path(REQUEST_CACHE, "the request cache") if local
+              else folder.local.scratch("merged.sqlite"))
     if not local:
         merged.unlink(missing_ok=True)
-        folder.download(REQUEST_CACHE, merged)
+        folder.local.download(REQUEST_CACHE, merged)
     copies = []
     for i, file in enumerate(found):
-        copy = folder.scratch(f"merge-{i}.sqlite")
-        folder.download(file, copy)
+        copy = folder.local.scratch(f"merge-{i}.sqlite")
+        folder.local.download(file, copy)
         copies.append(copy)
     total = merge_request_caches(merged, copies)
     if not local:
-        folder.upload(merged, REQUEST_CACHE)
+        folder.local.upload(merged, REQUEST_CACHE)
     for file, copy in zip(found, copies):
         folder.remove(file)
         copy.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, TrainConfig, fingerprinted
-from pipeline.fingerprints import fingerprint, manifest_digest
+from pipeline.fingerprints import manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import logical, topk_columns
@@ -256,8 +256,8 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
 
     from pipeline.models import model_revision, tokenizer_fingerprint
     from trainer.arguments import sft_config, tensorboard_dir
-    from trainer.dss import (DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints,
-                             last_complete_checkpoint)
+    from pipeline.sealed import last_complete_checkpoint
+    from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints
     from trainer.examples import DSSCollator, build_examples
     from trainer.lora import lora_student
 
@@ -320,7 +320,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log(name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
-    ckpt_dir, tb_dir = folder.working_dir("checkpoints"), folder.working_dir("tensorboard")
+    ckpt_dir, tb_dir = folder.local.working_dir("checkpoints"), folder.local.working_dir("tensorboard")
     args = sft_config(t, ckpt_dir, use_cpu=not torch.cuda.is_available())
     main_process = args.process_index == 0
     # The main process has prepared the folder (under the lock) before it came here; the
@@ -330,15 +330,15 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
         pass
     with args.main_process_first(local=True, desc="fetch checkpoints"):
         if not folder.run.is_local and args.local_process_index == 0:
-            folder.mirror_down("checkpoints", ckpt_dir)
+            folder.local.mirror_down("checkpoints", ckpt_dir)
     training_log = JsonlLogCallback(lambda records: folder.write_jsonl("log.jsonl", records),
                                     folder.read_jsonl("log.jsonl"))
     callbacks = [training_log, SealCheckpoints()]
     if not folder.run.is_local:
         def upload() -> None:
-            folder.mirror_up(ckpt_dir, "checkpoints")
+            folder.local.mirror_up(ckpt_dir, "checkpoints")
             if tb_dir.is_dir():
-                folder.mirror_up(tb_dir, "tensorboard")
+                folder.local.mirror_up(tb_dir, "tensorboard")
 
         callbacks.append(OnSave(upload))
     with tensorboard_dir(tb_dir):
@@ -367,7 +367,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
             log(name, f"resuming from {last}")
         result = trainer.train(resume_from_checkpoint=last)
         steps, train_loss = result.global_step, result.training_loss
-    built = folder.working_dir("adapter.tmp") if main_process else None
+    built = folder.local.working_dir("adapter.tmp") if main_process else None
     if built is not None:
         shutil.rmtree(built, ignore_errors=True)
         if finished:
@@ -379,7 +379,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
         tokenizer.save_pretrained(built)
         if tb_dir.is_dir():
-            folder.mirror_up(tb_dir, "tensorboard")
+            folder.local.mirror_up(tb_dir, "tensorboard")
         log(name, f"done: {steps} steps, loss {train_loss:.4f}, {time.time() - t0:.0f}s")
     progress(traces.rows)
     return ShardOutput(

@@ -143,7 +143,7 @@ def test_a_stage_runs_on_an_fsspec_url_as_on_a_local_disk():
     run(folder, again)
     assert again.calls == []
     with pytest.raises(Exception, match="local disk"):
-        folder.local_path("checkpoints", "training checkpoints")
+        folder.local.path("checkpoints", "training checkpoints")
 
 
 # ---------------------------------------------------------------- job arrays

@@ -10,7 +10,8 @@ from pipeline.schema import (KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA_V2, kept
 from pipeline.stage import Shard
 from stages.backends.base import Generation
 from stages.checks.answers import AnswerChecker
-from stages.filter import FilterSettings, count_steps, filter_shard, funnel_table, repeat_share
+from stages.checks.traces import count_steps, repeat_share
+from stages.filter import FilterSettings, filter_shard, funnel_table
 
 _ids = itertools.count()
 NUMERIC = AnswerChecker("numeric")

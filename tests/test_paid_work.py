@@ -21,7 +21,8 @@ import stages.generate as generate
 from fake_openai import FakeServer
 from pipeline.config import load_config
 from pipeline.lock import StageLock, StageLocked
-from pipeline.run_folder import LOCK, DamagedFile, RunFolder
+from pipeline.kept_aside import LOCK
+from pipeline.run_folder import DamagedFile, RunFolder
 from pipeline.schema import logical, shard_format
 from pipeline.secrets import remember, scrub
 from stages.backends.base import TeacherUnavailable
@@ -283,13 +284,13 @@ def test_orphan_temporary_files_are_cleaned_at_the_next_start(tmp_path):
 def test_a_full_disk_is_one_clear_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    import pipeline.run_folder as rf
+    import pipeline.files as rf
     from stages.commands.cli import main
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(rf, "_write_bytes", full)
+    monkeypatch.setattr(rf, "write_whole", full)
     code = main(["filter", "--config", "configs/demo.yaml", "--run", "r", "--runs-dir",
                  str(tmp_path)])
     err = capsys.readouterr().err
@@ -299,21 +300,21 @@ def test_a_full_disk_is_one_clear_line(tmp_path, monkeypatch, capsys):
 
 
 def test_an_incomplete_checkpoint_is_skipped_and_said(tmp_path):
-    from trainer.dss import last_complete_checkpoint, seal_checkpoint
+    from pipeline.sealed import last_complete_checkpoint, seal
 
     said = []
     good = tmp_path / "checkpoint-2"
     good.mkdir()
     (good / "adapter_model.safetensors").write_bytes(b"weights")
     (good / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
-    seal_checkpoint(good)
+    seal(good)
     cut = tmp_path / "checkpoint-4"  # killed while saving: weights there, the rest not
     cut.mkdir()
     (cut / "adapter_model.safetensors").write_bytes(b"wei")
     damaged = tmp_path / "checkpoint-3"  # sealed, then a byte changed
     damaged.mkdir()
     (damaged / "optimizer.pt").write_bytes(b"state")
-    seal_checkpoint(damaged)
+    seal(damaged)
     (damaged / "optimizer.pt").write_bytes(b"stat!")
     assert last_complete_checkpoint(tmp_path, said.append) == str(good)
     assert not cut.exists() and not damaged.exists()

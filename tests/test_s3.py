@@ -90,7 +90,7 @@ def test_api_teacher_array_on_s3_merges_worker_caches_and_pays_once(s3, tmp_path
         assert "merged 2 worker request cache(s)" in done.stderr
         assert folder.files_under("requests") == []
         merged = tmp_path / "merged.sqlite"
-        folder.download("requests.sqlite", merged)
+        folder.local.download("requests.sqlite", merged)
         assert sqlite3.connect(merged).execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 24
         paid = sum(server.successes.values())
         assert paid == 24
@@ -130,7 +130,7 @@ def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, e
     # local: the checkpoint comes back from the store
     import shutil
     folder = RunFolder(f"{s3}/demo").student()
-    shutil.rmtree(folder.scratch("checkpoints"))
+    shutil.rmtree(folder.local.scratch("checkpoints"))
     for gone in ("manifest.json", "adapter", "checkpoints/checkpoint-2"):
         fs.rm(f"{root}/train/{gone}", recursive=True)
     train = args[:3] + ["train"] + args[4:]

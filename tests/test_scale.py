@@ -14,7 +14,6 @@ import pytest
 from pipeline.schema import logical
 from pipeline.config import Config, RayConfig, load_config
 from pipeline.executors import executor_for, run_stage
-from pipeline.fingerprints import fingerprint
 from pipeline.run_folder import RunFolder
 from pipeline.stage import Shard, ShardOutput, Stage
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Protocol
 
 from pipeline.executors.array import ArrayRole, ArrayWorker
-from pipeline.executors.base import ExecutorKind
 from pipeline.registry import EXECUTORS
 from pipeline.run_folder import StageFolder
 from pipeline.stage import Stage

@@ -33,7 +33,7 @@ class ExecutorKind:
     """
 
     name: str
-    make: Callable[[int, Any], "Executor"]
+    make: Callable[[int, Any], Any]  # -> an `Executor`
 
 
 @dataclass
@@ -213,7 +213,7 @@ def write_outputs(stage: Stage, folder: StageFolder, shard: Shard,
     if stage.paid:
         there = [n for n in names.values() if folder.exists(n)]
         if there:
-            moved = folder.set_aside(f"{stage.fingerprint}-replaced-"
+            moved = folder.aside.keep(f"{stage.fingerprint}-replaced-"
                                      f"{time.strftime('%Y%m%dT%H%M%S')}", there)
             log(stage.name, f"shard {shard.name}: its earlier output is kept in "
                 f"{folder.where(moved)}")
@@ -228,7 +228,7 @@ def write_outputs(stage: Stage, folder: StageFolder, shard: Shard,
                for kind in stage.outputs}
     folders = {}
     for name in stage.folders:
-        folder.publish_dir(out.folders[name], name)
+        folder.local.publish_dir(out.folders[name], name)
         folders[name] = folder.entries_under(name)
     folder.write_json(record_name(shard.name), {
         "shard": shard.name, "fingerprint": stage.fingerprint, "input_checksum": shard.checksum,
@@ -252,7 +252,7 @@ def commit(stage: Stage, folder: StageFolder, done: list[ShardDone], started: fl
         planned = {record_name(d.shard.name) for d in done}
         stale += [f for f in folder.files_under(RECORDS, ".json") if f not in planned]
         if stale:
-            folder.set_aside(f"{stage.fingerprint}-unplanned-{time.strftime('%Y%m%dT%H%M%S')}",
+            folder.aside.keep(f"{stage.fingerprint}-unplanned-{time.strftime('%Y%m%dT%H%M%S')}",
                              stale)
     totals: Counter = Counter()
     facts = dict(stage.facts)

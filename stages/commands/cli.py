@@ -24,7 +24,8 @@ import yaml
 from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
 from pipeline.executors.array import ArrayRole
 from pipeline.log import is_main_process, log, set_verbosity
-from pipeline.run_folder import LOCK, RunFolder, as_run_folder
+from pipeline.kept_aside import LOCK
+from pipeline.run_folder import RunFolder, as_run_folder
 from pipeline.secrets import scrub
 
 STAGES = ["generate", "filter", "train", "eval"]
@@ -363,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             run = RunFolder.at(args.runs_dir, args.run)
             if not run.fs.isdir(run.root):
                 raise FileNotFoundError(f"no run folder {run.url}; check --run and --runs-dir")
-            name = run.student(args.student).name
-            if args.out is None and not run.is_local:
-                raise ValueError("the run folder is not on this machine: give --out, a local "
-                                 "folder to write the exported model to")
-            export(run, args.student, Path(args.out or Path(run.path("export", name))),
+            export(run, args.student, Path(args.out) if args.out else None,
                    args.adapter_only, args.dtype, args.push_to_hub, args.check)
             return
         if args.command == "convert-shards":

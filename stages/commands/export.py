@@ -188,9 +188,10 @@ def check_export(out: Path, base: str, adapter: Path, questions: list[str]) -> t
     return sum(a == b for a, b in zip(exported, with_adapter)), len(prompts)
 
 
-def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
+def export(run: RunFolder, variant: str, out: Path | None = None, adapter_only: bool = False,
            dtype: str = "float32", push_to_hub: str | None = None, check: int = 0) -> Path:
-    """Write the exported student to `out` (replaced as a whole once complete)."""
+    """Write the exported student to `out`, or to the run's `export/<student folder>/` through
+    the run folder (replaced as a whole once complete)."""
     import torch
 
     from pipeline.models import load_tokenizer, resolve_model
@@ -211,9 +212,11 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
     spec = manifest["facts"]["student"]
     resolved = resolve_model(spec)
     base_id = base_model_id(spec, resolved)
-    adapter = folder.local_copy("adapter")
+    adapter = folder.local.copy_of("adapter")
     student = student_for(resolved)
-    tmp = out.with_name(f".{out.name}.tmp")
+    exports = run.stage("export")
+    tmp = (out.with_name(f".{out.name}.tmp") if out is not None
+           else exports.local.working_dir(f".{folder.name}.tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if adapter_only:
@@ -243,9 +246,13 @@ def export(run: RunFolder, variant: str, out: Path, adapter_only: bool = False,
     (tmp / "stepdistill-export.json").write_text(json.dumps({
         "run": run.url, "student": folder.name, "train_fingerprint": manifest["fingerprint"],
         "base_model": base_id, "adapter_only": adapter_only, "dtype": dtype}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out is None:  # into the run folder, through it
+        exports.local.publish_dir(tmp, folder.name)
+        out = exports.local.copy_of(folder.name)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     log("export", f"{'adapter' if adapter_only else 'merged model'} of {folder.name} -> {out}")
     if check and not adapter_only and student.decoder_only:
         same, n = check_export(out, resolved, adapter, _questions(run, check))

@@ -48,7 +48,6 @@ import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.executors import run_stage
-from pipeline.fingerprints import fingerprint
 from pipeline.log import log
 from pipeline.run_folder import RunFolder
 from pipeline.schema import SCHEMA_VERSION, traces_table
