@@ -86,6 +86,10 @@ class Registry(Generic[T]):
                               f"{did_you_mean(str(name), list(self._members))}")
         return self._members[name]
 
+    def __contains__(self, name: str) -> bool:
+        self.load()
+        return name in self._members
+
     def __iter__(self) -> Iterator[T]:
         self.load()
         return iter(list(self._members.values()))

@@ -71,11 +71,12 @@ def similar(a: list[str], b: list[str], threshold: float) -> bool:
 
 
 def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: str | None,
-                gold_source: str) -> tuple[str | None, dict]:
+                gold_source: str, checks: list | None = None) -> tuple[str | None, dict]:
     """(reason or None, the added columns) for one trace, checked against `gold`: the row's
     gold answer (`gold_source="gold"`) or its samples' majority answer ("majority"), None
-    when there is neither. The registered checks run in their order; the first that fails
-    gives the reason."""
+    when there is neither. The registered checks (`checks`: `ordered_checks()`, looked up
+    once per shard by the caller) run in their order; the first that fails gives the
+    reason."""
     text = row["completion"] or ""
     found = row.get("_found") or checker.extract(text, row.get("question") or "")
     marker = is_marker(found.extractor)
@@ -87,7 +88,7 @@ def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: s
              "gold_source": gold_source if gold is not None else None,
              "agreement": row.get("_agreement"), "detail": None}
     trace = Trace(row, found, marker, rationale, words, gold, checker, added)
-    for check in ordered_checks():
+    for check in checks if checks is not None else ordered_checks():
         detail = check(trace, cfg)
         if detail is not None:
             if detail:
@@ -122,6 +123,7 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
                  progress: Progress = no_progress) -> ShardOutput:
     """The kept and the rejected traces of one generate shard, and the funnel's counts."""
     cfg, checker = settings.cfg, settings.checker
+    checks = ordered_checks()
     table = shard.load()
     # Token columns pass through untouched: only the small columns go through Python.
     small = table.select(["id", "sample", "question", "completion", "finish_reason", "gold",
@@ -143,7 +145,8 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
             for i in ids:
                 small[i]["_agreement"] = round(agreement, 4)
         for i in ids:
-            results[i] = check_trace(small[i], cfg, checker, gold=gold, gold_source=source)
+            results[i] = check_trace(small[i], cfg, checker, gold=gold, gold_source=source,
+                                     checks=checks)
         _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
 
     counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in reasons()}}
@@ -164,7 +167,7 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
 
     # the traces in the layout they came in (format 1 or 2); other columns are not carried
     traces = TRACE_SCHEMA_V2 if shard_format(table.schema) == 2 else TRACE_SCHEMA
-    own = [column for check in ordered_checks() for column in check.records]
+    own = [column for check in checks for column in check.records]
     table = table.select(traces.names)
 
     def build(idx: list[int], adds: list[dict], schema: pa.Schema, extra=None) -> pa.Table:

@@ -122,7 +122,7 @@ def is_marker(extractor: str) -> bool:
     """Whether the extractor recorded on a trace (`name` or `name:how`) read an explicit
     final-answer marker."""
     name = extractor.split(":")[0]
-    return name in EXTRACTOR_REGISTRY.names() and EXTRACTOR_REGISTRY.get(name).marker
+    return name in EXTRACTOR_REGISTRY and EXTRACTOR_REGISTRY.get(name).marker
 
 
 @dataclass(frozen=True)

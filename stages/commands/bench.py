@@ -254,8 +254,9 @@ def bench_filter() -> list[tuple[str, str]]:
 
     tok = load_tokenizer(resolve_model("smollm2-135m-instruct"))
     ids = tok(texts, add_special_tokens=False)["input_ids"]
+    # no top-k (k = 0): an empty row for every token, as a backend asked for none gives
     gens = [Generation(t, "stop", np.asarray(i, np.int32), np.zeros(len(i), np.float32),
-                       np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
+                       np.zeros((len(i), 0), np.int32), np.zeros((len(i), 0), np.float32))
             for t, i in zip(texts, ids)]
     recs = [{"id": str(i), "sample": 0, "question": q, "gold": g, "prompt": "",
              "completion": t, "finish_reason": "stop", "error": None}
