@@ -319,7 +319,7 @@ class FilterConfig(Section):
         for name in self.extractors or []:
             if name not in EXTRACTORS.names():
                 errors.append(f"filter.extractors: unknown extractor '{name}'; "
-                              f"{did_you_mean(name, EXTRACTORS.names())}")
+                              f"{did_you_mean(name, sorted(EXTRACTORS.names()))}")
         if self.extractors is not None and not self.extractors:
             errors.append("filter.extractors: give at least one extractor, or null for the "
                           "answer type's default order")
@@ -587,7 +587,7 @@ def _check_range(value: Any, meta: dict, where: str, errors: list[str]) -> None:
     values = value if isinstance(value, list) else [value]
     choices = meta.get("choices")
     if isinstance(choices, Registry):
-        choices = choices.names()
+        choices = sorted(choices.names())
     for v in values:
         if choices and v not in choices:
             errors.append(f"{where}: {v!r} is not allowed; {did_you_mean(str(v), choices)}")

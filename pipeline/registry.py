@@ -83,7 +83,7 @@ class Registry(Generic[T]):
         if name not in self._members:
             where = f"{setting}: " if setting else ""
             raise UnknownName(f"{where}unknown {self.what} {name!r}; "
-                              f"{did_you_mean(str(name), list(self._members))}")
+                              f"{did_you_mean(str(name), sorted(self._members))}")
         return self._members[name]
 
     def __contains__(self, name: str) -> bool:
