@@ -8,6 +8,7 @@ problems of every section together.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -492,17 +493,8 @@ def fingerprinted(section: Section, reads: frozenset[str] | set[str] = frozenset
                 or rule == IF_READ and name not in reads
                 or rule.startswith("with ") and at_default(rule[len("with "):])):
             continue
-        out[name] = _plain(getattr(section, name))
+        out[name] = copy.deepcopy(getattr(section, name))
     return out
-
-
-def _plain(value: Any) -> Any:
-    """A setting's value as `dataclasses.asdict` gives it (lists and dicts copied)."""
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def answer_kind(task: "TaskConfig") -> str:

@@ -87,7 +87,7 @@ def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: s
              "n_words": len(words), "n_equations": 0, "repeat_share": 0.0,
              "gold_source": gold_source if gold is not None else None,
              "agreement": row.get("_agreement"), "detail": None}
-    trace = Trace(row, found, marker, rationale, words, gold, checker, added)
+    trace = Trace(row, found, marker, rationale, gold, checker, added)
     for check in checks if checks is not None else ordered_checks():
         detail = check(trace, cfg)
         if detail is not None:

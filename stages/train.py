@@ -320,7 +320,8 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     log(name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
-    ckpt_dir, tb_dir = folder.local.working_dir("checkpoints"), folder.local.working_dir("tensorboard")
+    ckpt_dir = folder.local.working_dir("checkpoints")
+    tb_dir = folder.local.working_dir("tensorboard")
     args = sft_config(t, ckpt_dir, use_cpu=not torch.cuda.is_available())
     main_process = args.process_index == 0
     # The main process has prepared the folder (under the lock) before it came here; the

@@ -16,22 +16,28 @@ from trainer.students.causal_lm import CausalLMStudent
 
 FIXTURE = "tests/fixtures/run-before-house"
 
+DEMO, GSM8K = "configs/demo.yaml", "configs/gsm8k.yaml"
 CASES = {
- "demo": ("configs/demo.yaml", []),
- "gsm8k": ("configs/gsm8k.yaml", []),
- "demo-hf": ("configs/demo.yaml", ["generate.backend=hf"]),
- "demo-openai": ("configs/demo.yaml", ["generate.backend=openai", "generate.base_url=http://127.0.0.1:8000/v1", "generate.tokenizer=x"]),
- "demo-openai-completions": ("configs/demo.yaml", ["generate.backend=openai", "generate.endpoint=completions"]),
- "demo-ray": ("configs/demo.yaml", ["generate.executor=ray", "generate.workers=3", "generate.batch_size=8", "generate.shard_format=1", "vllm.max_num_seqs=4", "filter.executor=ray", "filter.workers=2", "filter.plot=false"]),
- "kd": ("configs/demo.yaml", ["train.kd_lam=0.5", "train.kd_temperature=2", "train.kd_tail=renormalize"]),
- "answer-kd": ("configs/demo.yaml", ["train.answer_kd_lam=0.3", "train.answer_kd_temperature=3"]),
- "cosine": ("configs/demo.yaml", ["train.rationale_loss=cosine", "train.cosine_margin=0.1"]),
- "consistency": ("configs/demo.yaml", ["train.consistency_lam=0.5", "train.consistency_noise=dropout"]),
- "fraction": ("configs/demo.yaml", ["train.data_fraction=0.25", "train.heldout_share=0.1", "train.eval_steps=7"]),
- "args": ("configs/demo.yaml", ["train.args.optim=adafactor", "train.name=x", "train.report_to=[]"]),
- "off-knobs": ("configs/demo.yaml", ["train.answer_kd_temperature=5", "train.cosine_margin=0.2", "train.consistency_amount=0.3", "train.eval_steps=3", "train.kd_beta=0.5"]),
- "filter": ("configs/demo.yaml", ["filter.extractors=[answer_is,last_number]", "filter.dedup=exact"]),
- "file-label": ("configs/demo.yaml", ["task.kind=file", "task.train_path=x.jsonl", "task.answer_type=label"]),
+    "demo": (DEMO, []),
+    "gsm8k": (GSM8K, []),
+    "demo-hf": (DEMO, ["generate.backend=hf"]),
+    "demo-openai": (DEMO, ["generate.backend=openai",
+        "generate.base_url=http://127.0.0.1:8000/v1", "generate.tokenizer=x"]),
+    "demo-openai-completions": (DEMO, ["generate.backend=openai", "generate.endpoint=completions"]),
+    "demo-ray": (DEMO, ["generate.executor=ray", "generate.workers=3", "generate.batch_size=8",
+        "generate.shard_format=1", "vllm.max_num_seqs=4", "filter.executor=ray",
+        "filter.workers=2", "filter.plot=false"]),
+    "kd": (DEMO, ["train.kd_lam=0.5", "train.kd_temperature=2", "train.kd_tail=renormalize"]),
+    "answer-kd": (DEMO, ["train.answer_kd_lam=0.3", "train.answer_kd_temperature=3"]),
+    "cosine": (DEMO, ["train.rationale_loss=cosine", "train.cosine_margin=0.1"]),
+    "consistency": (DEMO, ["train.consistency_lam=0.5", "train.consistency_noise=dropout"]),
+    "fraction": (DEMO, ["train.data_fraction=0.25", "train.heldout_share=0.1",
+        "train.eval_steps=7"]),
+    "args": (DEMO, ["train.args.optim=adafactor", "train.name=x", "train.report_to=[]"]),
+    "off-knobs": (DEMO, ["train.answer_kd_temperature=5", "train.cosine_margin=0.2",
+        "train.consistency_amount=0.3", "train.eval_steps=3", "train.kd_beta=0.5"]),
+    "filter": (DEMO, ["filter.extractors=[answer_is,last_number]", "filter.dedup=exact"]),
+    "file-label": (DEMO, ["task.kind=file", "task.train_path=x.jsonl", "task.answer_type=label"]),
 }
 
 PINNED = {

@@ -32,7 +32,6 @@ class Trace:
     found: Extraction
     marker: bool
     rationale: str
-    words: list[str]
     gold: str | None
     checker: AnswerChecker
     added: dict

@@ -2,8 +2,9 @@
 
 A term (the `LossTerm` protocol) names the part of the batch it works on (`predict` or
 `explain`), says how it is made from the train settings (`from_settings`, None when it is off)
-and which setting switches it on, and computes its value from a `LossContext`: the student's logits at that part's target positions (run once per part and
-step, and shared by every term on the part), the batch itself (a term's own fields, such as
+and which setting switches it on, and computes its value from a `LossContext`: the student's
+logits at that part's target positions (run once per part and step, and shared by every term
+on the part), the batch itself (a term's own fields, such as
 the teacher's top-k rows), and the model, for a term that needs a forward pass of its own.
 Its weight can follow a schedule over the optimizer steps.
 """
