@@ -204,6 +204,31 @@ class GenerateConfig(Section):
                             "lists. Not part of the fingerprint: both formats read alike, and "
                             "`distill convert-shards` converts a run.", choices=[1, 2],
                             fingerprint=NEVER)
+    max_samples: int = opt(0, "Adaptive sampling: the most samples any question may take over "
+                           "all rounds; 0 = off (n_samples per question, one round). After the "
+                           "first n_samples, every question with fewer kept traces than "
+                           "wanted_per_question (by the filter's own checks) gets round_samples "
+                           "more, round after round, until it has enough or another round would "
+                           "pass this cap. Must be n_samples + a whole number of rounds.", ge=0,
+                           le=4096, fingerprint=NEVER)
+    round_samples: int | None = opt(None, "Adaptive sampling: samples per short question in each "
+                                    "round after the first; null = n_samples.", ge=1, le=64,
+                                    fingerprint=NEVER)
+    wanted_per_question: int | None = opt(None, "Adaptive sampling: kept (distinct, correct) "
+                                          "traces a question needs to leave the rounds; null = "
+                                          "filter.max_per_question, or 1 when that is 0.",
+                                          ge=1, le=64, fingerprint=NEVER)
+    round_temperatures: list[float] = opt([], "Adaptive sampling: the temperature of rounds 2, "
+                                          "3, ... (the last one repeats); empty = "
+                                          "generate.temperature.", fingerprint=NEVER)
+    hint_template: str | None = opt(None, "Rationalization (STaR): questions with a gold answer "
+                                    "and still no kept trace after the rounds are asked once "
+                                    "more with this prompt, which holds the answer (`{question}` "
+                                    "and `{answer}`; shipped: data/prompts/*_hint.txt); their "
+                                    "traces are stored with the plain question and marked "
+                                    "hinted. null = off.", fingerprint=NEVER)
+    hint_samples: int | None = opt(None, "Rationalization: samples per question in the hinted "
+                                   "round; null = n_samples.", ge=1, le=64, fingerprint=NEVER)
     executor: str = opt("local", "How the generate shards are run: `local` (one after the other "
                         "in this process) or `ray` (`generate.workers` Ray actors, settings in "
                         "the `ray` section). Job arrays need no setting: see `--worker-index`.",
@@ -214,6 +239,36 @@ class GenerateConfig(Section):
     def _check(self, errors: list[str]) -> None:
         # the chosen backend checks what it reads (an API's top-k limit, its endpoints)
         BACKENDS.get(self.backend).check(self, errors)
+        if self.max_samples:
+            step = self.round_samples or self.n_samples
+            if self.max_samples < self.n_samples:
+                errors.append(f"generate.max_samples={self.max_samples} is below "
+                              f"generate.n_samples={self.n_samples}: the first round alone "
+                              "takes n_samples (0 turns adaptive sampling off)")
+            elif (self.max_samples - self.n_samples) % step:
+                low = self.max_samples - (self.max_samples - self.n_samples) % step
+                errors.append(f"generate.max_samples={self.max_samples} is not n_samples "
+                              f"({self.n_samples}) + a whole number of rounds of "
+                              f"{step} (generate.round_samples): use {low} or {low + step}")
+        for t in self.round_temperatures:
+            if not 0.0 <= t <= 5.0:
+                errors.append(f"generate.round_temperatures: {t} is outside [0, 5]")
+        if self.hint_template is not None and "{answer}" not in _template_text(
+                self.hint_template, errors):
+            errors.append(f"generate.hint_template: {self.hint_template} has no {{answer}} "
+                          "placeholder (a hint prompt shows the gold answer)")
+
+
+def _template_text(path: str, errors: list[str]) -> str:
+    """A prompt file's text ("{answer}" when it cannot be read: its reader says why)."""
+    from pipeline.shipped import shipped
+
+    try:
+        return shipped(path).read_text()
+    except OSError:
+        errors.append(f"generate.hint_template: {path} cannot be read; the shipped ones are "
+                      "data/prompts/*_hint.txt")
+        return "{answer}"
 
 
 @dataclass
@@ -409,6 +464,17 @@ class TrainConfig(Section):
                                fingerprint=UNLESS_DEFAULT)
     eval_steps: int = opt(0, "heldout_share > 0: compute the held-out loss every N steps "
                           "(0 = every save_steps).", ge=0, fingerprint=with_("heldout_share"))
+    predict_on: str = opt("kept", "Where the predict: examples come from: `kept` = one per kept "
+                          "trace (its question and gold answer), `labelled` = one per training "
+                          "question with a gold answer, whether or not a trace of it was kept "
+                          "(the DSS paper's setting with labels); explain: examples always come "
+                          "from the kept traces, and the shorter list is cycled to the longer.",
+                          choices=["kept", "labelled"], fingerprint=UNLESS_DEFAULT)
+    kd_hinted: bool = opt(False, "Use the stored top-k of hinted traces (generate.hint_template) "
+                          "for KD too: it was computed with the gold answer in the teacher's "
+                          "prompt (privileged information the student never has), so by "
+                          "default hinted traces train by cross-entropy only.",
+                          fingerprint=UNLESS_DEFAULT)
     explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
                                     "first N optimizer steps (the student first learns to "
                                     "answer).", ge=0)
@@ -445,6 +511,10 @@ class TrainConfig(Section):
             errors.append("train.rationale_loss=cosine compares the student with the teacher's "
                           "top-k at the teacher's own tokens; use train.explain_targets=auto "
                           "or tokens")
+        if self.predict_on == "labelled" and self.answer_kd_lam > 0:
+            errors.append("train.predict_on=labelled with train.answer_kd_lam > 0: answer KD "
+                          "needs the teacher's answer tokens, which questions without a kept "
+                          "trace do not have; use one or the other")
         if self.rationale_loss == "cosine" and self.kd_lam >= 1:
             errors.append("train.rationale_loss=cosine with train.kd_lam=1 gives the rationale "
                           "loss no weight; lower train.kd_lam")

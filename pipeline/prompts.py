@@ -1,8 +1,10 @@
-"""Few-shot prompt templates: a text file with a `{question}` placeholder (`data/prompts/`)."""
+"""Few-shot prompt templates: a text file with a `{question}` placeholder (`data/prompts/`);
+a hint template (rationalization) also has an `{answer}` placeholder for the gold answer."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 
 class PromptTemplate:
@@ -21,5 +23,16 @@ class PromptTemplate:
             raise ValueError(f"prompt template '{path}' has no {{question}} placeholder")
         self.sha256 = hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
-    def render(self, question: str) -> str:
-        return self.text.replace("{question}", question)
+    @property
+    def hinted(self) -> bool:
+        """The template shows the gold answer (`{answer}`)."""
+        return "{answer}" in self.text
+
+    def render(self, question: str, answer: str | None = None) -> str:
+        if not self.hinted:
+            return self.text.replace("{question}", question)
+        if answer is None:
+            raise ValueError(f"the hint template {self.path} needs the gold answer")
+        # one pass, so that a question holding "{answer}" stays as it is
+        return re.sub(r"\{(question|answer)\}",
+                      lambda m: question if m.group(1) == "question" else answer, self.text)

@@ -48,7 +48,10 @@ FILTER_COLUMNS = [
     ("pred_answer", pa.string()), ("extractor", pa.string()), ("rationale", pa.string()),
     ("n_steps", pa.int32()), ("n_tokens", pa.int32()), ("n_words", pa.int32()),
     ("n_equations", pa.int32()), ("repeat_share", pa.float32()),
-    ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string())]
+    ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string()),
+    # where the trace came from: its generate round (1 = the first samples) and whether its
+    # prompt held the gold answer (rationalization)
+    ("round", pa.int16()), ("hinted", pa.bool_())]
 
 
 def kept_schema(traces: pa.Schema = TRACE_SCHEMA, own: list | tuple = ()) -> pa.Schema:

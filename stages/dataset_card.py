@@ -68,6 +68,10 @@ def card_text(manifest: dict, run_name: str, sft_files: list[str]) -> str:
     drops = [(k.split(":", 1)[1], v) for k, v in counters.items()
              if k.startswith("dropped:") and v]
     funnel = "\n".join(f"| {reason} | {n} |" for reason, n in drops) or "| (none) | 0 |"
+    from stages.keep import coverage_lines
+
+    coverage = "".join(f"\n- {line}" for line in
+                       coverage_lines(counters, facts.get("wanted_per_question")))
     return f"""---
 configs:
 {chr(10).join(configs)}
@@ -82,6 +86,7 @@ Chain-of-thought traces written by the teacher `{facts.get('teacher', '?')}` (ba
 {facts.get('backend', '?')}) and checked by the filter stage (fingerprint
 `{manifest['fingerprint']}`): {counters.get('kept', 0)} of {counters.get('traces_in', 0)} traces
 kept.
+{coverage}
 
 | configuration | what |
 |---|---|

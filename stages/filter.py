@@ -18,16 +18,11 @@ This stage reads only the generate shards: it never loads a model.
 
 from __future__ import annotations
 
-import difflib
-import re
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.config import Config, FilterConfig, fingerprinted
+from pipeline.config import Config, fingerprinted
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import manifest_digest
 from pipeline.log import log
@@ -36,118 +31,24 @@ from pipeline.run_folder import RunFolder, as_run_folder
 from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept_schema,
                              rejected_schema, shard_format)
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
-from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker, is_marker
-from stages.checks.traces import Trace, count_steps, ordered_checks
+from stages.checks.answers import answer_checker
+from stages.checks.traces import ordered_checks
 from stages.dataset_card import CARD, write_dataset_card
 from stages.figures import png, pyplot
-
-# Drops decided per question, among the traces every check kept.
-QUESTION_REASONS = {
-    "duplicate": "the same (or nearly the same) rationale as a kept trace of the question",
-    "over_cap": "more traces of the question than filter.max_per_question",
-}
-
-
-def reasons() -> list[str]:
-    """Every reason a trace can be dropped for, in the order the checks run."""
-    return [c.name for c in ordered_checks()] + list(QUESTION_REASONS)
-
-
-def explained() -> dict[str, str]:
-    """Each reason in words."""
-    return {**{c.name: c.explained for c in ordered_checks()}, **QUESTION_REASONS}
-
-
-def _norm_words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:[.,][0-9]+)*", text.lower())
-
-
-def similar(a: list[str], b: list[str], threshold: float) -> bool:
-    """Word-sequence similarity (difflib's ratio, 2 * matched words / all words) >= threshold;
-    the cheap upper bounds are tried first."""
-    m = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return (m.real_quick_ratio() >= threshold and m.quick_ratio() >= threshold
-            and m.ratio() >= threshold)
-
-
-def check_trace(row: dict, cfg: FilterConfig, checker: AnswerChecker, *, gold: str | None,
-                gold_source: str, checks: list | None = None) -> tuple[str | None, dict]:
-    """(reason or None, the added columns) for one trace, checked against `gold`: the row's
-    gold answer (`gold_source="gold"`) or its samples' majority answer ("majority"), None
-    when there is neither. The registered checks (`checks`: `ordered_checks()`, looked up
-    once per shard by the caller) run in their order; the first that fails gives the
-    reason."""
-    text = row["completion"] or ""
-    found = row.get("_found") or checker.extract(text, row.get("question") or "")
-    marker = is_marker(found.extractor)
-    rationale = text[:found.start].strip() if marker else text.strip()
-    words = text.split()
-    added = {"pred_answer": found.answer, "extractor": found.extractor, "rationale": rationale,
-             "n_steps": count_steps(rationale), "n_tokens": len(row["token_ids"] or []),
-             "n_words": len(words), "n_equations": 0, "repeat_share": 0.0,
-             "gold_source": gold_source if gold is not None else None,
-             "agreement": row.get("_agreement"), "detail": None}
-    trace = Trace(row, found, marker, rationale, gold, checker, added)
-    for check in checks if checks is not None else ordered_checks():
-        detail = check(trace, cfg)
-        if detail is not None:
-            if detail:
-                added["detail"] = detail
-            return check.name, added
-    return None, added
-
-
-def _majority(rows: list[dict], checker: AnswerChecker, cfg: FilterConfig):
-    """(pseudo-gold or None, agreement) from the answers of one question's samples."""
-    keys = [checker.key(r["_found"].answer) for r in rows
-            if r["_found"].answer != NO_ANSWER and not r.get("error")]
-    if not keys:
-        return None, 0.0
-    key, votes = Counter(keys).most_common(1)[0]
-    agreement = votes / len(rows)
-    if votes < cfg.min_votes or agreement < cfg.min_agreement:
-        return None, agreement
-    answer = next(r["_found"].answer for r in rows if checker.key(r["_found"].answer) == key)
-    return answer, agreement
-
-
-@dataclass
-class FilterSettings:
-    """What `filter_shard` needs besides the shard: the settings and the answer checker."""
-
-    cfg: FilterConfig
-    checker: AnswerChecker
+# what decides a trace's fate lives in stages.keep (generate's rounds count with it too)
+from stages.keep import (FilterSettings, coverage_counters, coverage_lines, decide, explained,
+                         reasons)
+from stages.rounds import Part, finished_rounds, load_parts, parts_checksum, wanted
 
 
 def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
                  progress: Progress = no_progress) -> ShardOutput:
-    """The kept and the rejected traces of one generate shard, and the funnel's counts."""
-    cfg, checker = settings.cfg, settings.checker
+    """The kept and the rejected traces of one generate shard (with the traces of the later
+    rounds of its questions), and the funnel's counts, question coverage among them."""
     checks = ordered_checks()
     table = shard.load()
-    # Token columns pass through untouched: only the small columns go through Python.
-    small = table.select(["id", "sample", "question", "completion", "finish_reason", "gold",
-                          "error"]).to_pylist()
-    lengths = pc.list_value_length(table.column("token_ids")).to_pylist()
-    by_question: dict[str, list[int]] = {}
-    for i, row in enumerate(small):
-        row["token_ids"] = range(lengths[i] or 0)
-        row["_found"] = checker.extract(row["completion"] or "", row["question"] or "")
-        by_question.setdefault(row["id"], []).append(i)
-    results: list[tuple[str | None, dict]] = [None] * len(small)  # type: ignore[list-item]
-    samples = [row["sample"] for row in small]
-    for ids in by_question.values():
-        gold = small[ids[0]]["gold"]
-        source = "gold"
-        if gold is None:
-            gold, agreement = _majority([small[i] for i in ids], checker, cfg)
-            source = "majority"
-            for i in ids:
-                small[i]["_agreement"] = round(agreement, 4)
-        for i in ids:
-            results[i] = check_trace(small[i], cfg, checker, gold=gold, gold_source=source,
-                                     checks=checks)
-        _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
+    small, results, by_question = decide(table, settings, checks)
+    lengths = [len(row["token_ids"]) for row in small]
 
     counters = {"traces_in": table.num_rows, "kept": 0, **{f"dropped:{r}": 0 for r in reasons()}}
     kept_idx, rej_idx, kept_add, rej_add, why = [], [], [], [], []
@@ -164,6 +65,7 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
     counters["pseudo_gold_rows"] = sum(
         1 for ids in by_question.values() if small[ids[0]]["gold"] is None
         and results[ids[0]][1]["gold_source"] == "majority")
+    counters.update(coverage_counters(small, results, by_question, lengths, settings.wanted))
 
     # the traces in the layout they came in (format 1 or 2); other columns are not carried
     traces = TRACE_SCHEMA_V2 if shard_format(table.schema) == 2 else TRACE_SCHEMA
@@ -186,37 +88,9 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
                        counters)
 
 
-def _dedup_and_cap(kept: list[int], results: list, cfg: FilterConfig,
-                   samples: list[int]) -> None:
-    """Among one question's kept traces (in sample order): duplicates of an earlier kept one
-    dropped, then at most `max_per_question` kept."""
-    survivors = kept
-    if cfg.dedup != "off" and len(kept) > 1:
-        chosen: list[tuple[str, list[str]]] = []
-        survivors = []
-        for i in kept:
-            added = results[i][1]
-            words = _norm_words(added["rationale"])
-            key = " ".join(words)
-            twin = next((k for k, (other_key, other) in enumerate(chosen)
-                         if key == other_key or cfg.dedup == "near"
-                         and similar(words, other, cfg.near_duplicate)), None)
-            if twin is not None:
-                added["detail"] = f"duplicate of sample {samples[survivors[twin]]} of this " \
-                    "question"
-                results[i] = ("duplicate", added)
-                continue
-            chosen.append((key, words))
-            survivors.append(i)
-    if cfg.max_per_question:
-        for n, i in enumerate(survivors):
-            if n >= cfg.max_per_question:
-                results[i] = ("over_cap", results[i][1])
-
-
-def funnel_table(counters: dict) -> str:
+def funnel_table(counters: dict, wanted: int | None = None) -> str:
     total = counters.get("traces_in", 0) or 1
-    lines = [f"{'step':<28}{'traces':>10}{'share':>9}",
+    lines = [*coverage_lines(counters, wanted), f"{'step':<28}{'traces':>10}{'share':>9}",
              f"{'traces in':<28}{counters.get('traces_in', 0):>10}{'100.0%':>9}"]
     for reason in reasons():
         n = counters.get(f"dropped:{reason}", 0)
@@ -247,7 +121,8 @@ def draw_funnel(counters: dict, title: str = "") -> bytes:
                 f" {v:,} ({100 * v / total:.1f}%)", va="center", fontsize=9)
     ax.set_xlim(0, max(values) * 1.35 or 1)
     ax.set_xlabel("traces")
-    ax.set_title(title or "filter funnel")
+    cover = coverage_lines(counters)
+    ax.set_title((title or "filter funnel") + (f"\n{cover[0]}" if cover else ""), fontsize=10)
     fig.tight_layout()
     return png(fig)
 
@@ -288,15 +163,30 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
                                 "generate` (or `distill generate`) for this run first")
     checker = answer_checker(cfg, cfg.filter.extractors)
     settings = filter_fingerprinted(cfg)
+    # the traces of generate's later rounds (stages.rounds), when the settings ask for them
+    rounds = finished_rounds(cfg, run, upstream) \
+        if not upstream.get("facts", {}).get("imported") else None
+    parts = rounds.parts if rounds else {s["name"]: [Part(generated, s["outputs"]["traces"], 1,
+                                                          False)] for s in upstream["shards"]}
     then = remake_generate_hint(upstream)
-    shards = [Shard(s["name"], s["outputs"]["traces"]["sha256"], s["outputs"]["traces"]["rows"],
-                    lambda e=s["outputs"]["traces"]: generated.read_checked(e, then=then))
-              for s in upstream["shards"]]
+    shards = [Shard(name, parts_checksum(p), sum(x.entry["rows"] for x in p),
+                    lambda p=p: load_parts(p, then=then)) for name, p in parts.items()]
+    facts = dict(upstream.get("facts", {}))
+    used_upstream = {"generate": upstream["fingerprint"], "digest": manifest_digest(upstream)}
+    if rounds and rounds.done:
+        facts["rounds"] = rounds.summary()
+        facts["rounds_ended"] = rounds.why
+        used_upstream["rounds"] = {r.folder: manifest_digest(m) for r, m in rounds.done}
+        unusable = [f"{r.folder}: {m['facts'].get('kd_unusable_because')}"
+                    for r, m in rounds.done if not m["facts"].get("usable_for_kd", True)]
+        if unusable and facts.get("usable_for_kd", True):
+            facts["usable_for_kd"] = False
+            facts["kd_unusable_because"] = "; ".join(unusable)
+    facts["wanted_per_question"] = wanted(cfg)
     return Stage(
         name="filter", fingerprinted=settings, shards=shards,
-        work=filter_shard, settings=FilterSettings(cfg.filter, checker),
-        outputs=["kept", "rejected"], facts=upstream.get("facts", {}),
-        upstream={"generate": upstream["fingerprint"], "digest": manifest_digest(upstream)},
+        work=filter_shard, settings=FilterSettings(cfg.filter, checker, wanted(cfg)),
+        outputs=["kept", "rejected"], facts=facts, upstream=used_upstream,
         finalize=lambda manifest: write_reports(run.stage("filter"), manifest, cfg, run.name),
         unit="trace")
 
@@ -307,6 +197,7 @@ def write_reports(folder, manifest: dict, cfg: Config, run_name: str) -> None:
     counters = manifest["counters"]
     folder.write_json("funnel.json", {
         "counters": counters, "reasons": reasons(), "explained": explained(),
+        "wanted_per_question": wanted(cfg), "coverage": coverage_lines(counters, wanted(cfg)),
         "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
     if cfg.filter.plot:
         folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run_name}"))
@@ -327,7 +218,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     if not folder.exists(CARD):  # a stage finished before the reports came before its manifest
         write_reports(folder, manifest, cfg, run.name)
     counters = manifest["counters"]
-    print(funnel_table(counters))
+    print(funnel_table(counters, wanted(cfg)))
     if counters.get("pseudo_gold_rows"):
         log("filter", f"{counters['pseudo_gold_rows']} unlabeled rows got a majority-vote "
             "pseudo-gold (see the gold_source and agreement columns)")

@@ -18,7 +18,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, GenerateConfig, fingerprinted
+from pipeline.config import Config, GenerateConfig
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.log import log
 from pipeline.registry import BACKENDS
@@ -30,19 +30,8 @@ from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
-
-def generate_fingerprinted(cfg: Config) -> dict:
-    """What decides the traces: the settings that go into the fingerprint, by each setting's
-    declared rule; those only some backends read count when the chosen one reads them, with
-    the config sections it reads (the vLLM engine's)."""
-    kind = BACKENDS.get(cfg.generate.backend, "generate.backend")
-    template = PromptTemplate(cfg.generate.prompt_template)
-    settings = {"generate": fingerprinted(cfg.generate, kind.reads),
-                "template_sha256": template.sha256, "schema_version": SCHEMA_VERSION}
-    for section in kind.sections:
-        settings[section] = fingerprinted(getattr(cfg, section))
-    return settings
-
+from stages.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
+                           request_seed, round_fingerprinted)
 
 def task_shards(cfg: Config) -> list[Shard]:
     """The train split cut into input shards, each with a checksum of its rows."""
@@ -62,10 +51,15 @@ def task_shards(cfg: Config) -> list[Shard]:
 
 @dataclass
 class GenerateSettings:
-    """What `generate_shard` needs besides the shard and the teacher."""
+    """What `generate_shard` needs besides the shard and the teacher; a round after the first
+    (`stages.rounds`) sets its own samples and temperature, and its rows carry the index of
+    their first sample (`first`), from which each request's seed is derived."""
 
     cfg: GenerateConfig
     template: PromptTemplate
+    samples: int | None = None        # None: cfg.n_samples
+    temperature: float | None = None  # None: cfg.temperature
+    later_round: bool = False
 
 
 def _shard_seed(base: int, shard: str, batch: int) -> int:
@@ -81,19 +75,25 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     backends' per-token id checks come back as `kd_*` counters.
     """
     g = settings.cfg
+    n = settings.samples or g.n_samples
+    temperature = g.temperature if settings.temperature is None else settings.temperature
+    hinted = settings.template.hinted
     rows = shard.load().to_pylist()
     previous = shard.previous()["traces"] if shard.previous is not None else None
     if previous is not None:  # --retry-failed: only the rows that ended with an error
         failed = {r["id"] for r in previous.select(["id", "error"]).to_pylist()
                   if r["error"] is not None}
         rows = [r for r in rows if r["id"] in failed]
-    prompts = [settings.template.render(r["question"]) for r in rows]
-    sampling = SamplingSettings(n=g.n_samples, temperature=g.temperature, top_p=g.top_p,
+    prompts = [settings.template.render(r["question"], r["gold"] if hinted else None)
+               for r in rows]
+    sampling = SamplingSettings(n=n, temperature=temperature, top_p=g.top_p,
                                 max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=0,
                                 stop=list(g.stop))
+    seeds = ([request_seed(g.seed, r["id"], r["first"], hinted) for r in rows]
+             if settings.later_round else None)
     # Engines that schedule requests themselves get the whole shard at once.
     per_batch = (len(rows) if getattr(teacher, "whole_shards", False)
-                 else max(1, g.batch_size // g.n_samples))
+                 else max(1, g.batch_size // n))
     kd_before = dict(getattr(teacher, "kd_check", {}))
     api = {"requests": "requests", "retries": "retries", "cache_hits": "cached"}
     seen = {k: (getattr(teacher, "stats", None) or {}).get(k, 0) for k in api}
@@ -101,7 +101,7 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     def on_batch(outcomes: list[Outcome]) -> None:
         made = [x for o in outcomes if isinstance(o, list) for x in o]
         counts = {"tokens": sum(int(x.token_ids.shape[0]) for x in made),
-                  "errors": sum(g.n_samples for o in outcomes if isinstance(o, str))}
+                  "errors": sum(n for o in outcomes if isinstance(o, str))}
         stats = getattr(teacher, "stats", None) or {}
         if "retries" in stats:  # API backends count their requests
             for key, shown in api.items():
@@ -111,14 +111,15 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
 
     outcomes = generate_in_batches(teacher, prompts, sampling, per_batch,
                                    seed_of=lambda b: _shard_seed(g.seed, shard.name, b),
-                                   on_batch=on_batch)
+                                   on_batch=on_batch, prompt_seeds=seeds)
     records: list[dict] = []
     gens: list[Generation | None] = []
     counters = {"rows": len(rows), "traces": 0, "errors": 0, "tokens": 0, "truncated": 0}
     for row, prompt, out in zip(rows, prompts, outcomes):
-        for s in range(g.n_samples):
+        for s in range(n):
             gen = out[s] if isinstance(out, list) else None
-            records.append({"id": row["id"], "sample": s, "question": row["question"],
+            records.append({"id": row["id"], "sample": row.get("first", 0) + s,
+                            "question": row["question"],
                             "gold": row["gold"], "prompt": prompt,
                             "completion": gen.text if gen else "",
                             "finish_reason": gen.finish_reason if gen else "error",
@@ -146,7 +147,7 @@ def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
     kept = previous.filter(pc.is_null(previous.column("error"))).replace_schema_metadata(None)
     both = pa.concat_tables([as_format(kept, shard_format(retried.schema)).cast(retried.schema),
                              retried])
-    rank = [order[i] * 1000 + s for i, s in zip(both.column("id").to_pylist(),
+    rank = [order[i] * 1_000_000 + s for i, s in zip(both.column("id").to_pylist(),
                                                  both.column("sample").to_pylist())]
     both = both.take(pc.sort_indices(pa.array(rank)))
     ok = both.column("error").null_count
@@ -322,6 +323,64 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
         redo=_has_failed_rows if retry_failed else None)
 
 
+def round_stage(cfg: Config, run: RunFolder, rnd: Round,
+                teacher: Callable[[], Backend] | None = None, per_worker: bool = False,
+                retry_failed: bool = False) -> Stage:
+    """A round after the first (`stages.rounds`) as a stage of its own folder; its teacher
+    keeps its request cache in the generate folder, with the first round's."""
+    g = cfg.generate
+    cache_folder = run.stage("generate")
+    template = PromptTemplate(rnd.template)
+    facts = {"k": g.top_k, "schema_version": SCHEMA_VERSION, "template": rnd.template,
+             "template_sha256": template.sha256, "round": rnd.number, "hinted": rnd.hinted,
+             "sampling": {"n": rnd.samples, "temperature": rnd.temperature, "top_p": g.top_p,
+                          "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop,
+                          "seeds": "per question and sample index"}}
+
+    def finalize(manifest: dict) -> None:
+        kd_usability(manifest)
+        if BACKENDS.get(g.backend).request_cache:
+            merge_worker_caches(cache_folder)
+        too_many_failed(manifest, g.max_failed_share)
+
+    return Stage(
+        name=rnd.folder, fingerprinted=round_fingerprinted(cfg, rnd), shards=rnd.shards(),
+        work=generate_shard,
+        settings=GenerateSettings(g, template, rnd.samples, rnd.temperature, later_round=True),
+        outputs=["traces"], resources=teacher or teacher_factory(cfg, cache_folder, per_worker),
+        facts=facts, upstream={"generate": cache_folder.manifest()["fingerprint"]},
+        finalize=finalize, rates=("tokens", "requests"), paid=True,
+        redo=_has_failed_rows if retry_failed else None)
+
+
+class _SharedTeacher:
+    """One teacher for every round of a run in this process (a vLLM engine takes a minute to
+    start): `factory` builds it at the first round that needs it; the rounds' `close()` leaves
+    it open, `close_all()` closes it at the end."""
+
+    def __init__(self, factory: Callable[[], Backend]):
+        self._factory, self._backend = factory, None
+
+    def __call__(self) -> "_SharedTeacher":
+        if self._backend is None:
+            self._backend = self._factory()
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def generate(self, prompts, settings):
+        return self._backend.generate(prompts, settings)
+
+    def close(self) -> None:
+        """Kept open for the next round."""
+
+    def close_all(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()
+
+
 def _has_failed_rows(record: dict) -> bool:
     return record.get("counters", {}).get("errors", 0) > 0
 
@@ -349,15 +408,72 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     # workers apart from this process (or a run folder on object storage) keep a request cache
     # each on their own disk: SQLite is unsafe on shared file systems and impossible on S3
     per_worker = executor.workers_apart or not run.is_local
-    manifest = run_stage(plan(cfg, run, teacher, per_worker, retry_failed),
-                         run.stage("generate"), force, executor)
-    if manifest is None:
-        return None
+    shared = None
+    if not executor.workers_apart and role is None:
+        shared = _SharedTeacher(teacher or teacher_factory(cfg, run.stage("generate"),
+                                                           per_worker))
+    try:
+        first = plan(cfg, run, shared or teacher, per_worker, retry_failed)
+        if role is not None and (done := finished(first.fingerprinted, first.shards,
+                                                        run.stage("generate"))) is not None \
+                and not force:
+            manifest = done  # a job array's later pass: this round is finalized
+        else:
+            manifest = run_stage(first, run.stage("generate"), force, executor)
+        if manifest is None:
+            return None
+        _said(manifest)
+        return _later_rounds(cfg, run, manifest, shared or teacher, per_worker, force,
+                             executor, role, retry_failed)
+    finally:
+        if shared is not None:
+            shared.close_all()
+
+
+def _later_rounds(cfg: Config, run: RunFolder, manifest: dict, teacher, per_worker: bool,
+                  force: bool, executor, role: ArrayRole | None, retry_failed: bool) -> dict:
+    """The rounds after the first (`stages.rounds`), each run like the first; a job array
+    does one round per pass (workers, then `--finalize`), so a pass stops after the round it
+    worked on. Returns the first round's manifest."""
+    rounds = Rounds(cfg, run, manifest)
+    while (rnd := rounds.next()) is not None:
+        stage = round_stage(cfg, run, rnd, teacher, per_worker, retry_failed)
+        folder = run.stage(rnd.folder)
+        done = (finished(stage.fingerprinted, stage.shards, folder)
+                if role is not None and not force else None)
+        if done is None:
+            log("generate", rnd.describe(rounds.k))
+            done = run_stage(stage, folder, force, executor)
+            if done is None:  # an array worker did its part of this round
+                return None
+            if role is not None:  # --finalize: this round is committed, the next is a pass
+                rounds.add(rnd, done)
+                upcoming = rounds.next()
+                log("generate", f"{rnd.folder} finalized; " + (
+                    f"next: run the array again for {upcoming.folder} ("
+                    f"{upcoming.describe(rounds.k)})" if upcoming else
+                    f"no more rounds ({rounds.why})"))
+                return manifest
+            _said(done, rnd.folder)
+        rounds.add(rnd, done)
+    c = rounds.coverage()
+    tokens = manifest["counters"].get("tokens", 0) + sum(r["tokens"] for r in rounds.summary())
+    share = c["covered"] / max(1, c["questions"])
+    said = (f"{c['covered']} of {c['questions']} questions ({share:.1%}) "
+            f"have a trace the filter keeps, {c['covered_wanted']} have {rounds.k}")
+    if rounds.done:
+        log("generate", f"{len(rounds.done) + 1} rounds ({rounds.why}): {said}; "
+            f"{c['samples']} samples, {tokens} tokens in all")
+    else:
+        log("generate", f"question coverage: {said}")
+    return manifest
+
+
+def _said(manifest: dict, what: str = "generate") -> None:
     c = manifest["counters"]
-    log("generate", f"{c.get('rows', 0)} rows -> {c.get('traces', 0)} traces, "
+    log(what, f"{c.get('rows', 0)} rows -> {c.get('traces', 0)} traces, "
         f"{c.get('tokens', 0)} tokens, {c.get('truncated', 0)} truncated, "
         f"{c.get('errors', 0)} errors")
     if not manifest["facts"].get("usable_for_kd", True):
-        log("generate", "the log-probabilities are not usable for KD: "
+        log(what, "the log-probabilities are not usable for KD: "
             + manifest["facts"].get("kd_unusable_because", ""))
-    return manifest

@@ -7,6 +7,8 @@ and every system (teacher, base and distilled students) in the eval stage.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -45,6 +47,16 @@ class SamplingSettings:
     top_k: int                         # 0: no log-probabilities (evaluation)
     seed: int
     stop: list[str]
+    # one seed per prompt of the call (the rounds after the first: a request's seed comes from
+    # its question and sample index, so it is the same whatever shard or batch it falls in);
+    # None: every prompt derives its seed from `seed`
+    seeds: list[int] | None = None
+
+    def seed_of(self, index: int) -> int:
+        """The seed of prompt `index` of the call."""
+        if self.seeds is not None:
+            return self.seeds[index] % 2**31
+        return (self.seed + index * self.n) % 2**31
 
 
 def greedy(max_new_tokens: int, stop: list[str]) -> SamplingSettings:
@@ -126,20 +138,26 @@ Outcome = list[Generation] | str  # a prompt's generations, or why it has none
 
 def generate_in_batches(backend: Backend, prompts: list[str], settings: SamplingSettings,
                         per_batch: int, seed_of: Callable[[int], int] | None = None,
-                        on_batch: Callable[[list[Outcome]], None] | None = None
-                        ) -> list[Outcome]:
+                        on_batch: Callable[[list[Outcome]], None] | None = None,
+                        prompt_seeds: list[int] | None = None) -> list[Outcome]:
     """Every prompt through `backend`, `per_batch` at a time, in order.
 
     A batch that raises is retried prompt by prompt, so one bad row does not sink the others;
     a prompt that fails for good gives its error as a string. A teacher that cannot answer
     at all (`TeacherUnavailable`) or an OSError of this machine (a full disk) stops the loop.
     `seed_of(b)` is batch b's
-    sampling seed (default: `settings.seed`); `on_batch` sees each batch's outcomes.
+    sampling seed (default: `settings.seed`); `prompt_seeds`: one seed per prompt instead
+    (backends that seed a whole batch at once take a hash of the batch's seeds); `on_batch`
+    sees each batch's outcomes.
     """
     out: list[Outcome] = []
     for b, start in enumerate(range(0, len(prompts), per_batch)):
         batch = prompts[start:start + per_batch]
-        if seed_of is not None:
+        if prompt_seeds is not None:
+            settings.seeds = list(prompt_seeds[start:start + per_batch])
+            settings.seed = int.from_bytes(hashlib.sha256(
+                repr(settings.seeds).encode()).digest()[:4], "little")
+        elif seed_of is not None:
             settings.seed = seed_of(b)
         try:
             results = backend.generate(batch, settings)
@@ -147,9 +165,9 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
             raise
         except Exception:
             results = []
-            for prompt in batch:
+            for i, prompt in enumerate(batch):
                 try:
-                    results.append(backend.generate([prompt], settings)[0])
+                    results.append(backend.generate([prompt], _alone(settings, i))[0])
                 except (TeacherUnavailable, OSError):
                     raise
                 except Exception as e:  # recorded on the row; the run goes on
@@ -160,6 +178,13 @@ def generate_in_batches(backend: Backend, prompts: list[str], settings: Sampling
         if on_batch is not None:
             on_batch(outcomes)
     return out
+
+
+def _alone(settings: SamplingSettings, index: int) -> SamplingSettings:
+    """The settings for prompt `index` of a batch sent on its own (its own seed kept)."""
+    if settings.seeds is None:
+        return settings
+    return dataclasses.replace(settings, seeds=[settings.seeds[index]])
 
 
 def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:

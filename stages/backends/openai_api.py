@@ -306,9 +306,10 @@ class OpenAIBackend:
                 ("tokenizer:" + self.cfg.tokenizer if self.cfg.tokenizer else "none"),
                 "requests": {k: v for k, v in self.stats.items() if k != "engine_s"}}
 
-    def request_body(self, prompt: str, s: SamplingSettings) -> dict:
+    def request_body(self, prompt: str, s: SamplingSettings, index: int = 0) -> dict:
+        seed = s.seed if s.seeds is None else s.seed_of(index)
         body = {"model": self.cfg.model, "n": s.n, "temperature": s.temperature,
-                "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
+                "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": seed}
         if self.cfg.endpoint == "chat":
             body.update(messages=[{"role": "user", "content": prompt}], logprobs=True,
                         top_logprobs=s.top_k)
@@ -378,7 +379,7 @@ class OpenAIBackend:
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list:
         """One request per prompt; a prompt whose request failed for good gives a RuntimeError
         holding the last error instead of its generations."""
-        bodies = [self.request_body(p, settings) for p in prompts]
+        bodies = [self.request_body(p, settings, i) for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         results = self.loop.run_until_complete(self._all(bodies))
         self.stats["engine_s"] += time.perf_counter() - t0

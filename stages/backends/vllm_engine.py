@@ -156,7 +156,7 @@ class VLLMBackend:
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p if sample else 1.0,
             max_tokens=min(s.max_new_tokens, self.max_model_len - prompt_len),
-            seed=(s.seed + index * s.n) % 2**31, stop=list(s.stop) or None,
+            seed=s.seed_of(index), stop=list(s.stop) or None,
             logprobs=s.top_k if s.top_k > 0 else None, flat_logprobs=True)
 
     def generate(self, prompts: list[str], settings: SamplingSettings) -> list:

@@ -124,6 +124,40 @@ def _repetitive(t: Trace, cfg: FilterConfig) -> str | None:
     return None
 
 
+# A hinted trace that says it was handed the answer ("the answer is given as 8", "as the hint
+# says", "we are told the answer"): the student, who never sees the hint, would learn to claim
+# knowledge it does not have.
+_TOLD = re.compile(r"\b(hint|hinted|given answer|answer (?:is |was )?(?:given|provided|told|"
+                   r"stated)|(?:we are|we're|i am|i'm|i was|we were) (?:told|given) (?:that )?"
+                   r"the answer|(?:told|given) that the answer|as (?:stated|given) in the "
+                   r"question|the question says the answer)\b", re.I)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _leak(t: Trace, cfg: FilterConfig) -> str | None:
+    """A hinted trace (its prompt held the gold answer) that says so, or that writes the
+    answer before any reasoning step (a number equal to the answer that is not in the question,
+    before the first calculation). Traces without a hint always pass."""
+    if not t.row.get("hinted"):
+        return None
+    text = t.row["completion"] or ""
+    told = _TOLD.search(text)
+    if told:
+        return f"says it was given the answer: {told.group(0)!r}"
+    answer = t.gold if t.gold is not None else t.found.answer
+    if answer is None or answer == NO_ANSWER or t.checker.kind not in ("numeric", "math"):
+        return None
+    in_question = {t.checker.key(n) for n in _NUMBER.findall(t.row.get("question") or "")}
+    if t.checker.key(answer) in in_question:
+        return None  # the question's own numbers: the order tells nothing
+    first_step = _CALC.search(text)
+    step_at = first_step.start() if first_step else len(text)
+    for m in _NUMBER.finditer(text[:step_at]):
+        if t.checker.key(m.group(0)) == t.checker.key(answer):
+            return f"states the answer {answer} before any step"
+    return None
+
+
 def _too_long(t: Trace, cfg: FilterConfig) -> bool:
     return (cfg.max_tokens is not None and t.added["n_tokens"] > cfg.max_tokens
             or t.added["n_words"] > cfg.max_words)
@@ -143,6 +177,8 @@ for _check in (
           lambda t, cfg: "" if t.gold is None else None),
     Check("wrong_answer", "the final answer is not the gold (or majority) answer", 60,
           _right_answer),
+    Check("hint_leak", "a hinted trace (its prompt held the gold answer) that says it was "
+          "given the answer, or states it before any reasoning step", 65, _leak),
     Check("wrong_arithmetic", "a written calculation is wrong, though the final answer may "
           "be right", 70, _arithmetic),
     Check("too_few_steps", "fewer reasoning steps than filter.min_steps", 80,

@@ -62,11 +62,13 @@ def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
                adapter_only: bool) -> str:
     """The model card: front matter for the Hub, then what the student is and how it was made."""
     from stages.filter import funnel_table
+    from stages.keep import coverage_lines
 
     facts, settings = manifest["facts"], manifest["settings"]["train"]
     gen = (run.stage("generate").manifest() or {}).get("facts", {})
     filt = run.stage("filter").manifest() or {}
     counters = filt.get("counters", {})
+    wanted = filt.get("facts", {}).get("wanted_per_question")
     rows = _eval_rows(run, variant)
     table = "\n".join(
         f"| {r['system']} | {r['accuracy'] * 100:.1f}% | {r.get('mean_tokens', 0):.1f} | "
@@ -93,9 +95,9 @@ fine-tuning with LoRA on chain-of-thought traces of the teacher, then
 
 - teacher: `{gen.get('teacher', '?')}` (backend {gen.get('backend', '?')}, revision `{gen.get('teacher_revision', '?')}`); top-k log-probabilities stored per token: {gen.get('k', 0)}
 - traces: {counters.get('traces_in', '?')} generated, {counters.get('kept', '?')} kept by the filter (answer, arithmetic, steps, length and duplicates checked)
-
+{"".join(f"- {line}{chr(10)}" for line in coverage_lines(counters, wanted))}
 ```
-{funnel_table(counters) if counters else '(no filter manifest)'}
+{funnel_table(counters, wanted) if counters else '(no filter manifest)'}
 ```
 
 ## Training

@@ -243,6 +243,11 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
     funnel = _optional_json(filt.read_json, "funnel.json") if filt_manifest else None
     if funnel:
         c = funnel["counters"]
+        if "questions" in c:  # the headline: training questions with a kept trace
+            cards.insert(0, ("questions covered", f"{c['covered']:,} of {c['questions']:,} "
+                             f"({100 * c['covered'] / max(1, c['questions']):.0f}%)"))
+            cards.append(("teacher tokens per covered question",
+                          f"{c.get('teacher_tokens', 0) / max(1, c['covered']):,.0f}"))
         share = 100 * c.get("kept", 0) / max(1, c.get("traces_in", 0))
         cards.append(("kept by the filter", f"{c.get('kept', 0):,} ({share:.0f}%)"))
     students = [n for n in run.students() if run.student(n).manifest()]
@@ -318,6 +323,15 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
     # ---- the filter and the traces
     parts.append("<h2>The filter</h2>")
     if funnel:
+        for line in funnel.get("coverage") or []:
+            parts.append(f"<p>{_e(line)}</p>")
+        rounds = (filt_manifest or {}).get("facts", {}).get("rounds")
+        if rounds:
+            parts.append(_table(["round", "folder", "hinted", "questions", "samples each",
+                                 "traces", "tokens"],
+                                [[r["round"], r["folder"], r["hinted"], r["questions"],
+                                  r["samples"], r["traces"], r["tokens"]] for r in rounds],
+                                {0, 3, 4, 5, 6}))
         plot(base64.b64encode(draw_funnel(funnel["counters"])).decode(),
              "what the filter kept and why it dropped the rest", "funnel")
     if filt_manifest:
