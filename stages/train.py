@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipeline.config import Config, ConfigError, TrainConfig, fingerprinted
 from pipeline.fingerprints import manifest_digest
@@ -53,12 +54,14 @@ def kept_table(kept, upstream: dict, token_targets: bool, with_topk: bool):
     if token_targets:
         columns += ["completion", "token_ids"]
 
-    def wanted(schema):  # the top-k columns of the shard's own format (1 or 2)
-        return columns + [c for c in topk_columns(schema) if c not in columns] if with_topk \
-            else columns
+    def wanted(schema):  # the top-k columns of the shard's own format (1 or 2); `hinted`
+        have = columns + (["hinted"] if "hinted" in schema.names else [])  # since rounds
+        return have + [c for c in topk_columns(schema) if c not in have] if with_topk \
+            else have
 
     def float32_topk(table):  # only what the examples use: no Python objects for the rest
-        return logical(table).select(columns + ["topk_ids", "topk_logprobs"])
+        return logical(table).select([c for c in columns + ["hinted"] if c in table.schema.names]
+                                     + ["topk_ids", "topk_logprobs"])
 
     return kept.read_tables([s["outputs"]["kept"] for s in upstream["shards"]],
                             columns=wanted, each=float32_topk if with_topk else None,
@@ -183,6 +186,27 @@ class TrainSettings:
     used: TrainConfig          # the train settings with what the traces cannot give turned off
     terms: list
     folder: StageFolder
+    # train.predict_on=labelled: the training questions with a gold answer (id, question, gold)
+    labelled: Callable[[], list[dict]] | None = None
+
+
+def labelled_questions(run: RunFolder) -> list[dict]:
+    """Every training question with a gold answer, once each, from the first generate round's
+    shards (each read checked): what `train.predict_on=labelled` makes `predict:` examples of."""
+    generated = run.stage("generate")
+    manifest = generated.manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"train.predict_on=labelled reads the training questions from "
+                                f"{generated}, which has no finished stage; run `make generate`")
+    table = generated.read_tables([s["outputs"]["traces"] for s in manifest["shards"]],
+                                  columns=["id", "question", "gold"],
+                                  then="Run `distill generate` to remake it")
+    seen, out = set(), []
+    for row in table.to_pylist():
+        if row["gold"] is not None and row["id"] not in seen:
+            seen.add(row["id"])
+            out.append(row)
+    return out
 
 
 def plan(cfg: Config, run: RunFolder) -> Stage:
@@ -218,7 +242,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
     return Stage(
         name=folder.name, fingerprinted=settings, shards=[traces], work=train_shard,
         settings=TrainSettings(t, student_path, student, tokenizer, token_targets, used, terms,
-                               folder),
+                               folder, (lambda: labelled_questions(run))
+                               if t.predict_on == "labelled" else None),
         outputs=[], folders=("adapter",), facts={"student": t.student, "name": t.name},
         upstream={"filter": upstream["fingerprint"], "digest": digest}, prune=False,
         unit="trace")
@@ -258,7 +283,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     from trainer.arguments import sft_config, tensorboard_dir
     from pipeline.sealed import last_complete_checkpoint
     from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints
-    from trainer.examples import DSSCollator, build_examples
+    from trainer.examples import DSSCollator, build_examples, pair_cycled, predict_example
     from trainer.lora import lora_student
 
     t, used, folder = settings.cfg, settings.used, settings.folder
@@ -292,9 +317,25 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
         return build_examples(part, tokenizer, student, t.max_length,
                               teacher_tokens=settings.token_targets,
                               with_topk="explain" in topk_parts,
-                              answer_tokens=used.answer_kd_lam > 0)
+                              answer_tokens=used.answer_kd_lam > 0, topk_hinted=t.kd_hinted)
 
     examples = examples_of(rows)
+    n_predict = len(examples)
+    if settings.labelled is not None:  # predict: on every labelled question
+        labelled, _ = hold_out(settings.labelled(), t.heldout_share)
+        labelled = keep_share(labelled, t.data_fraction)
+        predicts = [predict_example(r, tokenizer, student, t.max_length) for r in labelled]
+        examples = pair_cycled(predicts, [e["explain"] for e in examples])
+        n_predict = len(predicts)
+        log(name, f"train.predict_on=labelled: predict: examples from {len(predicts)} labelled "
+            f"questions ({len({r['id'] for r in rows})} of them with a kept trace), explain: "
+            f"from {len(rows)} kept traces; {len(examples)} records (the shorter list cycled)")
+    hinted = sum(1 for r in rows if r.get("hinted"))
+    if hinted:
+        log(name, f"{hinted} of the kept traces are hinted (their prompt held the answer): "
+            "explain: targets like the others" + (
+                "" if t.kd_hinted or not topk_parts else
+                ", no KD from their top-k (train.kd_hinted=false)"))
     if used.answer_kd_lam > 0:
         import math
 
@@ -310,7 +351,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
         f"; KD on them: lam={used.kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
         f"tail={t.kd_tail}" if used.kd_lam > 0 else "")) if settings.token_targets else
         "explain targets: the rationale text, tokenised by the student")
-    log(name, f"{len(rows)} kept traces -> {len(rows)} predict + {len(rows)} explain "
+    log(name, f"{len(rows)} kept traces -> {n_predict} predict + {len(rows)} explain "
         f"examples; student {t.student}; loss terms: "
         + ", ".join(f"{term.name} x {term.weight:g}" for term in terms))
 

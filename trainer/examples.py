@@ -65,9 +65,28 @@ def _n_targets(example: dict) -> int:
     return sum(1 for label in example["labels"] if label != -100)
 
 
+def predict_example(row: dict, tokenizer, student: Student, max_length: int) -> dict:
+    """`predict: <question>` -> the gold answer (else the trace's own answer), then eos."""
+    answer = row["gold"] if row.get("gold") is not None else row["pred_answer"]
+    ids = tokenizer(task_prompt(PREDICT, row["question"]), add_special_tokens=False)["input_ids"]
+    target = tokenizer(str(answer), add_special_tokens=False)["input_ids"]
+    return student.encode(ids, target + [tokenizer.eos_token_id], max_length)
+
+
+def pair_cycled(predicts: list[dict], explains: list[dict]) -> list[dict]:
+    """Records of one `predict:` and one `explain:` example each, when the two come from
+    different rows (`train.predict_on=labelled`: every labelled question, and the kept
+    traces): as many records as the longer list, the shorter one cycled."""
+    if not predicts or not explains:
+        return []
+    n = max(len(predicts), len(explains))
+    return [{PREDICT: predicts[i % len(predicts)], EXPLAIN: explains[i % len(explains)]}
+            for i in range(n)]
+
+
 def build_examples(rows: list[dict], tokenizer, student: Student, max_length: int,
                    teacher_tokens: bool = False, with_topk: bool = False,
-                   answer_tokens: bool = False) -> list[dict]:
+                   answer_tokens: bool = False, topk_hinted: bool = True) -> list[dict]:
     """One record per kept trace, `{"predict": example, "explain": example}`.
 
     `teacher_tokens`: the explain target is the teacher's stored `token_ids` up to the end of
@@ -76,7 +95,8 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
     per target token (the eos gets an empty row of -1 / -inf). `answer_tokens` (answer KD):
     the predict target is the teacher's own tokens of its answer (`answer_span`) and the
     predict example carries their top-k rows; a trace whose answer is not written as is keeps
-    the answer text as target, with empty rows.
+    the answer text as target, with empty rows. `topk_hinted=False`: hinted traces (the gold
+    answer was in the teacher's prompt) get empty rows, so no KD term learns from them.
     """
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -84,15 +104,15 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
     eos = tokenizer.eos_token_id
     out = []
     for row in rows:
-        answer = row["gold"] if row.get("gold") is not None else row["pred_answer"]
         prompt = ids(task_prompt(PREDICT, row["question"]))
-        span = answer_span(tokenizer, row) if answer_tokens else None
+        blind = bool(row.get("hinted")) and not topk_hinted
+        span = answer_span(tokenizer, row) if answer_tokens and not blind else None
         if span is not None:
             predict = student.encode(prompt, list(row["token_ids"][span[0]:span[1]]) + [eos],
                                      max_length)
             predict.update(_topk_rows(row, *span, _n_targets(predict)))
         else:
-            predict = student.encode(prompt, ids(str(answer)) + [eos], max_length)
+            predict = predict_example(row, tokenizer, student, max_length)
             if answer_tokens:
                 k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
                 n = _n_targets(predict)
@@ -105,7 +125,11 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
             target = ids(row["rationale"]) + [eos]
         explain = student.encode(ids(task_prompt(EXPLAIN, row["question"])), target,
                                  max_length)
-        if with_topk:
+        if with_topk and blind:
+            k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
+            n = _n_targets(explain)
+            explain.update(topk_ids=[[-1] * k] * n, topk_logprobs=[[float("-inf")] * k] * n)
+        elif with_topk:
             explain.update(_topk_rows(row, 0, m, _n_targets(explain)))
         out.append({PREDICT: predict, EXPLAIN: explain})
     return out
