@@ -5,6 +5,8 @@
 #                                 (VARIANTS="dss dss+answer-kd dss+cosine dss+consistency" for the rest)
 # make sweep                      answer-only vs DSS on 12.5/25/50/100% of the traces (DSS Figure 2)
 # make report                     report.html in the run folder: funnel, losses, accuracy, sweep
+# make coverage                   fixed sampling vs rounds vs + hints vs + gold predict: examples
+#                                 (configs/harder.yaml, run `harder`; CONFIG=/RUN= for another)
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/demo.yaml
@@ -25,7 +27,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup generate filter train eval demo compare sweep report test bench clean-run
+.PHONY: setup generate filter train eval demo compare sweep coverage report test bench clean-run
 
 setup: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
@@ -57,6 +59,9 @@ compare: setup
 
 sweep: setup
 	$(BIN)/python -m stages.commands.sweep --config $(CONFIG) --run $(RUN) --seeds "$(SWEEP_SEEDS)" --shares "$(SHARES)" $(SET)
+
+coverage: setup
+	$(BIN)/python -m stages.commands.coverage --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/harder.yaml) --run $(if $(filter command line,$(origin RUN)),$(RUN),harder) $(SET)
 
 report: setup
 	$(BIN)/distill report --run $(RUN)

@@ -414,15 +414,17 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
                                                            per_worker))
     try:
         first = plan(cfg, run, shared or teacher, per_worker, retry_failed)
-        if role is not None and (done := finished(first.fingerprinted, first.shards,
-                                                        run.stage("generate"))) is not None \
-                and not force:
-            manifest = done  # a job array's later pass: this round is finalized
-        else:
+        manifest = (finished(first.fingerprinted, first.shards, run.stage("generate"))
+                    if role is not None and not force else None)
+        if manifest is None:  # (a job array's later pass finds the first round finalized)
             manifest = run_stage(first, run.stage("generate"), force, executor)
-        if manifest is None:
-            return None
-        _said(manifest)
+            if manifest is None:
+                return None
+            _said(manifest)
+            if role is not None:  # --finalize of the first round: the next round is a pass
+                rounds = Rounds(cfg, run, manifest)
+                _say_next(rounds, "generate")
+                return manifest
         return _later_rounds(cfg, run, manifest, shared or teacher, per_worker, force,
                              executor, role, retry_failed)
     finally:
@@ -448,25 +450,29 @@ def _later_rounds(cfg: Config, run: RunFolder, manifest: dict, teacher, per_work
                 return None
             if role is not None:  # --finalize: this round is committed, the next is a pass
                 rounds.add(rnd, done)
-                upcoming = rounds.next()
-                log("generate", f"{rnd.folder} finalized; " + (
-                    f"next: run the array again for {upcoming.folder} ("
-                    f"{upcoming.describe(rounds.k)})" if upcoming else
-                    f"no more rounds ({rounds.why})"))
+                _say_next(rounds, rnd.folder)
                 return manifest
             _said(done, rnd.folder)
         rounds.add(rnd, done)
     c = rounds.coverage()
     tokens = manifest["counters"].get("tokens", 0) + sum(r["tokens"] for r in rounds.summary())
     share = c["covered"] / max(1, c["questions"])
-    said = (f"{c['covered']} of {c['questions']} questions ({share:.1%}) "
-            f"have a trace the filter keeps, {c['covered_wanted']} have {rounds.k}")
+    said = (f"{c['covered']} of {c['questions']} questions ({share:.1%}) have a trace the "
+            "filter keeps" + (f", {c['covered_wanted']} have {rounds.k}" if rounds.k > 1 else ""))
     if rounds.done:
         log("generate", f"{len(rounds.done) + 1} rounds ({rounds.why}): {said}; "
             f"{c['samples']} samples, {tokens} tokens in all")
     else:
         log("generate", f"question coverage: {said}")
     return manifest
+
+
+def _say_next(rounds: Rounds, finalized: str) -> None:
+    """What a job array's `--finalize` of one round says comes next."""
+    upcoming = rounds.next()
+    log("generate", f"{finalized} finalized; " + (
+        f"next: run the array again (workers, then --finalize) for {upcoming.folder}: "
+        f"{upcoming.describe(rounds.k)}" if upcoming else f"no more rounds ({rounds.why})"))
 
 
 def _said(manifest: dict, what: str = "generate") -> None:

@@ -227,3 +227,122 @@ def test_the_leak_check_on_hand_written_hinted_traces():
     # not hinted: never a leak; an answer that is one of the question's numbers tells nothing
     assert leak(" The answer is 8. 5 + 3 = 8.", hinted=False) is None
     assert leak(" She has 5, gives 0: 5 - 0 = 5. The answer is 5.", gold="5") is None
+
+
+@pytest.mark.slow
+def test_the_student_trains_on_every_round_with_gold_predict_examples(tmp_path, embedded_path,
+                                                                      capsys):
+    """Train reads the kept traces of every round (hinted ones too) and, with
+    train.predict_on=labelled, makes predict: examples of every labelled question."""
+    import stages.train as train
+
+    cfg, teacher = setup(tmp_path, ["generate.max_samples=4",
+                                    "generate.hint_template=data/prompts/add_subtract_hint.txt",
+                                    "train.predict_on=labelled", "train.dtype=float32",
+                                    "train.max_steps=1", "train.batch_size=2"])
+    gen(cfg, tmp_path, teacher)
+    f = filter_stage.main(cfg, tmp_path)
+    capsys.readouterr()
+    m = train.main(cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert m["counters"]["steps"] == 1 and m["counters"]["traces"] == f["counters"]["kept"]
+    assert "predict: examples from 24 labelled questions" in err
+    assert f"{f['counters']['hinted_kept']} of the kept traces are hinted" in err
+
+
+def test_the_coverage_ladder_copies_the_rounds_and_tabulates_each_rung(tmp_path):
+    from stages.commands.coverage import RUNGS, copy_generated, rung_row, table
+
+    cfg, teacher = setup(tmp_path, ["generate.max_samples=4",
+                                    "generate.hint_template=data/prompts/add_subtract_hint.txt"])
+    gen(cfg, tmp_path / "main", teacher)
+    rows = []
+    for rung, (suffix, student, extra) in list(RUNGS.items())[:3]:
+        target = RunFolder(tmp_path / suffix)
+        copy_generated(RunFolder(tmp_path / "main"), target)
+        copy_generated(RunFolder(tmp_path / "main"), target)  # a second call copies nothing
+        rung_cfg = load_config("configs/demo.yaml", BASE + ["generate.max_samples=4",
+                                                            "generate.hint_template=data/"
+                                                            "prompts/add_subtract_hint.txt"]
+                               + extra)
+        filter_stage.main(rung_cfg, target.root)
+        results = [{"system": "predict", "variant": student, "accuracy": 0.5},
+                   {"system": "explain", "variant": student, "accuracy": 0.75}]
+        rows.append(rung_row(rung, target, student, results))
+    fixed, adaptive, hints = rows
+    assert fixed["teacher_tokens"] < adaptive["teacher_tokens"] < hints["teacher_tokens"]
+    assert fixed["covered"] <= adaptive["covered"] <= hints["covered"] == 24
+    assert fixed["hinted_kept"] == adaptive["hinted_kept"] == 0 < hints["hinted_kept"]
+    text = table(rows, [{"system": "teacher", "accuracy": 0.4}], 1)
+    assert "adaptive+hints" in text and "50.0%" in text and "teacher (few-shot CoT): 40.0%" in text
+
+
+def test_a_job_array_does_one_round_per_pass(tmp_path, capsys):
+    """Workers and --finalize of round 1, then the same commands again for round 2 and so
+    on; the traces are those of one process doing every round."""
+    from pipeline.executors.array import ArrayRole
+
+    settings = ["generate.max_samples=6"]
+    cfg, clean = setup(tmp_path, settings)
+    gen(cfg, tmp_path / "one", clean)
+    _, teacher = setup(tmp_path, settings)
+    passes = 0
+    while True:
+        for i in range(2):
+            assert generate.main(cfg, tmp_path / "array", teacher=lambda: teacher,
+                                 role=ArrayRole(num_workers=2, worker_index=i)) is None
+        capsys.readouterr()
+        generate.main(cfg, tmp_path / "array", teacher=lambda: teacher,
+                      role=ArrayRole(finalize=True))
+        passes += 1
+        said = capsys.readouterr().err
+        assert "finalized; " in said
+        if "no more rounds" in said:
+            break
+        assert "next: run the array again" in said and passes < 5
+    assert passes == 3 and sorted(teacher.requests) == sorted(clean.requests)
+    same = [{k: v for k, v in r.items() if k != "folder"} for r in all_traces(tmp_path / "one")]
+    assert [{k: v for k, v in r.items() if k != "folder"}
+            for r in all_traces(tmp_path / "array")] == same
+
+
+def test_an_api_teacher_pays_each_round_once_and_its_cache_answers_a_lost_round(tmp_path):
+    """On an OpenAI-compatible teacher (a local fake server whose answers are nearly all
+    wrong, so nearly every question stays short): each round sends one request per question,
+    with its own seed; a raised budget sends only the new round's; a lost round folder is made
+    again from the request cache without a request."""
+    import shutil
+
+    from fake_openai import FakeServer
+
+    with FakeServer() as server:
+        def cfg(max_samples):
+            return load_config("configs/demo.yaml", [
+                "task.n_train=12", "generate.rows_per_shard=4", "generate.n_samples=2",
+                "generate.backend=openai", "generate.server_token_ids=true",
+                "generate.model=fake", f"generate.base_url={server.base_url}",
+                "generate.request_timeout=2", "generate.max_retries=1", "generate.top_k=4",
+                f"generate.max_samples={max_samples}"])
+
+        def sent():
+            return sum(server.attempts.values())
+
+        generate.main(cfg(4), tmp_path)
+        run = RunFolder(tmp_path)
+
+        def asked(name):
+            return run.stage(name).manifest()["counters"]["rows"]
+
+        assert sent() == 12 + asked("generate-round-2")  # one request per question and round
+        samples = {r["sample"] for r in run.stage("generate-round-2").read_tables(
+            run.stage("generate-round-2").manifest()["files"]).to_pylist()}
+        assert samples == {2, 3}
+        before = sent()
+        generate.main(cfg(6), tmp_path)
+        assert sent() == before + asked("generate-round-3") > before  # round 3 only
+        before = sent()
+        shutil.rmtree(tmp_path / "generate-round-3")
+        generate.main(cfg(6), tmp_path)
+        assert sent() == before  # remade from the cache
+        assert run.stage("generate-round-3").manifest()["counters"]["traces"] == \
+            2 * asked("generate-round-3")

@@ -92,8 +92,8 @@ COLUMNS = ["id", "sample", "completion", "finish_reason", "token_ids", "topk_ids
            "topk_logprobs", "token_logprobs"]
 
 
-def _traces(run_dir):
-    folder = RunFolder(run_dir).stage("generate")
+def _traces(run_dir, stage="generate"):
+    folder = RunFolder(run_dir).stage(stage)
     manifest = folder.manifest()
     return manifest, folder.read_tables(manifest["files"], each=logical).select(COLUMNS)
 
@@ -110,18 +110,24 @@ def _same_rows(a: pa.Table, b: pa.Table) -> None:
 
 
 def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path):
+    """Ray: the rows of every round (a second round samples the questions still short of a
+    kept trace); a job array: the rows of the first."""
     import stages.generate as generate
 
-    generate.main(load_config("configs/demo.yaml", TINY), tmp_path / "local")
+    rounds = ["generate.max_samples=4"]
+    generate.main(load_config("configs/demo.yaml", TINY + rounds), tmp_path / "local")
     local_manifest, local = _traces(tmp_path / "local")
+    _, local_round = _traces(tmp_path / "local", "generate-round-2")
+    assert local_round.num_rows > 0
 
-    ray_cfg = load_config("configs/demo.yaml", TINY + [
+    ray_cfg = load_config("configs/demo.yaml", TINY + rounds + [
         "generate.executor=ray", "generate.workers=2", "ray.local_cpus=2"])
     generate.main(ray_cfg, tmp_path / "ray")
     ray_manifest, on_ray = _traces(tmp_path / "ray")
     _same_rows(local, on_ray)
     assert ray_manifest["fingerprint"] == local_manifest["fingerprint"]
     assert ray_manifest["counters"] == local_manifest["counters"]
+    _same_rows(local_round, _traces(tmp_path / "ray", "generate-round-2")[1])
 
     # two array workers at once, as a scheduler would start them, then --finalize
     cmd = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",

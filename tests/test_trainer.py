@@ -80,6 +80,47 @@ def test_each_trace_gives_a_predict_and_an_explain_example():
     assert batch["explain"]["attention_mask"].sum().item() == 2 * len(ex["explain"]["input_ids"])
 
 
+def test_labelled_questions_give_the_predict_examples_and_the_traces_the_explain_ones():
+    """train.predict_on=labelled: one predict: example per labelled question, one explain:
+    per kept trace, paired into as many records as the longer list (the shorter cycled)."""
+    from trainer.examples import pair_cycled, predict_example
+
+    tok = CharTokenizer()
+    questions = [{"id": f"q{i}", "question": f"q{i}", "gold": str(i)} for i in range(5)]
+    predicts = [predict_example(r, tok, STUDENT, 64) for r in questions]
+    explains = [e["explain"] for e in build_examples(_rows(2), tok, STUDENT, 64)]
+    records = pair_cycled(predicts, explains)
+    assert len(records) == 5
+    assert [r["predict"] for r in records] == predicts
+    assert [r["explain"] for r in records] == explains * 2 + explains[:1]
+    assert predicts[3]["input_ids"][-2:] == _ids("3") + [0]
+    assert len(pair_cycled(predicts[:1], explains)) == 2 and pair_cycled([], explains) == []
+    with pytest.raises(Exception, match="answer KD needs the teacher's answer tokens"):
+        TrainConfig(predict_on="labelled", answer_kd_lam=0.5)
+
+
+def test_hinted_traces_give_no_top_k_rows_unless_asked(embedded_path):
+    """A hinted trace's stored top-k saw the answer in the prompt: KD leaves it out
+    (empty rows) unless train.kd_hinted; its cross-entropy targets are those of any trace."""
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_path)
+    completion = " 5 + 3 = 8. The answer is 8."
+    ids = tok(completion, add_special_tokens=False)["input_ids"]
+    row = {"question": "Anna has 5 apples and buys 3. How many?", "gold": "8",
+           "pred_answer": "8", "rationale": "5 + 3 = 8.", "completion": completion,
+           "token_ids": ids, "topk_ids": [[i, i + 1] for i in ids],
+           "topk_logprobs": [[-0.1, -2.0] for _ in ids]}
+    plain, hinted, asked = (
+        build_examples([dict(row, hinted=h)], tok, STUDENT, 128, teacher_tokens=True,
+                       with_topk=True, topk_hinted=k)[0]["explain"]
+        for h, k in ((False, False), (True, False), (True, True)))
+    assert plain["labels"] == hinted["labels"] == asked["labels"]
+    assert any(r[0] >= 0 for r in plain["topk_ids"]) and plain["topk_ids"] == asked["topk_ids"]
+    assert all(r == [-1, -1] for r in hinted["topk_ids"])
+    assert len(hinted["topk_ids"]) == len(plain["topk_ids"])
+
+
 @pytest.fixture
 def tiny_lora_model():
     from peft import LoraConfig, get_peft_model
