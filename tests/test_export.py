@@ -49,7 +49,8 @@ def test_export_merged_and_adapter_only(imported_run, tmp_path, capsys):
         (out / "tokenizer_config.json").read_text())
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct")
-    for part in ("## Teacher and data", "traces in", "## Training", "`train.max_steps` | `8`",
+    for part in ("## Teacher and data", "question coverage: ", "traces in", "## Training",
+                 "`train.max_steps` | `8`",
                  "## Evaluation", "predict: <question>"):
         assert part in card, part
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in out.iterdir())

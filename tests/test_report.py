@@ -85,7 +85,8 @@ def test_the_report_renders_its_plots_in_a_real_browser(swept_run):
     # the accuracy table (compare's students, both modes), the comparison with the two
     # modes' agreement, the sweep's table; examples kept and rejected
     for text in ("answer-only-s0 (predict:)", "dss-s0 (explain:)", "base student",
-                 "explain only", "50%", "Examples kept", "wrong_arithmetic"):
+                 "explain only", "50%", "Examples kept", "wrong_arithmetic",
+                 "questions covered", "question coverage: 14 of 16 training questions"):
         assert text in dom, text
     # the table of rejected traces, opened filtered by a link
     shown = re.search(r'id="shown">(\d+)<', _browser_dom(page, "#reason=no_answer")).group(1)
