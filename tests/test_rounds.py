@@ -31,12 +31,14 @@ class GuessingTeacher:
     def __init__(self, golds: dict[str, str]):
         self.golds, self.requests = golds, []
         self.die_at = None  # a kill (KeyboardInterrupt) at this request
+        self.temperatures = []  # of each call
 
     def facts(self):
         return {"backend": "guessing", "teacher": "guessing", "vocab_size": 10,
                 "tokenizer_fingerprint": "0" * 16, "logprob_source": "raw_logits"}
 
     def generate(self, prompts, settings):
+        self.temperatures.append(settings.temperature)
         out = []
         for i, prompt in enumerate(prompts):
             question = prompt.rsplit("Question: ", 1)[1].split("\n")[0]
@@ -182,6 +184,25 @@ def test_hints_ask_the_uncovered_questions_with_their_answer(tmp_path):
         [s["outputs"]["kept"] for s in f["shards"]]).to_pylist()
     assert {r["id"] for r in kept if r["hinted"]} == {r["id"] for r in hinted}
     assert f["counters"]["covered"] == 24 and f["counters"]["hinted_kept"] == len(hinted)
+
+
+def test_each_round_samples_at_its_own_temperature(tmp_path):
+    cfg, teacher = setup(tmp_path, ["generate.max_samples=8", "generate.wanted_per_question=4",
+                                    "generate.round_temperatures=[1.1,0.9]",
+                                    "generate.rows_per_shard=24"])
+    gen(cfg, tmp_path, teacher)
+    run = RunFolder(tmp_path)
+    assert [run.stage(n).manifest()["facts"]["sampling"]["temperature"]
+            for n in ("generate-round-2", "generate-round-3", "generate-round-4")] == \
+        [1.1, 0.9, 0.9]
+    assert teacher.temperatures == [0.4, 1.1, 0.9, 0.9]  # one call per round (one shard)
+    cooler = load_config("configs/demo.yaml", BASE + ["generate.max_samples=8",
+                                                      "generate.wanted_per_question=4",
+                                                      "generate.round_temperatures=[1.1,0.5]",
+                                                      "generate.rows_per_shard=24"])
+    teacher.temperatures = []
+    gen(cooler, tmp_path, teacher)  # round 2 stays; rounds 3 and 4 are redone
+    assert teacher.temperatures[0] == 0.5 and 1.1 not in teacher.temperatures
 
 
 def test_the_filter_refuses_rounds_that_are_not_finished(tmp_path):
