@@ -236,15 +236,17 @@ class Rounds:
         """A finished round: its shards join the parts of their first-round shards."""
         folder = self.run.stage(rnd.folder)
         for s in manifest["shards"]:
-            self.parts[s["name"]].append(Part(folder, s["outputs"]["traces"], rnd.number,
-                                              rnd.hinted))
+            if s["name"] in self.parts:
+                self.parts[s["name"]].append(Part(folder, s["outputs"]["traces"], rnd.number,
+                                                  rnd.hinted))
         self.done.append((rnd, manifest))
 
     def summary(self) -> list[dict]:
         """Per round after the first: what it asked and what it made (for the manifests and
         reports)."""
         return [{"round": r.number, "folder": r.folder, "hinted": r.hinted,
-                 "questions": r.count, "samples": r.samples, "temperature": r.temperature,
+                 "questions": m["counters"].get("rows", r.count), "samples": r.samples,
+                 "temperature": r.temperature,
                  "traces": m["counters"].get("traces", 0),
                  "tokens": m["counters"].get("tokens", 0)} for r, m in self.done]
 
@@ -285,15 +287,27 @@ def round_fingerprinted(cfg: Config, rnd: Round) -> dict:
 
 def finished_rounds(cfg: Config, run: RunFolder, first: dict) -> Rounds:
     """The rounds the settings ask for, each found finished in the run folder (the filter's
-    view); a round that is not is an error that says to run generate."""
+    view); a round that is not is an error that says to run generate. A round finished with
+    the same sampling for other questions (the filter's settings changed since, so other
+    questions count as short) is read as it is, and the log says so: changing a filter
+    setting never needs the teacher."""
     rounds = Rounds(cfg, run, first)
     while (rnd := rounds.next()) is not None:
-        manifest = finished(round_fingerprinted(cfg, rnd), rnd.shards(), run.stage(rnd.folder))
+        folder = run.stage(rnd.folder)
+        settings = round_fingerprinted(cfg, rnd)
+        manifest = finished(settings, rnd.shards(), folder)
         if manifest is None:
-            raise FileNotFoundError(
-                f"generate has not finished its rounds: {rnd.describe(rounds.k)} is not done "
-                f"in {run.stage(rnd.folder)}. Run `distill generate` (`make generate`) to "
-                "finish them (finished rounds are reused), then the filter")
+            manifest = folder.manifest()
+            if manifest is None or manifest.get("fingerprint") != fingerprint(settings):
+                raise FileNotFoundError(
+                    f"generate has not finished its rounds: {rnd.describe(rounds.k)} is not "
+                    f"done in {folder}. Run `distill generate` (`make generate`) to finish "
+                    "them (finished rounds are reused), then the filter")
+            log("filter", f"{rnd.folder} was made for the questions other settings found "
+                f"short ({manifest['counters'].get('rows', 0)} questions; these find "
+                f"{rnd.count}): its traces are read as they are. `distill generate` samples "
+                "for the questions these settings find short (the teacher's request cache "
+                "answers any request it has seen)")
         rounds.add(rnd, manifest)
     if rounds.done:
         log("filter", f"reading {len(rounds.done) + 1} generate rounds ({rounds.why})")

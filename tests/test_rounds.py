@@ -213,6 +213,21 @@ def test_the_filter_refuses_rounds_that_are_not_finished(tmp_path):
         filter_stage.main(more, tmp_path)
 
 
+def test_a_changed_filter_setting_reads_the_rounds_made_without_the_teacher(tmp_path, capsys):
+    """Rounds planned under other filter settings are read as they are (the log says so):
+    re-filtering never needs the teacher."""
+    cfg, teacher = setup(tmp_path, ["generate.max_samples=6"])
+    gen(cfg, tmp_path, teacher)
+    first = filter_stage.main(cfg, tmp_path)
+    stricter = load_config("configs/demo.yaml", BASE + ["generate.max_samples=6",
+                                                        "filter.max_words=8"])
+    capsys.readouterr()
+    again = filter_stage.main(stricter, tmp_path)
+    assert "was made for the questions other settings found short" in capsys.readouterr().err
+    assert again["counters"]["traces_in"] == first["counters"]["traces_in"]
+    assert again["counters"]["kept"] < first["counters"]["kept"]
+
+
 def test_round_settings_are_checked():
     with pytest.raises(ConfigError, match="whole number of rounds"):
         load_config("configs/demo.yaml", ["generate.n_samples=2", "generate.max_samples=5",
