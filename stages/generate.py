@@ -33,6 +33,7 @@ from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings
 from stages.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
                            request_seed, round_fingerprinted)
 
+
 def task_shards(cfg: Config) -> list[Shard]:
     """The train split cut into input shards, each with a checksum of its rows."""
     rows = load_split(cfg.task, "train")
