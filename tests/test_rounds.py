@@ -260,6 +260,10 @@ def test_the_leak_check_on_hand_written_hinted_traces():
     assert "before any step" in leak(" We need to reach 8. 5 + 3 = 8. The answer is 8.")
     assert "given the answer" in leak(" The hint says 8, and 5 + 3 = 8. The answer is 8.")
     assert "given the answer" in leak(" We are told the answer is 8: 5 + 3 = 8. The answer is 8.")
+    # the answer copied from the hint after steps that do not reach it (seen on the harder
+    # config's hinted round), or with no step at all
+    assert "only asserted" in leak(" She has 5, so 5 * 2 = 10, minus 1 is 9. The answer is 8.")
+    assert "only asserted" in leak(" Anna buys apples. The answer is 8.")
     # not hinted: never a leak; an answer that is one of the question's numbers tells nothing
     assert leak(" The answer is 8. 5 + 3 = 8.", hinted=False) is None
     assert leak(" She has 5, gives 0: 5 - 0 = 5. The answer is 5.", gold="5") is None

@@ -132,12 +132,15 @@ _TOLD = re.compile(r"\b(hint|hinted|given answer|answer (?:is |was )?(?:given|pr
                    r"the answer|(?:told|given) that the answer|as (?:stated|given) in the "
                    r"question|the question says the answer)\b", re.I)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")  # what a calculation gives
 
 
 def _leak(t: Trace, cfg: FilterConfig) -> str | None:
-    """A hinted trace (its prompt held the gold answer) that says so, or that writes the
-    answer before any reasoning step (a number equal to the answer that is not in the question,
-    before the first calculation). Traces without a hint always pass."""
+    """A hinted trace (its prompt held the gold answer) that says so, that writes the answer
+    before any reasoning step (a number equal to the answer that is not in the question,
+    before the first calculation), or whose calculations never reach the answer (a numeric
+    answer that is not the result of any `a op b = c` in the rationale: the hint copied, not
+    derived). Traces without a hint always pass."""
     if not t.row.get("hinted"):
         return None
     text = t.row["completion"] or ""
@@ -147,14 +150,16 @@ def _leak(t: Trace, cfg: FilterConfig) -> str | None:
     answer = t.gold if t.gold is not None else t.found.answer
     if answer is None or answer == NO_ANSWER or t.checker.kind not in ("numeric", "math"):
         return None
+    key = t.checker.key(answer)
     in_question = {t.checker.key(n) for n in _NUMBER.findall(t.row.get("question") or "")}
-    if t.checker.key(answer) in in_question:
-        return None  # the question's own numbers: the order tells nothing
     first_step = _CALC.search(text)
-    step_at = first_step.start() if first_step else len(text)
-    for m in _NUMBER.finditer(text[:step_at]):
-        if t.checker.key(m.group(0)) == t.checker.key(answer):
-            return f"states the answer {answer} before any step"
+    if first_step and key not in in_question:  # (the question's own numbers tell nothing)
+        for m in _NUMBER.finditer(text[:first_step.start()]):
+            if t.checker.key(m.group(0)) == key:
+                return f"states the answer {answer} before any step"
+    results = {t.checker.key(m.group(1)) for m in _RESULT.finditer(t.rationale)}
+    if key not in results:
+        return f"no calculation reaches the answer {answer}: it is only asserted"
     return None
 
 
@@ -178,7 +183,8 @@ for _check in (
     Check("wrong_answer", "the final answer is not the gold (or majority) answer", 60,
           _right_answer),
     Check("hint_leak", "a hinted trace (its prompt held the gold answer) that says it was "
-          "given the answer, or states it before any reasoning step", 65, _leak),
+          "given the answer, states it before any reasoning step, or never reaches it by a "
+          "calculation", 65, _leak),
     Check("wrong_arithmetic", "a written calculation is wrong, though the final answer may "
           "be right", 70, _arithmetic),
     Check("too_few_steps", "fewer reasoning steps than filter.min_steps", 80,
