@@ -315,6 +315,8 @@ def test_the_coverage_ladder_copies_the_rounds_and_tabulates_each_rung(tmp_path)
     assert fixed["hinted_kept"] == adaptive["hinted_kept"] == 0 < hints["hinted_kept"]
     text = table(rows, [{"system": "teacher", "accuracy": 0.4}], 1)
     assert "adaptive+hints" in text and "50.0%" in text and "teacher (few-shot CoT): 40.0%" in text
+    untrained = rung_row("fixed", RunFolder(tmp_path / "fixed"), "", None)
+    assert untrained["predict"] is None and table([untrained], [], 1).rstrip().endswith("-")
 
 
 def test_a_job_array_does_one_round_per_pass(tmp_path, capsys):

@@ -16,7 +16,8 @@ A rung's run folder (`<run>-<rung>/`) gets a copy of the generate folders, so th
 paid once and each filter reads only the rounds its settings ask for. Finished stages are
 reused, so a stopped ladder resumes where it stopped. Prints the table (teacher tokens,
 question coverage, kept traces, held-out accuracy in both modes) and writes it to
-`<run>/coverage.json`.
+`<run>/coverage.json`. `--no-students` stops after the filters (what the teacher made and
+what the filter kept, without training).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def copy_generated(source, target) -> None:
 def rung_row(rung: str, run, student: str, results: list[dict]) -> dict:
     """One line of the table: what the rung's filter counted and its student's accuracy."""
     counters = run.stage("filter").manifest()["counters"]
-    acc = {r["system"]: r["accuracy"] for r in results if r.get("variant", "") == student
+    acc = {r["system"]: r["accuracy"] for r in results or [] if r.get("variant", "") == student
            and r["system"] in ("predict", "explain")}
     return {"rung": rung, "teacher_tokens": counters.get("teacher_tokens"),
             "questions": counters.get("questions"), "covered": counters.get("covered"),
@@ -64,7 +65,8 @@ def table(rows: list[dict], reference: list[dict], wanted: int) -> str:
         share = f"{r['covered']} ({100 * r['covered'] / max(1, r['questions']):.0f}%)"
         lines.append(f"{r['rung']:<16}{r['teacher_tokens']:>16,}{share:>16}"
                      f"{r['covered_wanted']:>9}{r['kept']:>7}{r['hinted_kept']:>8}"
-                     f"{100 * (r['predict'] or 0):>8.1f}%{100 * (r['explain'] or 0):>8.1f}%")
+                     + "".join(f"{100 * r[m]:>8.1f}%" if r[m] is not None else f"{'-':>9}"
+                               for m in ("predict", "explain")))
     for r in reference:
         lines.append(f"{r['system']} ({'few-shot CoT' if r['system'] == 'teacher' else 'predict'})"
                      f": {100 * r['accuracy']:.1f}%")
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/harder.yaml")
     run_options(parser)
+    parser.add_argument("--no-students", action="store_true",
+                        help="stop after the filters: no training, no evaluation")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every rung (e.g. train.max_steps=60)")
     args = parser.parse_args(argv)
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"eval.systems=[{','.join(systems)}]", f"eval.variants=['{student}']"])
             run_stages(["filter"] if suffix not in done_folders else [], cfg, target)
             done_folders.add(suffix)
+            if args.no_students:
+                rows.append(rung_row(rung, target, student, None))
+                continue
             run_stages(["train", "eval"], cfg, target)
             results = target.stage("eval").read_json("report.json")["results"]
             rows.append(rung_row(rung, target, student, results))
