@@ -309,19 +309,25 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
                  "n": g.n_samples, "temperature": g.temperature, "top_p": g.top_p,
                  "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop}}
 
-    def finalize(manifest: dict) -> None:
-        kd_usability(manifest)
-        if BACKENDS.get(g.backend).request_cache:
-            merge_worker_caches(folder)
-        too_many_failed(manifest, g.max_failed_share)
-
     return Stage(
         name="generate", fingerprinted=settings, shards=task_shards(cfg), work=generate_shard,
         settings=GenerateSettings(g, template),
         outputs=["traces"], resources=teacher or teacher_factory(cfg, folder, per_worker),
-        facts=facts, upstream={"task": cfg.section("task")}, finalize=finalize,
+        facts=facts, upstream={"task": cfg.section("task")}, finalize=_finalizer(g, folder),
         rates=("tokens", "requests"), paid=True,
         redo=_has_failed_rows if retry_failed else None)
+
+
+def _finalizer(g: GenerateConfig, cache_folder: StageFolder) -> Callable[[dict], None]:
+    """What every generate round does before its manifest: the KD usability of its top-k,
+    the workers' request caches merged into `cache_folder`'s, the failed-share stop."""
+    def finalize(manifest: dict) -> None:
+        kd_usability(manifest)
+        if BACKENDS.get(g.backend).request_cache:
+            merge_worker_caches(cache_folder)
+        too_many_failed(manifest, g.max_failed_share)
+
+    return finalize
 
 
 def round_stage(cfg: Config, run: RunFolder, rnd: Round,
@@ -338,19 +344,13 @@ def round_stage(cfg: Config, run: RunFolder, rnd: Round,
                           "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop,
                           "seeds": "per question and sample index"}}
 
-    def finalize(manifest: dict) -> None:
-        kd_usability(manifest)
-        if BACKENDS.get(g.backend).request_cache:
-            merge_worker_caches(cache_folder)
-        too_many_failed(manifest, g.max_failed_share)
-
     return Stage(
         name=rnd.folder, fingerprinted=round_fingerprinted(cfg, rnd), shards=rnd.shards(),
         work=generate_shard,
         settings=GenerateSettings(g, template, rnd.samples, rnd.temperature, later_round=True),
         outputs=["traces"], resources=teacher or teacher_factory(cfg, cache_folder, per_worker),
         facts=facts, upstream={"generate": cache_folder.manifest()["fingerprint"]},
-        finalize=finalize, rates=("tokens", "requests"), paid=True,
+        finalize=_finalizer(g, cache_folder), rates=("tokens", "requests"), paid=True,
         redo=_has_failed_rows if retry_failed else None)
 
 
