@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline import topk_codec
 from pipeline.schema import logical
 from pipeline.config import Config, RayConfig, load_config
 from pipeline.executors import executor_for, run_stage
@@ -106,7 +107,14 @@ def _same_rows(a: pa.Table, b: pa.Table) -> None:
                             a.column(col).to_pylist()])
         y = np.concatenate([np.ravel(np.array(v, dtype=np.float64)) for v in
                             b.column(col).to_pylist()])
-        np.testing.assert_allclose(x, y, atol=1e-4)
+        if col == "topk_logprobs":
+            # the compact store quantises top-k entries to steps of 2^-5 nats (topk_codec): a
+            # float difference of 1e-6 that crosses a rounding boundary moves one entry a step
+            step = 2.0 ** -topk_codec.DEFAULT_STEP_EXP
+            np.testing.assert_allclose(x, y, atol=step + 1e-4)
+            assert np.mean(np.abs(x - y) > 1e-4) < 0.01, "more than 1% of entries moved a step"
+        else:
+            np.testing.assert_allclose(x, y, atol=1e-4)
 
 
 def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path):
