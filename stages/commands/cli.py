@@ -13,127 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import posixpath
 import re
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import SECTION_TYPES, Config, ConfigError, describe, load_config
+from pipeline.config import SECTION_TYPES, ConfigError, describe, load_config
 from pipeline.executors.array import ArrayRole
-from pipeline.log import is_main_process, log, set_verbosity
-from pipeline.kept_aside import LOCK
-from pipeline.run_folder import RunFolder, as_run_folder
-from pipeline.secrets import scrub
+from pipeline.log import set_verbosity
+from pipeline.run_folder import RunFolder
 
-STAGES = ["generate", "filter", "train", "eval"]
+from stages.commands.running import (STAGES, StageFailed, forget_empty_run,  # noqa: F401
+                                     reported, run_stages, say)
+
 ARRAY_STAGES = ("generate", "filter")  # the stages a job array can split
-
-
-def _stage_main(name: str):
-    if name == "generate":
-        from stages.generate import main
-    elif name == "filter":
-        from stages.filter import main
-    elif name == "train":
-        from stages.train import main
-    else:
-        from stages.eval import main
-    return main
-
-
-def run_stages(names: list[str], cfg: Config, run: RunFolder | str | Path,
-               force: bool = False, role: ArrayRole | None = None,
-               separate_processes: bool = False, retry_failed: bool = False) -> None:
-    """Run the named stages in order on one run folder (its `config.yaml` is the last
-    configuration a stage ran with); `role`: a job-array part of a generate or filter run.
-    `separate_processes`: each stage in a fresh process (what `distill all` does), so the
-    teacher engine's memory is given back before the student trains. `retry_failed`: the
-    generate stage re-sends the rows that ended with an error."""
-    run = as_run_folder(run)
-    if len(names) > 1 and os.environ.get("WORLD_SIZE", "1") != "1":
-        raise ValueError("under torchrun / accelerate launch run one stage (`distill train`), "
-                         "not several: generate, filter and eval run once, in one process")
-    new = is_main_process() and role is None and not run.fs.isdir(run.root)
-    # array workers leave the run's config to the plan; other ranks to the main process
-    if (role is None or role.plan_only) and is_main_process():
-        run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    try:
-        _run_each(names, cfg, run, force, role, separate_processes, retry_failed)
-    except BaseException:
-        if new:
-            forget_empty_run(run)
-        raise
-
-
-def forget_empty_run(run: RunFolder) -> bool:
-    """Remove a run folder that a failed command has just made and that holds nothing but
-    its bookkeeping (the config, plans, locks, empty folders): a mistyped run name or a model
-    that does not load leaves no folder behind. Anything else in it (a shard, a cached
-    response) keeps the whole folder."""
-    bookkeeping = {"config.yaml", "plan.json", LOCK}
-    files = [p for p in run.fs.find(run.root) if run.fs.isfile(p)]
-    if any(posixpath.basename(p) not in bookkeeping for p in files):
-        return False
-    run.fs.rm(run.root, recursive=True)
-    return True
-
-
-def _run_each(names, cfg, run, force, role, separate_processes, retry_failed) -> None:
-    for name in names:
-        t0 = time.time()
-        say(f"==> {name} ({run})")
-        extra = {"retry_failed": True} if retry_failed and name == "generate" else {}
-        if role is not None:
-            _stage_main(name)(cfg, run, force=force, role=role, **extra)
-        elif len(names) > 1 and separate_processes:
-            _in_child(name, cfg, run, force, extra)
-        else:
-            _stage_main(name)(cfg, run, force=force, **extra)
-        say(f"==> {name} finished in {time.time() - t0:.1f}s")
-
-
-class StageFailed(Exception):
-    """A stage run in a child process failed; the child has said why."""
-
-    def __init__(self, code: int):
-        super().__init__(f"exit code {code}")
-        self.code = code
-
-
-def _child(name: str, cfg: Config, url: str, force: bool, extra: dict) -> None:
-    import resource
-
-    from pipeline.log import VERBOSITY
-
-    set_verbosity(int(os.environ.get(VERBOSITY, "0") or 0))
-    code = reported(lambda: _stage_main(name)(cfg, RunFolder(url), force=force, **extra))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    say(f"==> {name}: peak resident memory {peak:,.0f} MiB")
-    sys.exit(code)
-
-
-def _in_child(name: str, cfg: Config, run: RunFolder, force: bool, extra: dict) -> None:
-    """Run one stage in a fresh process (spawned: no engine, thread pool or CUDA context is
-    inherited) and wait for it; its memory is the operating system's again when it ends."""
-    import multiprocessing
-
-    child = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(name, cfg, run.url, force, extra), name=f"distill-{name}")
-    child.start()
-    try:
-        child.join()
-    except KeyboardInterrupt:
-        child.join()
-        raise
-    if child.exitcode != 0:
-        raise StageFailed(130 if child.exitcode in (-2, 130) else child.exitcode or 1)
-
-
-def say(line: str) -> None:
-    log("", line)
 
 
 EXAMPLES = {
@@ -160,6 +54,8 @@ EXAMPLES = {
     "export": ["distill export --run demo --student dss-s0",
                "distill export --run demo --adapter-only --out my-adapter",
                "distill export --run demo --push-to-hub me/my-student"],
+    "iterate": ["distill iterate --run demo --rounds 3 eval.vote_samples=4",
+                "distill iterate --config configs/harder.yaml --run harder iterate.samples=8"],
     "config": ["distill config --keys", "distill config --config configs/gsm8k.yaml "
                "train.alpha=0.3"],
 }
@@ -286,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="also upload the folder to this Hub repository (token from HF_TOKEN "
                    "or `hf auth login`); a path or file:// URL copies it there instead")
+    p = _command(sub, "iterate", "the student beyond its teacher: each round's distilled "
+                 "student samples the questions still short of kept traces, the teacher scores "
+                 "them, the next student trains on the pool (ReST-EM); a table per round")
+    p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
+    run_options(p)
+    p.add_argument("--rounds", type=int, metavar="R",
+                   help="rounds in all, the teacher's first included (default: iterate.rounds)")
+    p.add_argument("--force", action="store_true", help="redo every stage of the loop (the "
+                   "previous output is kept aside)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="settings that override the config file")
     p = _command(sub, "config", "print the resolved config (after overrides)")
     p.add_argument("--config", default="configs/demo.yaml", help="the run's YAML config")
     p.add_argument("--keys", action="store_true",
@@ -315,32 +222,6 @@ def array_role(args: argparse.Namespace) -> ArrayRole | None:
         return ArrayRole(n, i)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
-
-
-def reported(work) -> int:
-    """Runs `work()`; a failure the user can fix is printed as one `error:` line (the exit
-    code says which kind: 2 configuration, 1 input or run, 130 interrupted)."""
-    try:
-        work()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {scrub(str(e))}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a full disk, a permission, a lost mount: the system's words
-        what = f"{e.strerror or e} ({e.filename})" if e.filename else (e.strerror or str(e))
-        print(f"error: {scrub(what)}. Finished work is kept and nothing half-written is "
-              "trusted: fix the cause (free disk space, permissions) and run the same command "
-              "again to resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished work is kept; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    except StageFailed as e:  # the stage's own process has printed the error
-        return e.code
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,6 +275,18 @@ def main(argv: list[str] | None = None) -> int:
             run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             import_traces(cfg, run, args.kind, args.sources, args.questions, mapping,
                           args.force)
+            return
+        if args.command == "iterate":
+            from stages.commands.iterate import iterate, table
+
+            if args.rounds is not None and args.rounds < 1:
+                raise ConfigError(["--rounds: give 1 or more (round 1 is the teacher's)"])
+            run = RunFolder.at(args.runs_dir, args.run)
+            done = iterate(cfg, run, args.rounds or cfg.iterate.rounds, args.force)
+            print(table(done["rounds"]))
+            for r in done["reference"]:
+                print(f"{r['system']}: {100 * r['accuracy']:.1f}%")
+            print(f"stopped: {done['stopped']}")
             return
         if args.command == "config":
             if args.keys:
