@@ -536,12 +536,56 @@ class EvalConfig(Section):
     predict_max_new_tokens: int = opt(16, "Generation budget in predict: mode.", ge=1)
     dtype: str = opt("bfloat16", "Weights' dtype at evaluation.",
                      choices=["bfloat16", "float32", "float16"])
+    vote_samples: int = opt(0, "Self-consistency (Wang et al. 2023): also score the systems of "
+                            "eval.vote_systems by a majority vote over this many sampled "
+                            "answers (maj@k, next to greedy; tokens counted for all k); 0 = off.",
+                            ge=0, le=64)
+    vote_systems: list[str] = opt(["explain", "teacher"], "The reasoning systems scored by "
+                                  "majority vote when eval.vote_samples > 0 (explain, teacher).")
+    vote_temperature: float = opt(0.7, "Sampling temperature of the voted answers.", gt=0.0,
+                                  le=5.0)
 
     def _check(self, errors: list[str]) -> None:
+        for name in self.vote_systems:
+            if name not in ("explain", "teacher"):
+                errors.append(f"eval.vote_systems: '{name}' cannot vote (a vote is over "
+                              "reasoning chains); use explain and/or teacher")
         for name in self.systems:
             if name not in VALID_SYSTEMS:
                 errors.append(f"eval.systems: unknown system '{name}'; "
                               f"{did_you_mean(name, VALID_SYSTEMS)}")
+
+
+@dataclass
+class IterateConfig(Section):
+    """`distill iterate`: the distilled student samples the training questions again (ReST-EM,
+    Singh et al. 2023; STaR, Zelikman et al. 2022), the filter pools its kept traces with the
+    teacher's, and the next student trains from the base model on the pool."""
+
+    NAME: ClassVar[str] = "iterate"
+
+    rounds: int = opt(3, "Rounds in all: round 1 is the teacher's pipeline, each later round "
+                      "samples with the student of the round before.", ge=1, le=20)
+    samples: int = opt(4, "Samples the student draws per question it samples.", ge=1, le=64)
+    temperatures: list[float] = opt([0.7], "The student's sampling temperature in rounds 2, 3, "
+                                    "...; the last one repeats.")
+    covered_share: float = opt(0.0, "Share of the questions that already have enough kept "
+                               "traces that the student samples too (for diverse paths; chosen "
+                               "by a hash of the question and round).", ge=0.0, le=1.0)
+    max_new_tokens: int | None = opt(None, "Tokens the student generates at most per trace; "
+                                     "null = eval.max_new_tokens.", ge=1)
+    teacher_scores: bool = opt(True, "The teacher scores the student's traces with a forward "
+                               "pass: their stored top-k are the teacher's at every position, so "
+                               "top-k KD learns from them (off by itself for API teachers).")
+    until_flat: bool = opt(True, "Stop before rounds when a round raised neither question "
+                           "coverage nor the explain: held-out accuracy.")
+    batch_size: int = opt(32, "Prompts per batch of the student's sampling and the teacher's "
+                          "scoring.", ge=1, fingerprint=NEVER)
+
+    def _check(self, errors: list[str]) -> None:
+        if not self.temperatures or any(not 0 < t <= 5 for t in self.temperatures):
+            errors.append("iterate.temperatures: give one or more temperatures in (0, 5], "
+                          "e.g. [0.7]")
 
 
 def fingerprinted(section: Section, reads: frozenset[str] | set[str] = frozenset()) -> dict:
@@ -581,6 +625,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))
@@ -591,7 +636,7 @@ class Config:
 
 SECTION_TYPES = {"task": TaskConfig, "generate": GenerateConfig, "vllm": VLLMConfig,
                  "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig,
-                 "ray": RayConfig}
+                 "ray": RayConfig, "iterate": IterateConfig}
 VALID_SYSTEMS = ["teacher", "base", "predict", "explain"]
 
 

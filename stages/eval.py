@@ -29,7 +29,7 @@ from pipeline.run_folder import DamagedFile, RunFolder, as_run_folder
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
-from stages.backends.base import Backend, generate_in_batches, greedy
+from stages.backends.base import Backend, SamplingSettings, generate_in_batches, greedy
 from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker
 
 LABELS = {"teacher": "teacher (few-shot CoT)", "base": "base student (predict:)",
@@ -38,10 +38,13 @@ PREFIX = {"base": "predict", "predict": "predict", "explain": "explain"}
 
 
 def label(result: dict) -> str:
+    system, _, votes = result["system"].partition("@")
+    vote = f", maj@{votes}" if votes else ""
     variant = result.get("variant")
     if variant:  # a named student: train-<name>/
-        return f"distilled {variant} ({result['system']}:)"
-    return LABELS.get(result["system"], result["system"])
+        return f"distilled {variant} ({system}:{vote})"
+    name = LABELS.get(system, system)
+    return name[:-1] + vote + ")" if vote and name.endswith(")") else name + vote
 
 
 def report_table(results: list[dict]) -> str:
@@ -65,10 +68,13 @@ class Job:
     max_new_tokens: int = 16
     first_line: bool = False     # score only the first non-empty line (the predict: mode)
     spec: dict = field(default_factory=dict)   # what produced it: the shard's checksum
+    votes: int = 0               # > 0: answer by majority vote over this many samples
+    temperature: float = 0.0     # the voted samples' temperature
 
     @property
     def key(self) -> str:
-        return f"{self.system}-{self.variant}" if self.variant else self.system
+        system = f"{self.system}@{self.votes}" if self.votes else self.system
+        return f"{system}-{self.variant}" if self.variant else system
 
 
 @dataclass
@@ -91,6 +97,49 @@ def prompts_for(job: Job, questions: list[str], template: PromptTemplate) -> lis
     return [task_prompt(PREFIX[job.system], q) for q in questions]
 
 
+def majority_vote(answers: list[str], key) -> tuple[str, int]:
+    """(the answer most samples give, its votes) by `key` (the checker's canonical form, so
+    "8" and "8.0" are one answer); answers that could not be read (`NO_ANSWER`) do not vote;
+    a tie goes to the tied answer that came first (samples are in seed order, so the result
+    does not depend on anything else). (`NO_ANSWER`, 0) when no sample gave an answer."""
+    counts: dict = {}
+    first: dict = {}
+    for answer in answers:
+        if answer == NO_ANSWER:
+            continue
+        k = key(answer)
+        counts[k] = counts.get(k, 0) + 1
+        first.setdefault(k, answer)
+    if not counts:
+        return NO_ANSWER, 0
+    best = max(counts.values())
+    winner = next(k for k in first if counts[k] == best)  # dicts keep first-seen order
+    return first[winner], best
+
+
+def _voted_records(job: Job, rows: list[dict], prompts: list[str], outcomes: list,
+                   checker: AnswerChecker) -> list[dict]:
+    """One prediction per row from `job.votes` samples: the majority answer (`majority_vote`),
+    the output of the first sample that gave it, and the tokens of all samples."""
+    records = []
+    for prompt, row, out in zip(prompts, rows, outcomes):
+        if isinstance(out, str):
+            records.append({"id": row["id"], "prompt": prompt, "output": "", "gold": row["gold"],
+                            "pred_answer": NO_ANSWER, "extractor": None, "correct": False,
+                            "n_tokens": 0, "finish_reason": f"error: {out}"[:500]})
+            continue
+        found = [checker.extract(g.text, row["question"]) for g in out]
+        answer, votes = majority_vote([f.answer for f in found], checker.key)
+        shown = next((g.text for g, f in zip(out, found) if f.answer == answer), out[0].text)
+        records.append({"id": row["id"], "prompt": prompt, "output": shown, "gold": row["gold"],
+                        "pred_answer": answer, "extractor": f"vote {votes}/{len(out)}",
+                        "correct": answer != NO_ANSWER
+                        and checker.match(answer, row["gold"], row["question"]),
+                        "n_tokens": sum(int(g.token_ids.shape[0]) for g in out),
+                        "finish_reason": "vote"})
+    return records
+
+
 def eval_shard(settings: EvalSettings, shard: Shard, models: "Models",
                progress: Progress = no_progress) -> ShardOutput:
     """Greedy answers of one system to every held-out row, each extracted and checked.
@@ -106,10 +155,21 @@ def eval_shard(settings: EvalSettings, shard: Shard, models: "Models",
     stop = settings.stop if job.system == "teacher" else []
     t0 = time.time()
     backend = models.get(job)
-    outcomes = generate_in_batches(backend, prompts, greedy(job.max_new_tokens, stop),
-                                   settings.batch_size, on_batch=lambda outs: progress(len(outs)))
     checker, records = settings.checker, []
-    for prompt, row, out in zip(prompts, rows, outcomes):
+    if job.votes:
+        sampling = SamplingSettings(n=job.votes, temperature=job.temperature, top_p=1.0,
+                                    max_new_tokens=job.max_new_tokens, top_k=0, seed=0,
+                                    stop=list(stop))
+        outcomes = generate_in_batches(backend, prompts, sampling,
+                                       max(1, settings.batch_size // job.votes),
+                                       seed_of=lambda b: 7919 * b + 1,
+                                       on_batch=lambda outs: progress(len(outs)))
+        records = _voted_records(job, rows, prompts, outcomes, checker)
+    else:
+        outcomes = generate_in_batches(backend, prompts, greedy(job.max_new_tokens, stop),
+                                       settings.batch_size,
+                                       on_batch=lambda outs: progress(len(outs)))
+    for prompt, row, out in zip(prompts, rows, outcomes if not job.votes else []):
         if isinstance(out, str):  # a request that failed for good
             records.append({"id": row["id"], "prompt": prompt, "output": "", "gold": row["gold"],
                             "pred_answer": NO_ANSWER, "extractor": None, "correct": False,
@@ -148,7 +208,7 @@ class Models:
                 and self._student(job.model).decoder_only):
             return self._engine_student(job, kind)
         key = job.variant if job.system in ("predict", "explain") else job.system
-        if key != self.key or job.system not in ("predict", "explain"):
+        if key != self.key:  # (a system's greedy and voted jobs share one load)
             self.close()
             self.backend, self.key = self._load(job, kind), key
         return self.backend
@@ -266,6 +326,8 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
         spec = {"model": g.model, "template": template.sha256, "chat": g.chat_template,
                 "stop": g.stop, "max_new_tokens": e.max_new_tokens, **kind.eval_spec(cfg)}
         jobs.append(Job("teacher", model=g.model, max_new_tokens=e.max_new_tokens, spec=spec))
+        if e.vote_samples and "teacher" in e.vote_systems:
+            jobs.append(_voting(jobs[-1], e))
     # the engine that scores the students: transformers, or the backend's own engine (with
     # LoRA) where it can serve them
     scorer = {"scorer": kind.name} if kind.student_engine is not None else {}
@@ -293,6 +355,8 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
                                 spec={"adapter": manifest_digest(manifest), "student": student,
                                       "first_line": system == "predict",
                                       "max_new_tokens": budget, **scorer}))
+                if system == "explain" and e.vote_samples and "explain" in e.vote_systems:
+                    jobs.append(_voting(jobs[-1], e))
     shards = [Shard.of(job.key, test, fingerprint(job.system, {**job.spec, **common}))
               for job in jobs]
     settings = EvalSettings({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,
@@ -302,6 +366,15 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
         work=eval_shard, settings=settings, outputs=["predictions"],
         resources=models or (lambda: Models(cfg, run)), facts={"n": test.num_rows},
         finalize=_results, prune=False, output_name=lambda kind, shard: f"{shard}.parquet")
+
+
+def _voting(job: Job, e) -> Job:
+    """The self-consistency twin of a reasoning job: `eval.vote_samples` sampled answers,
+    majority vote."""
+    return Job(job.system, job.variant, model=job.model, adapter_from=job.adapter_from,
+               max_new_tokens=job.max_new_tokens, votes=e.vote_samples,
+               temperature=e.vote_temperature,
+               spec={**job.spec, "votes": e.vote_samples, "temperature": e.vote_temperature})
 
 
 def _results(manifest: dict) -> None:
@@ -315,6 +388,8 @@ def _results(manifest: dict) -> None:
                   "mean_tokens": round(c["tokens"] / n, 2), "seconds": c["seconds"]}
         if variant:
             result["variant"] = variant
+        if "@" in system:
+            result["votes"] = int(system.partition("@")[2])
         results.append(result)
     manifest["results"] = results
 

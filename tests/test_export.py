@@ -51,7 +51,8 @@ def test_export_merged_and_adapter_only(imported_run, tmp_path, capsys):
     assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct")
     for part in ("## Teacher and data", "question coverage: ", "traces in", "## Training",
                  "`train.max_steps` | `8`",
-                 "## Evaluation", "predict: <question>"):
+                 "## Evaluation", "predict: <question>", "majority vote (self-consistency)",
+                 'llm = LLM("this-folder")', "SamplingParams(n=k, temperature=0.7"):
         assert part in card, part
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in out.iterdir())
 
@@ -72,7 +73,9 @@ def test_export_merged_and_adapter_only(imported_run, tmp_path, capsys):
     assert cli(["export", *where, "--adapter-only", "--out", str(tmp_path / "a")]) == 0
     adapter_config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert "library_name: peft" in (tmp_path / "a" / "README.md").read_text()
+    adapter_card = (tmp_path / "a" / "README.md").read_text()
+    assert "library_name: peft" in adapter_card
+    assert "enable_lora=True" in adapter_card and "lora_request=adapter" in adapter_card
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 

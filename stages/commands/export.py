@@ -58,6 +58,15 @@ def _eval_rows(run: RunFolder, variant: str) -> list[dict]:
             if r.get("system") in ("teacher", "base") or r.get("variant") == variant]
 
 
+def _vllm_lines(base_id: str, adapter_only: bool) -> str:
+    """The model card's vLLM engine: the merged folder, or the base model with this adapter
+    through vLLM's LoRA support."""
+    if not adapter_only:
+        return 'llm = LLM("this-folder")'
+    return (f'from vllm.lora.request import LoRARequest\n\nllm = LLM("{base_id}", '
+            'enable_lora=True)\nadapter = LoRARequest("student", 1, "this-folder")')
+
+
 def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
                adapter_only: bool) -> str:
     """The model card: front matter for the Hub, then what the student is and how it was made."""
@@ -73,6 +82,7 @@ def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
     table = "\n".join(
         f"| {r['system']} | {r['accuracy'] * 100:.1f}% | {r.get('mean_tokens', 0):.1f} | "
         f"{r.get('n', '')} |" for r in rows) or "| (not evaluated: run `distill eval`) | | | |"
+    lora_arg = ", lora_request=adapter" if adapter_only else ""
     training = "\n".join(f"| `train.{k}` | `{json.dumps(v)}` |" for k, v in settings.items())
     front = ["---", f"base_model: {base_id}",
              "library_name: " + ("peft" if adapter_only else "transformers"),
@@ -109,7 +119,7 @@ fine-tuning with LoRA on chain-of-thought traces of the teacher, then
 |---|---|
 {training}
 
-## Evaluation (held-out questions, greedy)
+## Evaluation (held-out questions; greedy, `@k`: majority vote over k samples)
 
 | system | accuracy | tokens per answer | questions |
 |---|---|---|---|
@@ -128,6 +138,26 @@ ids = tok("predict: Tom has 5 apples and gets 3 more. How many apples?\\n",
           return_tensors="pt")
 out = model.generate(**ids, max_new_tokens=64)
 print(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+```
+
+### Answering by majority vote (self-consistency)
+
+Sampling several `explain:` rationales and taking the answer most of them reach (Wang et al.,
+2023) trades tokens for accuracy; `eval.vote_samples=k` measures it (the `@k` rows above, their
+tokens counted for all k samples). With vLLM:
+
+```python
+import re
+from collections import Counter
+from vllm import LLM, SamplingParams
+
+{_vllm_lines(base_id, adapter_only)}
+k = 8
+out = llm.generate(["explain: Tom has 5 apples and gets 3 more. How many apples?\n"],
+                   SamplingParams(n=k, temperature=0.7, max_tokens=256){lora_arg})
+answers = [re.findall(r"-?\d+(?:\.\d+)?", c.text)[-1:] for c in out[0].outputs]
+votes = Counter(a[0] for a in answers if a)  # unreadable answers do not vote
+print(votes.most_common(1)[0][0] if votes else None)
 ```
 """
 

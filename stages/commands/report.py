@@ -151,13 +151,44 @@ def sweep_plot(rows: list[dict], title: str) -> bytes:
     return png(fig)
 
 
+def loop_plot(loop: dict) -> str | None:
+    """`distill iterate` per round: question coverage, and held-out accuracy of each round's
+    student (predict:, explain:, maj@k), the teacher's as a dashed line."""
+    rows = loop["rounds"]
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = [r["round"] for r in rows]
+    left.plot(x, [100 * r["covered"] / max(1, r["questions"]) for r in rows], "o-",
+              color="#2ca02c")
+    left.set_ylabel("questions with a kept trace (%)")
+    for name, key, color in (("predict:", "predict", "#1f77b4"),
+                             ("explain:", "explain", "#ff7f0e"),
+                             (f"maj@{loop.get('vote_samples')}", "explain_votes", "#9467bd")):
+        points = [(r["round"], 100 * r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            right.plot(*zip(*points), "o-", color=color, label=name)
+    for r in loop.get("reference", []):
+        if r["system"] == "teacher":
+            right.axhline(100 * r["accuracy"], ls="--", color="#7f7f7f", label="teacher")
+    right.set_ylabel("held-out accuracy (%)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def result_label(r: dict) -> str:
     variant = r.get("variant")
-    if r["system"] == "teacher":
-        return "teacher (few-shot CoT)"
-    if r["system"] == "base":
+    system, _, votes = r["system"].partition("@")
+    vote = f", maj@{votes}" if votes else ""
+    if system == "teacher":
+        return f"teacher (few-shot CoT{vote})"
+    if system == "base":
         return "base student (predict:)"
-    return f"{_student_label(variant or '')} ({r['system']}:)"
+    return f"{_student_label(variant or '')} ({system}:{vote})"
 
 
 def accuracy_chart(results: list[dict]) -> str | None:
@@ -168,7 +199,8 @@ def accuracy_chart(results: list[dict]) -> str | None:
     labels = [result_label(r) for r in results]
     values = [100 * r["accuracy"] for r in results]
     colors = ["#7f7f7f" if r["system"] in ("teacher", "base") else
-              "#1f77b4" if r["system"] == "predict" else "#ff7f0e" for r in results]
+              "#1f77b4" if r["system"] == "predict" else "#ff7f0e" if r["system"] == "explain"
+              else "#2ca02c" for r in results]
     bars = ax.barh(range(len(results)), values, color=colors)
     ax.set_yticks(range(len(results)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -289,6 +321,24 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                                 [[r["variant"], r["both"], r["explain_only"],
                                   r["predict_only"], r["neither"]]
                                  for r in compare["mode_agreement"]], {1, 2, 3, 4}))
+    loop = _optional_json(run.read_json, "iterate.json")
+    if loop and loop.get("rounds"):
+        parts.append("<h2>The loop (<code>distill iterate</code>)</h2>")
+        parts.append(f"<p>Each round after the first, the student of the round before samples "
+                     f"the questions still short of kept traces, the teacher scores its traces, "
+                     f"and a new student trains from the base model on every round's kept "
+                     f"traces. Stopped: {_e(loop.get('stopped', '?'))}.</p>")
+        plot(loop_plot(loop), "per round: training questions with a kept trace, and the "
+             "round's student on the held-out split (dashed: the teacher)", "loop")
+        parts.append(_table(
+            ["round", "questions sampled", "covered", "kept (by the student)",
+             "teacher tokens", "student tokens", "predict:", "explain:",
+             f"maj@{loop.get('vote_samples') or 'k'}"],
+            [[r["round"], r["sampled_questions"], f"{r['covered']} of {r['questions']}",
+              f"{r['kept']} ({r['student_kept']})", f"{r['teacher_tokens']:,}",
+              f"{r['student_tokens']:,}"] + [f"{100 * r[m]:.1f}%" if r[m] is not None else "-"
+                                            for m in ("predict", "explain", "explain_votes")]
+             for r in loop["rounds"]], {0, 1, 4, 5, 6, 7, 8}, tid="loop"))
     sweep = _optional_json(run.read_json, "sweep.json")
     if sweep:
         parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")
