@@ -7,6 +7,9 @@
 # make report                     report.html in the run folder: funnel, losses, accuracy, sweep
 # make coverage                   fixed sampling vs rounds vs + hints vs + gold predict: examples
 #                                 (configs/harder.yaml, run `harder`; CONFIG=/RUN= for another)
+# make iterate                    the student beyond its teacher: ROUNDS rounds of the student
+#                                 sampling, the teacher scoring, a new student on the pool
+#                                 (maj@VOTES too; a table per round, RUN's iterate.json)
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/demo.yaml
@@ -23,11 +26,13 @@ KD_LAM ?= 0.5
 VARIANTS ?= answer-only dss dss+kd
 SWEEP_SEEDS ?= 0
 SHARES ?= 0.125,0.25,0.5,1
+ROUNDS ?= 3
+VOTES ?= 4
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stepdistill-installed
 VLLM_STAMP := $(VENV)/.stepdistill-vllm-installed
 
-.PHONY: setup generate filter train eval demo compare sweep coverage report test bench clean-run
+.PHONY: setup generate filter train eval demo compare sweep coverage iterate report test bench clean-run
 
 setup: $(STAMP) $(if $(VLLM),$(VLLM_STAMP))
 
@@ -62,6 +67,9 @@ sweep: setup
 
 coverage: setup
 	$(BIN)/python -m stages.commands.coverage --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/harder.yaml) --run $(if $(filter command line,$(origin RUN)),$(RUN),harder) $(SET)
+
+iterate: setup
+	$(BIN)/distill iterate --config $(CONFIG) --run $(RUN) --rounds $(ROUNDS) eval.vote_samples=$(VOTES) $(SET)
 
 report: setup
 	$(BIN)/distill report --run $(RUN)

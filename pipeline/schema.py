@@ -49,9 +49,10 @@ FILTER_COLUMNS = [
     ("n_steps", pa.int32()), ("n_tokens", pa.int32()), ("n_words", pa.int32()),
     ("n_equations", pa.int32()), ("repeat_share", pa.float32()),
     ("gold_source", pa.string()), ("agreement", pa.float32()), ("detail", pa.string()),
-    # where the trace came from: its generate round (1 = the first samples) and whether its
-    # prompt held the gold answer (rationalization)
-    ("round", pa.int16()), ("hinted", pa.bool_())]
+    # where the trace came from: its generate round (1 = the first samples), whether its
+    # prompt held the gold answer (rationalization) and who sampled it (`teacher`, or
+    # `student`: a distilled student of `distill iterate`, whose round is the loop's round)
+    ("round", pa.int16()), ("hinted", pa.bool_()), ("sampler", pa.string())]
 
 
 def kept_schema(traces: pa.Schema = TRACE_SCHEMA, own: list | tuple = ()) -> pa.Schema:

@@ -38,7 +38,8 @@ from stages.figures import png, pyplot
 # what decides a trace's fate lives in stages.keep (generate's rounds count with it too)
 from stages.keep import (FilterSettings, coverage_counters, coverage_lines, decide, explained,
                          reasons)
-from stages.rounds import Part, finished_rounds, load_parts, parts_checksum, wanted
+from stages.pool import pool
+from stages.rounds import load_parts, parts_checksum, wanted
 
 
 def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
@@ -163,11 +164,7 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
                                 "generate` (or `distill generate`) for this run first")
     checker = answer_checker(cfg, cfg.filter.extractors)
     settings = filter_fingerprinted(cfg)
-    # the traces of generate's later rounds (stages.rounds), when the settings ask for them
-    rounds = finished_rounds(cfg, run, upstream) \
-        if not upstream.get("facts", {}).get("imported") else None
-    parts = rounds.parts if rounds else {s["name"]: [Part(generated, s["outputs"]["traces"], 1,
-                                                          False)] for s in upstream["shards"]}
+    parts, rounds, students = pool(cfg, run, upstream)
     then = remake_generate_hint(upstream)
     shards = [Shard(name, parts_checksum(p), sum(x.entry["rows"] for x in p),
                     lambda p=p: load_parts(p, then=then)) for name, p in parts.items()]
@@ -182,6 +179,9 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         if unusable and facts.get("usable_for_kd", True):
             facts["usable_for_kd"] = False
             facts["kd_unusable_because"] = "; ".join(unusable)
+    if students:
+        facts["student_rounds"] = sorted(students)
+        used_upstream["students"] = students
     facts["wanted_per_question"] = wanted(cfg)
     return Stage(
         name="filter", fingerprinted=settings, shards=shards,

@@ -104,17 +104,22 @@ def coverage_counters(small: list[dict], results: list, by_question: dict, lengt
                       wanted: int) -> dict[str, int]:
     """Question coverage (the headline figure): questions, those with at least one kept trace
     and with at least `wanted`, and the teacher tokens generated (all traces, kept or not;
-    hinted ones apart as well)."""
+    hinted ones apart as well), and the traces a distilled student sampled (`distill
+    iterate`), with their tokens (not the teacher's)."""
     kept = kept_per_question(small, results, by_question)
     hinted = [i for i, row in enumerate(small) if row.get("hinted")]
+    by_student = [i for i, row in enumerate(small) if row.get("sampler") == "student"]
     return {"questions": len(by_question),
             "covered": sum(1 for n in kept.values() if n >= 1),
             "covered_wanted": sum(1 for n in kept.values() if n >= wanted),
             "labelled_questions": sum(1 for ids in by_question.values()
                                       if small[ids[0]]["gold"] is not None),
-            "teacher_tokens": sum(lengths),
+            "teacher_tokens": sum(lengths) - sum(lengths[i] for i in by_student),
             "hinted_in": len(hinted),
-            "hinted_kept": sum(1 for i in hinted if results[i][0] is None)}
+            "hinted_kept": sum(1 for i in hinted if results[i][0] is None),
+            "student_in": len(by_student),
+            "student_kept": sum(1 for i in by_student if results[i][0] is None),
+            "student_tokens": sum(lengths[i] for i in by_student)}
 
 
 # what deciding a trace reads (the rest of a shard passes through untouched)
@@ -124,12 +129,13 @@ DECIDED_ON = ["id", "sample", "question", "completion", "finish_reason", "gold",
 
 def decide(table: pa.Table, settings: FilterSettings, checks: list | None = None):
     """(small rows, their (reason or None, added columns), row indices by question) for a
-    table of traces of whole questions: only the `DECIDED_ON` columns (and `round`, `hinted`
-    when there) go through Python. Used by the filter and by generate's rounds, which count
+    table of traces of whole questions: only the `DECIDED_ON` columns (and `round`, `hinted`,
+    `sampler` when there) go through Python. Used by the filter and by generate's rounds, which count
     the traces the filter will keep."""
     cfg, checker = settings.cfg, settings.checker
     checks = ordered_checks() if checks is None else checks
-    names = [c for c in DECIDED_ON[:-1] + ["round", "hinted"] if c in table.schema.names]
+    names = [c for c in DECIDED_ON[:-1] + ["round", "hinted", "sampler"]
+             if c in table.schema.names]
     small = table.select(names).to_pylist()
     lengths = pc.list_value_length(table.column("token_ids")).to_pylist()
     by_question: dict[str, list[int]] = {}
@@ -152,6 +158,7 @@ def decide(table: pa.Table, settings: FilterSettings, checks: list | None = None
                                      checks=checks)
             results[i][1]["round"] = small[i].get("round", 1)
             results[i][1]["hinted"] = bool(small[i].get("hinted", False))
+            results[i][1]["sampler"] = small[i].get("sampler") or "teacher"
         _dedup_and_cap([i for i in ids if results[i][0] is None], results, cfg, samples)
     return small, results, by_question
 
@@ -207,4 +214,8 @@ def coverage_lines(counters: dict, wanted: int | None = None) -> list[str]:
     if counters.get("hinted_in"):
         lines.append(f"hinted traces (the answer in the prompt): {counters['hinted_kept']} of "
                      f"{counters['hinted_in']} kept")
+    if counters.get("student_in"):
+        lines.append(f"student-sampled traces (distill iterate): {counters['student_kept']} of "
+                     f"{counters['student_in']} kept, {counters.get('student_tokens', 0):,} "
+                     "student tokens")
     return lines

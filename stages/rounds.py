@@ -110,6 +110,7 @@ class Part:
     entry: dict
     number: int
     hinted: bool
+    sampler: str = "teacher"   # or "student": a distilled student's traces (`distill iterate`)
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Question:
 
 def load_parts(parts: list[Part], columns: list[str] | None = None, then: str = "") -> pa.Table:
     """The traces of every round of one first-round shard as one table (each read checked;
-    `then`: what to do about a damaged one), with `round` and `hinted` columns."""
+    `then`: what to do about a damaged one), with `round`, `hinted` and `sampler` columns."""
     tables = []
     for part in parts:
         wanted_columns = None if columns is None else (
@@ -133,6 +134,7 @@ def load_parts(parts: list[Part], columns: list[str] | None = None, then: str = 
         n = table.num_rows
         table = table.append_column("round", pa.array([part.number] * n, pa.int16()))
         table = table.append_column("hinted", pa.array([part.hinted] * n, pa.bool_()))
+        table = table.append_column("sampler", pa.array([part.sampler] * n, pa.string()))
         tables.append(table)
     if len(tables) == 1:
         return tables[0]
@@ -145,7 +147,8 @@ def parts_checksum(parts: list[Part]) -> str:
     or every round's part."""
     if len(parts) == 1:
         return parts[0].entry["sha256"]
-    key = "|".join(f"{p.number}:{p.hinted}:{p.entry['sha256']}" for p in parts)
+    key = "|".join(f"{p.number}:{p.hinted}:{p.entry['sha256']}"
+                   + (f":{p.sampler}" if p.sampler != "teacher" else "") for p in parts)
     return hashlib.sha256(key.encode()).hexdigest()
 
 

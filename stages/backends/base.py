@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -33,6 +33,15 @@ class Generation:
     text: str
     finish_reason: str                 # "stop" (eos or stop string) or "length"
     token_ids: np.ndarray              # int32 [T]
+    token_logprobs: np.ndarray         # float32 [T]
+    topk_ids: np.ndarray               # int32 [T, k]
+    topk_logprobs: np.ndarray          # float32 [T, k]
+
+
+class Scored(NamedTuple):
+    """A model's log-probabilities over a given continuation (`score`): per token, its own
+    log-probability and the model's top k."""
+
     token_logprobs: np.ndarray         # float32 [T]
     topk_ids: np.ndarray               # int32 [T, k]
     topk_logprobs: np.ndarray          # float32 [T, k]
@@ -70,7 +79,9 @@ class Backend(Protocol):
 
     Optional attributes: `whole_shards` (True: the engine schedules requests itself and wants
     a whole shard at once), `stats` (counters such as `engine_s`, `requests`, `retries`),
-    `kd_check` (per-token id checks of API backends), `startup_s`, and `close()`.
+    `kd_check` (per-token id checks of API backends), `startup_s`, `close()`, and
+    `score(prompts, completions, k)` (-> `Scored` per prompt: the model's top-k over given
+    token ids, by a forward pass; local engines only).
     """
 
     name: str
@@ -114,6 +125,8 @@ class BackendKind:
     student_engine: `student_engine(cfg, model, lora_rank)` -> an engine that also scores the
         run's students (base and LoRA adapters, `use_adapter`), or None to score them with
         transformers.
+    scores (`bool`): its backend has `score` (the teacher's top-k over a student's trace by a
+        forward pass, for `distill iterate`); API teachers cannot.
     """
 
     name: str
@@ -125,6 +138,7 @@ class BackendKind:
     eval_teacher: Callable | None = None
     eval_spec: Callable = _no_spec
     student_engine: Callable | None = None
+    scores: bool = False
 
     def teacher_for_eval(self, cfg, cache) -> "Backend":
         """The backend that scores the teacher in eval (by default: the one that generated)."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.registry import BACKENDS
 from stages.backends.base import (LOGPROB_SOURCE, BackendKind, Generation, SamplingSettings,
-                                  cut_at_stop, render_prompt)
+                                  Scored, cut_at_stop, render_prompt)
 
 
 class _TopKCapture:
@@ -153,6 +153,48 @@ class HFBackend:
         return results
 
 
+    def score(self, prompts: list[str], completions: list[np.ndarray], k: int,
+              batch_size: int = 8) -> list[Scored]:
+        """The model's log-probabilities over given continuations (a student's trace): for
+        every token of `completions[i]` after `prompts[i]` (rendered like a generation's
+        prompt), the token's own log-probability and the top k, from the raw logits of one
+        forward pass, as `generate` would have recorded them had the model sampled that
+        token."""
+        import torch
+
+        tok = self.tokenizer
+        encoded = tok([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out: list[Scored] = [None] * len(prompts)  # type: ignore[list-item]
+        # similar lengths together; right padding keeps every real token's position
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]) + len(completions[i]))
+        t0 = time.perf_counter()
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [list(encoded[i]) + [int(x) for x in completions[i]] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+            for row, i in enumerate(chunk):
+                p, n = len(encoded[i]), len(completions[i])
+                if n == 0:
+                    out[i] = Scored(np.zeros(0, np.float32), np.zeros((0, k), np.int32),
+                                    np.zeros((0, k), np.float32))
+                    continue
+                logprobs = torch.log_softmax(logits[row, p - 1:p - 1 + n].float(), dim=-1)
+                target = ids[row, p:p + n]
+                values, top = logprobs.topk(k, dim=-1)
+                out[i] = Scored(logprobs.gather(1, target[:, None]).squeeze(1).numpy(),
+                                top.to(torch.int32).numpy(), values.numpy())
+        self.stats["engine_s"] += time.perf_counter() - t0
+        return out
+
+
 def _build(cfg, cache=None, cache_seed=None) -> HFBackend:
     g = cfg.generate
     return HFBackend(g.model, dtype=g.dtype, chat_template=g.chat_template)
@@ -164,4 +206,4 @@ def _eval_teacher(cfg, cache=None) -> HFBackend:
 
 
 BACKENDS.register(BackendKind("hf", _build, reads=frozenset({"dtype"}),
-                              eval_teacher=_eval_teacher))
+                              eval_teacher=_eval_teacher, scores=True))

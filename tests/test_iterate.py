@@ -1,0 +1,167 @@
+"""`distill iterate` (the student as the next sampler, the teacher scoring its traces) and
+self-consistency at answer time: majority votes, the teacher's scoring against its own
+generation, and a two-round loop on tiny settings (reruns, a kill, a changed round-2 setting)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.run_folder import RunFolder
+from pipeline.schema import logical
+from stages.checks.answers import NO_ANSWER, answer_checker
+from stages.eval import majority_vote
+
+
+def test_majority_vote_counts_equal_answers_as_one_and_breaks_ties_by_the_first_sample():
+    key = answer_checker(load_config("configs/demo.yaml")).key
+    assert majority_vote(["8", "7", "8.0", "7"], key) == ("8", 2)   # 8 came first
+    assert majority_vote(["7", "8", "8", "7"], key) == ("7", 2)
+    assert majority_vote(["5", NO_ANSWER, NO_ANSWER, "5"], key) == ("5", 2)  # unread: no vote
+    assert majority_vote([NO_ANSWER, "3", NO_ANSWER, NO_ANSWER], key) == ("3", 1)
+    assert majority_vote([NO_ANSWER, NO_ANSWER], key) == (NO_ANSWER, 0)
+    assert majority_vote([], key) == (NO_ANSWER, 0)
+    assert majority_vote(["1,000", "1000", "999"], key) == ("1,000", 2)
+
+
+def test_vote_settings_are_checked():
+    with pytest.raises(ConfigError, match="eval.vote_systems: 'predict' cannot vote"):
+        load_config("configs/demo.yaml", ["eval.vote_systems=[predict]"])
+    with pytest.raises(ConfigError, match="iterate.temperatures"):
+        load_config("configs/demo.yaml", ["iterate.temperatures=[]"])
+
+
+def test_the_teacher_scores_a_trace_as_it_generated_it(embedded_path):
+    """A forward pass over a trace gives the top-k that generating it recorded (the same
+    model, float32, transformers): the data of KD on a student's traces."""
+    from stages.backends.base import SamplingSettings
+    from stages.backends.hf import HFBackend
+
+    teacher = HFBackend("smollm2-135m-instruct", "float32")
+    prompts = ["Question: Tom has 3 apples and gets 4 more. How many apples does he have?\n"
+               "Answer:", "Question: What is 12 - 5?\nAnswer:"]
+    settings = SamplingSettings(n=2, temperature=0.8, top_p=1.0, max_new_tokens=12, top_k=5,
+                                seed=3, stop=[])
+    made = [g for row in teacher.generate(prompts, settings) for g in row]
+    scored = teacher.score([p for p in prompts for _ in range(2)],
+                           [g.token_ids for g in made], 5, batch_size=3)
+    for g, s in zip(made, scored):
+        assert s.topk_ids.shape == g.topk_ids.shape == (len(g.token_ids), 5)
+        assert (s.topk_ids == g.topk_ids).mean() > 0.95  # a near-tie may swap two ranks
+        np.testing.assert_allclose(np.sort(s.topk_logprobs, 1), np.sort(g.topk_logprobs, 1),
+                                   atol=1e-4)
+        np.testing.assert_allclose(s.token_logprobs, g.token_logprobs, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the loop (slow)
+
+TINY = ["task.n_train=8", "task.n_test=2", "generate.backend=hf", "generate.dtype=float32",
+        "generate.rows_per_shard=4", "generate.n_samples=2", "generate.top_k=4",
+        "filter.dedup=exact", "train.dtype=float32", "train.max_steps=1", "train.batch_size=2",
+        "eval.dtype=float32", "eval.n=2", "eval.max_new_tokens=24", "eval.vote_samples=2",
+        "eval.vote_systems=[explain]", "iterate.samples=2", "iterate.max_new_tokens=24",
+        "iterate.until_flat=false"]
+
+
+def _manifests(run: RunFolder) -> dict:
+    return {name: run.stage(name).manifest() for name in
+            ["generate", "filter", "train", "eval", "student-round-2", "scored-round-2"]
+            if run.stage(name).manifest() is not None}
+
+
+@pytest.mark.slow
+def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, monkeypatch):
+    from test_rounds import GuessingTeacher
+
+    import stages.generate as generate
+    import stages.iterate as iterate_stages
+    from pipeline.tasks import load_split
+    from stages.commands.iterate import iterate
+    from stages.iterate import round_run
+
+    cfg = load_config("configs/demo.yaml", TINY)
+    run = RunFolder(tmp_path / "loop")
+    golds = {r["question"]: r["gold"] for r in load_split(cfg.task, "train").to_pylist()}
+    # the teacher's traces come from a scripted teacher (right on a third of its samples);
+    # everything after (its scoring, the students, eval) is the real embedded model
+    generate.main(cfg, run, teacher=lambda: GuessingTeacher(golds))
+    done = iterate(cfg, run, 2)
+
+    assert [r["round"] for r in done["rounds"]] == [1, 2]
+    assert done["stopped"] == "2 rounds done (--rounds)"
+    first, second = done["rounds"]
+    assert first["student_kept"] == 0 and first["sampled_questions"] == 0
+    short = first["questions"] - first["covered"]
+    assert second["sampled_questions"] == short > 0  # (wanted: 1 kept trace)
+    assert first["explain_votes"] is not None and first["votes"] == 2
+    assert json.loads((tmp_path / "loop" / "iterate.json").read_text()) == done
+    here = round_run(run, 2)
+    assert here.root.endswith("loop/iterate/round-2")
+    sampled = here.stage("student-round-2")
+    traces = sampled.read_tables(sampled.manifest()["files"], each=logical).to_pylist()
+    assert len(traces) == 2 * short
+    assert all(t["prompt"].startswith("explain: ") for t in traces)
+    # sample indices continue after the teacher's two
+    assert {t["sample"] for t in traces} == {2, 3}
+    assert all(ids == [-1] * 4 for t in traces for ids in t["topk_ids"])  # not the student's
+    scored = here.stage("scored-round-2")
+    rows = scored.read_tables(scored.manifest()["files"], each=logical).to_pylist()
+    assert [r["token_ids"] for r in rows] == [t["token_ids"] for t in traces]
+    with_tokens = [r for r in rows if r["token_ids"]]
+    assert with_tokens and all(min(ids) >= 0 for r in with_tokens for ids in r["topk_ids"])
+    assert all(np.all(np.diff(r["topk_logprobs"], axis=1) <= 1e-6) for r in with_tokens)
+    counters = here.stage("filter").manifest()["counters"]
+    assert counters["student_in"] == len(traces)
+    assert counters["teacher_tokens"] == run.stage("filter").manifest()["counters"][
+        "teacher_tokens"]
+    kept = here.stage("filter").read_tables(
+        [s["outputs"]["kept"] for s in here.stage("filter").manifest()["shards"]],
+        columns=["sampler", "round"]).to_pylist()
+    assert {(k["sampler"], k["round"]) for k in kept} <= {("teacher", 1), ("student", 2)}
+    assert here.stage("eval").manifest()["facts"]["n"] == 2
+
+    # a rerun does nothing again
+    before = {1: _manifests(run), 2: _manifests(here)}
+    assert iterate(cfg, run, 2)["rounds"] == done["rounds"]
+    assert {1: _manifests(run), 2: _manifests(here)} == before
+
+    # round 2's temperature changed, and the sampling killed after its first shard: round 1
+    # stays as it was; the rerun finishes round 2 from the shard it stopped at
+    hotter = load_config("configs/demo.yaml", TINY + ["iterate.temperatures=[1.3]"])
+    calls = []
+    real = iterate_stages._EmptyTopK.generate
+
+    def dies_on_the_second_shard(self, prompts, settings):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, prompts, settings)
+
+    monkeypatch.setattr(iterate_stages._EmptyTopK, "generate", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        iterate(hotter, run, 2)
+    monkeypatch.setattr(iterate_stages._EmptyTopK, "generate", real)
+    assert _manifests(run) == before[1]
+    assert here.stage("student-round-2").manifest() is None  # unfinished
+    again = iterate(hotter, run, 2)
+    assert _manifests(run) == before[1]
+    redone = here.stage("student-round-2").manifest()
+    assert redone["fingerprint"] != before[2]["student-round-2"]["fingerprint"]
+    assert redone["shards_reused"] == 1 and redone["shards_written"] == 1
+    assert again["rounds"][0] == done["rounds"][0]
+
+    # the report shows the loop: its table and its plot, as Chromium renders them
+    import re
+
+    from stages.commands.cli import main as cli
+    from test_report import CHROMIUM, _browser_dom
+
+    assert cli(["report", "--run", "loop", "--runs-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "loop" / "report.html").read_text()
+    assert 'id="loop"' in page and "The loop" in page
+    if CHROMIUM is not None:
+        dom = _browser_dom(tmp_path / "loop" / "report.html")
+        rendered = dict(re.findall(r'data-plot="(\w+)"[^>]*data-rendered="([^"]+)"', dom))
+        width, height = map(int, rendered["loop"].split("x"))
+        assert width > 200 and height > 100
