@@ -19,6 +19,23 @@ def scoring_on(cfg: Config) -> bool:
     return cfg.iterate.teacher_scores and BACKENDS.get(cfg.generate.backend).scores
 
 
+def scored(cfg: Config, run: RunFolder, number: int) -> tuple[bool, str]:
+    """(whether the teacher scores the traces of student round `number` of `run`, why not):
+    `scoring_on`, and a student that writes the teacher's token ids (the same tokenizer: a
+    trace in another vocabulary means nothing to the teacher)."""
+    if not scoring_on(cfg):
+        return False, ("iterate.teacher_scores=false" if not cfg.iterate.teacher_scores else
+                       f"the {cfg.generate.backend} backend cannot score a given trace")
+    teacher = ((run.stage("generate").manifest() or {}).get("facts") or {}).get(
+        "tokenizer_fingerprint")
+    sampled = run.stage(STUDENT_ROUND.format(number)).manifest() or {}
+    student = (sampled.get("facts") or {}).get("tokenizer_fingerprint")
+    if teacher != student:
+        return False, (f"the student's tokenizer ({student}) is not the teacher's ({teacher}): "
+                       "its token ids mean nothing to the teacher")
+    return True, ""
+
+
 def student_rounds(cfg: Config, run: RunFolder) -> list[tuple[int, StageFolder, dict]]:
     """(round, folder, manifest) of every student round in `run` that the filter reads: the
     teacher-scored traces when the teacher scores, else the student's own."""
@@ -29,7 +46,7 @@ def student_rounds(cfg: Config, run: RunFolder) -> list[tuple[int, StageFolder, 
         if folder.manifest() is None:
             raise FileNotFoundError(f"{folder} is not finished: run `distill iterate` again to "
                                     "finish it (finished work is reused)")
-        if scoring_on(cfg):
+        if scored(cfg, run, number)[0]:
             folder = run.stage(SCORED_ROUND.format(number))
             if folder.manifest() is None:
                 raise FileNotFoundError(

@@ -152,3 +152,46 @@ def test_openai_backend_against_a_real_vllm_server(tmp_path, vllm_server, embedd
     assert manifest["facts"]["requests"]["requests"] == 0
     assert manifest["facts"]["requests"]["cache_hits"] == 16
     assert again.column("completion").to_pylist() == table.column("completion").to_pylist()
+
+
+SCORE_SCRIPT = """
+import json, sys
+import numpy as np
+from pipeline.config import load_config
+from stages.backends.base import SamplingSettings
+from stages.backends.vllm_engine import VLLMBackend
+
+if __name__ == "__main__":
+    cfg = load_config("configs/demo.yaml", ["generate.backend=vllm", "generate.top_k=5",
+                                            "generate.dtype=float32"])
+    engine = VLLMBackend(cfg.generate, cfg.vllm, 5)
+    prompts = ["Question: Tom has 3 apples and gets 4 more. How many apples?\\nAnswer:",
+               "Question: What is 12 - 5?\\nAnswer:"]
+    made = [g for row in engine.generate(prompts, SamplingSettings(
+        n=2, temperature=0.8, top_p=1.0, max_new_tokens=16, top_k=5, seed=3, stop=[]))
+        for g in row]
+    scored = engine.score([p for p in prompts for _ in range(2)], [g.token_ids for g in made], 5)
+    out = []
+    for g, s in zip(made, scored):
+        out.append({"n": len(g.token_ids), "ids_same": float((g.topk_ids == s.topk_ids).mean()),
+                    "top_diff": float(np.abs(g.topk_logprobs - s.topk_logprobs).max()),
+                    "token_diff": float(np.abs(g.token_logprobs - s.token_logprobs).max()),
+                    "shape": list(s.topk_ids.shape)})
+    print(json.dumps(out))
+"""
+
+
+def test_the_engine_scores_a_trace_as_it_generated_it(tmp_path, embedded_path):
+    """`distill iterate`'s teacher scoring on vLLM (prompt log-probabilities over the prompt
+    and the trace): the top-k the engine recorded while generating the trace."""
+    import json
+
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=600, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4 and all(r["n"] > 0 and r["shape"] == [r["n"], 5] for r in rows)
+    for r in rows:  # the same engine, float32: the same numbers
+        assert r["ids_same"] > 0.95 and r["top_diff"] < 1e-3 and r["token_diff"] < 1e-3, r

@@ -7,6 +7,7 @@ what the stages keep aside, `config` to see the settings.
     distill gc --run demo [--yes]                  # other settings' output, kept aside
     distill convert-shards --run demo [--to 2]     # shards in the compact top-k format
     distill import --run mine --kind table --from traces.jsonl   # traces made elsewhere
+    distill iterate --run demo --rounds 3 eval.vote_samples=4     # the student samples next
 """
 
 from __future__ import annotations

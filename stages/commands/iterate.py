@@ -46,7 +46,7 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
     from stages.commands.running import run_stages, say
     from stages.iterate import (coverage_row, copy_pool, plan_round, round_run, sample_stage,
                                 score_stage)
-    from stages.pool import scoring_on
+    from stages.pool import scored
     from stages.rounds import wanted
 
     t0 = time.time()
@@ -67,10 +67,6 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
     reference = [r for r in results if r["system"].split("@")[0] in ("teacher", "base")]
     rows.append(coverage_row(1, run, results, 0))
     _save(run, rows, reference, cfg, "", t0)
-    if not scoring_on(cfg):
-        log("iterate", "the student's traces are not scored by the teacher ("
-            + ("iterate.teacher_scores=false" if not it.teacher_scores else
-               f"the {cfg.generate.backend} backend cannot score") + "): KD skips them")
     for number in range(2, rounds + 1):
         prev = round_run(run, number - 1)
         here = copy_pool(run, number)
@@ -84,10 +80,14 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
             f"{rnd.temperature:g}) -> {here}")
         here.write_text("config.yaml", _yaml(later))
         run_stage(sample_stage(later, prev, rnd), here.stage(rnd.folder), force)
-        if scoring_on(cfg):
+        scores, why_not = scored(later, here, number)
+        if scores:
             say(f"==> iterate round {number}: the teacher scores the student's traces")
             run_stage(score_stage(later, here, number), here.stage(f"scored-round-{number}"),
                       force)
+        else:
+            log("iterate", f"the teacher does not score the student's traces ({why_not}): "
+                "they train by cross-entropy, and KD skips them")
         run_stages(["filter", "train", "eval"], later, here, force=force)
         results = here.stage("eval").read_json("report.json")["results"]
         rows.append(coverage_row(number, here, results, rnd.count))
