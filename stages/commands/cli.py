@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     p.add_argument("--rounds", type=int, metavar="R",
                    help="rounds in all, the teacher's first included (default: iterate.rounds)")
-    p.add_argument("--force", action="store_true", help="redo every stage of the loop (the "
-                   "previous output is kept aside)")
+    p.add_argument("--force", action="store_true", help="redo every stage of the loop but "
+                   "the teacher's generate (`distill generate --force` does that one); the "
+                   "previous output is kept aside")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings that override the config file")
     p = _command(sub, "config", "print the resolved config (after overrides)")

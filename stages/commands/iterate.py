@@ -51,8 +51,9 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
 
     t0 = time.time()
     it = cfg.iterate
-    first_systems = list(dict.fromkeys(["teacher", "base", "predict", "explain"]
-                                       + list(cfg.eval.systems)))
+    # round 1 scores what eval.systems asks for (the teacher and the base student are the
+    # references), and the student in both modes, as every later round does
+    first_systems = list(dict.fromkeys(list(cfg.eval.systems) + ["predict", "explain"]))
     later = _with(cfg, ["predict", "explain"])
     first = _with(cfg, first_systems)
     if cfg.train.name:
@@ -62,7 +63,8 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
                            "leave train.name unset"])
     rows, reference, why = [], [], f"{rounds} rounds done (--rounds)"
     say(f"==> iterate round 1 of {rounds}: the teacher's pipeline ({run})")
-    run_stages(["generate", "filter", "train", "eval"], first, run, force=force)
+    run_stages(["generate"], first, run)  # --force never redoes the teacher's (paid) traces
+    run_stages(["filter", "train", "eval"], first, run, force=force)
     results = run.stage("eval").read_json("report.json")["results"]
     reference = [r for r in results if r["system"].split("@")[0] in ("teacher", "base")]
     rows.append(coverage_row(1, run, results, 0))
