@@ -49,7 +49,9 @@ from stages.rounds import Round, wanted
 
 def round_run(run: RunFolder, number: int) -> RunFolder:
     """The run folder of loop round `number` (1: the run itself)."""
-    return run if number == 1 else RunFolder(run.path("iterate", f"round-{number}"))
+    if number == 1:
+        return run
+    return RunFolder(f"{str(run.url).rstrip('/')}/iterate/round-{number}")  # (a URL stays one)
 
 
 class StudentPrompt:
