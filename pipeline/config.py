@@ -332,7 +332,9 @@ class FilterConfig(Section):
                                        "answer_colon, last_number, last_letter, last_line; null "
                                        "= the answer type's default order.")
     require_answer_marker: bool = opt(True, "Drop traces with no explicit final-answer marker "
-                                      "('The answer is', '####', \\boxed, 'Answer:').")
+                                      "('The answer is', '####', \\boxed, 'Answer:'); a "
+                                      "distilled student's traces (distill iterate) are exempt: "
+                                      "its explain: mode writes the rationale alone.")
     tolerance: float = opt(1e-6, "Relative tolerance when comparing numeric answers.", ge=0.0)
     check_arithmetic: bool = opt(True, "Drop traces whose written arithmetic is wrong "
                                  "(`a op b = c` in the text, GSM8K's <<a*b=c>>), even with a "

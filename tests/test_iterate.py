@@ -54,6 +54,27 @@ def test_the_teacher_scores_a_trace_as_it_generated_it(embedded_path):
         np.testing.assert_allclose(s.token_logprobs, g.token_logprobs, atol=1e-4)
 
 
+def test_a_student_rationale_needs_no_answer_marker_a_teacher_trace_does():
+    """The student learnt `explain:` targets without the teacher's answer sentence: its
+    traces are read like eval reads its answers (the last number), the teacher's are not."""
+    from stages.keep import check_trace
+
+    cfg = load_config("configs/demo.yaml")
+    checker = answer_checker(cfg, cfg.filter.extractors)
+    row = {"completion": " Sam gives away 5 stickers, so 9 - 5 = 4.", "finish_reason": "stop",
+           "question": "Sam had 9 stickers. He gives away 5. How many now?",
+           "token_ids": list(range(12)), "error": None}
+    teacher, _ = check_trace({**row, "sampler": "teacher"}, cfg.filter, checker, gold="4",
+                             gold_source="gold")
+    student, added = check_trace({**row, "sampler": "student"}, cfg.filter, checker, gold="4",
+                                 gold_source="gold")
+    assert teacher == "no_answer_marker" and student is None
+    assert added["rationale"] == row["completion"].strip() and added["pred_answer"] == "4"
+    wrong, _ = check_trace({**row, "sampler": "student", "completion": " so 9 - 5 = 3."},
+                           cfg.filter, checker, gold="4", gold_source="gold")
+    assert wrong == "wrong_arithmetic" or wrong == "wrong_answer"
+
+
 # ---------------------------------------------------------------- the loop (slow)
 
 TINY = ["task.n_train=16", "task.n_test=2", "generate.backend=hf", "generate.dtype=float32",

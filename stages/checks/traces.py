@@ -176,8 +176,11 @@ for _check in (
           else None),
     Check("no_answer", "no final answer could be read", 30,
           lambda t, cfg: "" if t.found.answer == NO_ANSWER else None),
+    # a distilled student's explain: rationale (distill iterate) is exempt: it learnt the
+    # rationale without the teacher's answer sentence, and its answer is read as eval reads it
     Check("no_answer_marker", "only a fallback (a bare last number) found the answer", 40,
-          lambda t, cfg: "" if cfg.require_answer_marker and not t.marker else None),
+          lambda t, cfg: "" if cfg.require_answer_marker and not t.marker
+          and t.row.get("sampler") != "student" else None),
     Check("no_consensus", "no gold answer and too few of the row's samples agree on one", 50,
           lambda t, cfg: "" if t.gold is None else None),
     Check("wrong_answer", "the final answer is not the gold (or majority) answer", 60,
