@@ -52,7 +52,8 @@ def test_export_merged_and_adapter_only(imported_run, tmp_path, capsys):
     for part in ("## Teacher and data", "question coverage: ", "traces in", "## Training",
                  "`train.max_steps` | `8`",
                  "## Evaluation", "predict: <question>", "majority vote (self-consistency)",
-                 'llm = LLM("this-folder")', "SamplingParams(n=k, temperature=0.7"):
+                 'llm = LLM("this-folder")', "SamplingParams(n=k, temperature=0.7",
+                 'r"-?\\d+(?:\\.\\d+)?"'):
         assert part in card, part
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in out.iterdir())
 

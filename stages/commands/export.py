@@ -155,7 +155,7 @@ from vllm import LLM, SamplingParams
 k = 8
 out = llm.generate(["explain: Tom has 5 apples and gets 3 more. How many apples?\n"],
                    SamplingParams(n=k, temperature=0.7, max_tokens=256){lora_arg})
-answers = [re.findall(r"-?\d+(?:\.\d+)?", c.text)[-1:] for c in out[0].outputs]
+answers = [re.findall(r"-?\\d+(?:\\.\\d+)?", c.text)[-1:] for c in out[0].outputs]
 votes = Counter(a[0] for a in answers if a)  # unreadable answers do not vote
 print(votes.most_common(1)[0][0] if votes else None)
 ```
