@@ -75,7 +75,7 @@ report: setup
 	$(BIN)/distill report --run $(RUN)
 
 test: setup
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(SLOW)),-m "not slow")
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(SLOW)),-m "not slow")
 
 bench: setup
 	$(BIN)/python -m stages.commands.bench $(if $(ONLY),--only $(ONLY))
