@@ -69,38 +69,42 @@ class StudentPrompt:
 
 # ---------------------------------------------------------------- planning a round
 
+def teacher_folders(run: RunFolder) -> list[str]:
+    """The stage folders of the teacher's traces in `run`: generate and its later rounds."""
+    return ["generate", *run.stage_names("generate-round"), *run.stage_names("generate-hints")]
+
+
+def copy_finished(source: RunFolder, target: RunFolder, name: str) -> None:
+    """A copy of `source`'s finished stage folder `name` in `target`, made or replaced when
+    the copy there is not that stage (its manifest differs; the source is never touched)."""
+    made = source.stage(name).manifest()
+    if made is None or target.stage(name).manifest() == made:
+        return
+    if target.fs.exists(target.path(name)):
+        target.fs.rm(target.path(name), recursive=True)  # a stale copy; the source stays
+    target.fs.makedirs(target.root, exist_ok=True)
+    target.fs.copy(source.path(name), target.path(name), recursive=True)
+
+
 def copy_pool(run: RunFolder, number: int) -> RunFolder:
     """Round `number`'s run folder with copies of the teacher's generate folders and of the
     student rounds before it (a copy whose source was remade since is replaced)."""
     target = round_run(run, number)
-    sources = [(run, n) for n in ["generate", *run.stage_names("generate-round"),
-                                  *run.stage_names("generate-hints")]]
+    sources = [(run, n) for n in teacher_folders(run)]
     for q in range(2, number):
         sources += [(round_run(run, q), STUDENT_ROUND.format(q)),
                     (round_run(run, q), SCORED_ROUND.format(q))]
     for source, name in sources:
-        made = source.stage(name).manifest()
-        if made is None:
-            continue
-        copy = target.stage(name)
-        if copy.manifest() == made:
-            continue
-        if target.fs.exists(target.path(name)):
-            target.fs.rm(target.path(name), recursive=True)  # a stale copy; the source stays
-        target.fs.makedirs(target.root, exist_ok=True)
-        target.fs.copy(source.path(name), target.path(name), recursive=True)
+        copy_finished(source, target, name)
     return target
-
-
-def _hash_unit(*parts) -> float:
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
 def plan_round(cfg: Config, run: RunFolder, number: int) -> Round:
     """What the student of round `number - 1` samples in round `number`: the questions the
     round before's filter left short of `wanted_per_question` kept traces (and
     `iterate.covered_share` of the others), each from its next sample index."""
+    from stages.train import _unit  # a question's place in [0, 1) by a hash
+
     it, k = cfg.iterate, wanted(cfg)
     prev = round_run(run, number - 1)
     kept_folder = prev.stage("filter")
@@ -124,7 +128,7 @@ def plan_round(cfg: Config, run: RunFolder, number: int) -> Round:
                 taken[row["id"]] = max(taken.get(row["id"], 0), row["sample"] + 1)
                 first_seen.setdefault(row["id"], row)
         chosen = [q for q in first_seen if n_kept.get(q, 0) < k
-                  or _hash_unit(q, number) < it.covered_share]
+                  or _unit(f"{q}\x1f{number}") < it.covered_share]
         if chosen:
             questions[name] = [{"id": q, "question": first_seen[q]["question"],
                                 "gold": first_seen[q]["gold"], "first": taken[q]}
@@ -243,13 +247,15 @@ def score_shard(settings: ScoreSettings, shard: Shard, teacher,
         scored = teacher.score([settings.template.render(records[i]["question"]) for i in chunk],
                                [np.asarray(token_ids[i], np.int32) for i in chunk], settings.k,
                                step)
+        done = 0
         for i, s in zip(chunk, scored):
             r = records[i]
             gens[i] = Generation(r["completion"], r["finish_reason"],
                                  np.asarray(token_ids[i], np.int32), s.token_logprobs, s.topk_ids,
                                  s.topk_logprobs)
-            tokens += len(token_ids[i])
-        progress(len(chunk), tokens=sum(len(token_ids[i]) for i in chunk))
+            done += len(token_ids[i])
+        tokens += done
+        progress(len(chunk), tokens=done)
     out = traces_table(records, gens, settings.k, settings.shard_format)
     return ShardOutput({"traces": out}, {"traces": len(todo), "scored_tokens": tokens},
                        teacher.facts())

@@ -37,12 +37,11 @@ RUNGS = {  # rung -> (run folder suffix, student name, its settings on top of th
 
 
 def copy_generated(source, target) -> None:
-    """The generate folders of `source` (every round) into `target`, where not there yet."""
-    for name in ["generate", *source.stage_names("generate-round"),
-                 *source.stage_names("generate-hints")]:
-        if not target.fs.exists(target.path(name)):
-            target.fs.makedirs(target.root, exist_ok=True)
-            target.fs.copy(source.path(name), target.path(name), recursive=True)
+    """The generate folders of `source` (every round) into `target` (a stale copy replaced)."""
+    from stages.iterate import copy_finished, teacher_folders
+
+    for name in teacher_folders(source):
+        copy_finished(source, target, name)
 
 
 def rung_row(rung: str, run, student: str, results: list[dict]) -> dict:
