@@ -235,10 +235,53 @@ class GenerateConfig(Section):
                         choices=EXECUTORS, fingerprint=NEVER)
     workers: int = opt(1, "Ray workers (actors) that take generate shards from one queue, each "
                        "with its own teacher.", ge=1, le=4096, fingerprint=NEVER)
+    price_input: float = opt(0.0, "Cost ledger: the teacher's price per million prompt (input) "
+                             "tokens, in your currency (e.g. 0.15); 0 = not priced.", ge=0.0,
+                             fingerprint=NEVER)
+    price_output: float = opt(0.0, "Cost ledger: the price per million completion (output) "
+                              "tokens.", ge=0.0, fingerprint=NEVER)
+    batch_discount: float = opt(0.5, "Cost ledger: the price factor of requests sent through a "
+                                "batch API (the OpenAI Batch API: 0.5, half the price).", gt=0.0,
+                                le=1.0, fingerprint=NEVER)
+    price_hour: float = opt(0.0, "Cost ledger, local engines (hf, vllm): the price of an hour "
+                            "of the engine generating (a GPU-hour); 0 = not priced.", ge=0.0,
+                            fingerprint=NEVER)
+    budget: float = opt(0.0, "openai: the most the run's teacher requests may cost, at "
+                        "price_input/price_output (every response in the run's request cache "
+                        "counts: all rounds, earlier settings). The stage stops before a request "
+                        "could pass it, keeping all it has; raise it and rerun to go on. "
+                        "0 = no cap.", ge=0.0, fingerprint=NEVER)
+    budget_tokens: int = opt(0, "openai: the same cap in tokens (prompt + completion); "
+                             "0 = no cap.", ge=0, fingerprint=NEVER)
+    transport: str = opt("live", "openai: `live` (requests sent one by one, `concurrency` in "
+                         "flight) or `batch` (each shard's requests as one job of the "
+                         "provider's batch API: the OpenAI Batch API costs half, answers within "
+                         "batch_window).", choices=["live", "batch"],
+                         fingerprint=NEVER)
+    batch_window: str = opt("24h", "openai, transport=batch: the batch's completion window (the "
+                            "OpenAI Batch API accepts 24h).", fingerprint=NEVER)
+    batch_poll_seconds: float = opt(30.0, "openai, transport=batch: seconds between two looks at "
+                                    "a running batch.", gt=0.0, fingerprint=NEVER)
+    pilot_questions: int = opt(0, "`distill generate --estimate`: questions of the first shard "
+                               "sent as a pilot to measure completion lengths and the filter's "
+                               "acceptance (their responses are cached: the run reuses them, "
+                               "never paid twice); 0 = the estimate sends no request.", ge=0,
+                               le=4096, fingerprint=NEVER)
 
     def _check(self, errors: list[str]) -> None:
         # the chosen backend checks what it reads (an API's top-k limit, its endpoints)
         BACKENDS.get(self.backend).check(self, errors)
+        api = BACKENDS.get(self.backend).request_cache
+        for name, on in (("budget", self.budget), ("budget_tokens", self.budget_tokens),
+                         ("transport", self.transport == "batch")):
+            if on and not api:
+                errors.append(f"generate.{name}: applies to an API teacher (generate.backend="
+                              f"openai), not to the {self.backend} backend; a local engine's "
+                              "tokens and engine-seconds are recorded in the ledger anyway")
+        if self.budget and not (self.price_input or self.price_output):
+            errors.append(f"generate.budget={self.budget:g} needs prices: set "
+                          "generate.price_input and generate.price_output (per million "
+                          "tokens), or cap tokens with generate.budget_tokens")
         if self.max_samples:
             step = self.round_samples or self.n_samples
             if self.max_samples < self.n_samples:

@@ -71,7 +71,8 @@ def card_text(manifest: dict, run_name: str, sft_files: list[str]) -> str:
     from stages.keep import coverage_lines
 
     coverage = "".join(f"\n- {line}" for line in
-                       coverage_lines(counters, facts.get("wanted_per_question")))
+                       coverage_lines(counters, facts.get("wanted_per_question"),
+                                      facts.get("ledger")))
     return f"""---
 configs:
 {chr(10).join(configs)}

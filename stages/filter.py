@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import Config, fingerprinted
+from pipeline.costs import ledger
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.fingerprints import manifest_digest
 from pipeline.log import log
@@ -89,9 +90,9 @@ def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
                        counters)
 
 
-def funnel_table(counters: dict, wanted: int | None = None) -> str:
+def funnel_table(counters: dict, wanted: int | None = None, book: dict | None = None) -> str:
     total = counters.get("traces_in", 0) or 1
-    lines = [*coverage_lines(counters, wanted), f"{'step':<28}{'traces':>10}{'share':>9}",
+    lines = [*coverage_lines(counters, wanted, book), f"{'step':<28}{'traces':>10}{'share':>9}",
              f"{'traces in':<28}{counters.get('traces_in', 0):>10}{'100.0%':>9}"]
     for reason in reasons():
         n = counters.get(f"dropped:{reason}", 0)
@@ -183,6 +184,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         facts["student_rounds"] = sorted(students)
         used_upstream["students"] = students
     facts["wanted_per_question"] = wanted(cfg)
+    facts["ledger"] = ledger([("generate", upstream)]
+                             + [(r.folder, m) for r, m in (rounds.done if rounds else [])])
     return Stage(
         name="filter", fingerprinted=settings, shards=shards,
         work=filter_shard, settings=FilterSettings(cfg.filter, checker, wanted(cfg)),
@@ -197,7 +200,9 @@ def write_reports(folder, manifest: dict, cfg: Config, run_name: str) -> None:
     counters = manifest["counters"]
     folder.write_json("funnel.json", {
         "counters": counters, "reasons": reasons(), "explained": explained(),
-        "wanted_per_question": wanted(cfg), "coverage": coverage_lines(counters, wanted(cfg)),
+        "wanted_per_question": wanted(cfg),
+        "coverage": coverage_lines(counters, wanted(cfg), manifest["facts"].get("ledger")),
+        "ledger": manifest["facts"].get("ledger"),
         "answer_kind": manifest["settings"]["answer_kind"], "settings": cfg.section("filter")})
     if cfg.filter.plot:
         folder.write_bytes("funnel.png", draw_funnel(counters, f"filter funnel: {run_name}"))
@@ -218,7 +223,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     if not folder.exists(CARD):  # a stage finished before the reports came before its manifest
         write_reports(folder, manifest, cfg, run.name)
     counters = manifest["counters"]
-    print(funnel_table(counters, wanted(cfg)))
+    print(funnel_table(counters, wanted(cfg), manifest["facts"].get("ledger")))
     if counters.get("pseudo_gold_rows"):
         log("filter", f"{counters['pseudo_gold_rows']} unlabeled rows got a majority-vote "
             "pseudo-gold (see the gold_source and agreement columns)")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, GenerateConfig
+from pipeline.costs import LEDGER_KEYS, Prices, ledger, ledger_lines
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.log import log
 from pipeline.registry import BACKENDS
@@ -96,8 +97,10 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     per_batch = (len(rows) if getattr(teacher, "whole_shards", False)
                  else max(1, g.batch_size // n))
     kd_before = dict(getattr(teacher, "kd_check", {}))
+    used_before = _used(teacher)
     api = {"requests": "requests", "retries": "retries", "cache_hits": "cached"}
     seen = {k: (getattr(teacher, "stats", None) or {}).get(k, 0) for k in api}
+    stats_before = dict(seen)
 
     def on_batch(outcomes: list[Outcome]) -> None:
         made = [x for o in outcomes if isinstance(o, list) for x in o]
@@ -134,10 +137,45 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
             counters["truncated"] += gen.finish_reason == "length"
     for key, value in getattr(teacher, "kd_check", {}).items():
         counters[f"kd_{key}"] = value - kd_before.get(key, 0)
+    counters.update(_ledger(teacher, used_before, prompts, n, counters["tokens"], g))
+    stats = getattr(teacher, "stats", None) or {}
+    if "cache_hits" in stats:  # API backends: requests sent (attempts) and answered by the cache
+        counters["requests"] = stats["requests"] - stats_before["requests"]
+        counters["cached"] = stats["cache_hits"] - stats_before["cache_hits"]
     table = traces_table(records, gens, g.top_k, g.shard_format)
     if previous is not None:
         table, counters = _merge_retried(shard, previous, table, counters)
     return ShardOutput({"traces": table}, counters, teacher.facts())
+
+
+def _used(teacher) -> dict:
+    """What the teacher has used so far: its own ledger (API backends), and its engine time."""
+    return {**getattr(teacher, "usage", {}),
+            "engine_s": (getattr(teacher, "stats", None) or {}).get("engine_s", 0.0)}
+
+
+def _ledger(teacher, before: dict, prompts: list[str], n: int, tokens: int,
+            g: GenerateConfig) -> dict:
+    """A shard's ledger counters (`pipeline.costs`): prompt and completion tokens and cost of
+    the responses it used (an API backend counts them from the server's usage, cached ones
+    included: the data cost them once); a local engine's prompt tokens by its tokenizer (once
+    per prompt, as the engine reads it once for its `n` samples), its generated tokens, its
+    engine seconds at `price_hour`."""
+    now = _used(teacher)
+    if "cost" in now:  # an API backend keeps its own ledger
+        out = {k: now[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
+                                                    "batch_tokens", "cost", "usage_estimated")}
+        out["cost"] = round(out["cost"], 9)
+        return out
+    seconds = now["engine_s"] - before.get("engine_s", 0.0)
+    tokenizer = getattr(teacher, "tokenizer", None)
+    render = getattr(teacher, "render", lambda p: p)
+    prompt = (sum(len(ids) for ids in tokenizer([render(p) for p in prompts],
+                                                add_special_tokens=False)["input_ids"])
+              if tokenizer is not None and prompts else 0)
+    cost = Prices.of(g).cost(prompt, tokens, seconds=seconds)
+    return {"prompt_tokens": prompt, "completion_tokens": tokens, "engine_s": round(seconds, 3),
+            "cost": round(cost, 9)}
 
 
 def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
@@ -157,7 +195,8 @@ def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
            "truncated": int(pc.sum(pc.equal(both.column("finish_reason"), "length")).as_py()
                             or 0)}
     for key, value in counters.items():
-        if key.startswith("kd_"):
+        if key.startswith("kd_") or key in LEDGER_KEYS or key in ("usage_estimated",
+                                                                   "requests", "cached"):
             out[key] = value + (shard.previous_counters or {}).get(key, 0)
     return both, out
 
@@ -307,7 +346,8 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
     facts = {"k": g.top_k, "schema_version": SCHEMA_VERSION, "template": g.prompt_template,
              "template_sha256": template.sha256, "sampling": {
                  "n": g.n_samples, "temperature": g.temperature, "top_p": g.top_p,
-                 "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop}}
+                 "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop},
+             "prices": prices_fact(g)}
 
     return Stage(
         name="generate", fingerprinted=settings, shards=task_shards(cfg), work=generate_shard,
@@ -316,6 +356,13 @@ def plan(cfg: Config, run: RunFolder, teacher: Callable[[], Backend] | None = No
         facts=facts, upstream={"task": cfg.section("task")}, finalize=_finalizer(g, folder),
         rates=("tokens", "requests"), paid=True,
         redo=_has_failed_rows if retry_failed else None)
+
+
+def prices_fact(g: GenerateConfig) -> dict:
+    """The prices a round ran with (its ledger's costs are at these), in its manifest."""
+    p = Prices.of(g)
+    return {"input": p.input, "output": p.output, "batch_discount": p.batch_discount,
+            "hour": p.hour, "priced": p.priced, "transport": g.transport}
 
 
 def _finalizer(g: GenerateConfig, cache_folder: StageFolder) -> Callable[[dict], None]:
@@ -342,7 +389,8 @@ def round_stage(cfg: Config, run: RunFolder, rnd: Round,
              "template_sha256": template.sha256, "round": rnd.number, "hinted": rnd.hinted,
              "sampling": {"n": rnd.samples, "temperature": rnd.temperature, "top_p": g.top_p,
                           "max_new_tokens": g.max_new_tokens, "seed": g.seed, "stop": g.stop,
-                          "seeds": "per question and sample index"}}
+                          "seeds": "per question and sample index"},
+             "prices": prices_fact(g)}
 
     return Stage(
         name=rnd.folder, fingerprinted=round_fingerprinted(cfg, rnd), shards=rnd.shards(),
@@ -409,6 +457,13 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
     # workers apart from this process (or a run folder on object storage) keep a request cache
     # each on their own disk: SQLite is unsafe on shared file systems and impossible on S3
     per_worker = executor.workers_apart or not run.is_local
+    if per_worker and (g.transport == "batch" or g.budget or g.budget_tokens):
+        what = "transport=batch" if g.transport == "batch" else "a budget"
+        raise ValueError(
+            f"generate: {what} needs one process on a local run folder (it keeps one record of "
+            "what was submitted and spent); this run has workers apart or a run folder on "
+            "object storage. Use generate.executor=local (the API's concurrency and batch API "
+            "do the parallel work) and a local run folder, then copy it where you like")
     shared = None
     if not executor.workers_apart and role is None:
         shared = _SharedTeacher(teacher or teacher_factory(cfg, run.stage("generate"),
@@ -455,6 +510,7 @@ def _later_rounds(cfg: Config, run: RunFolder, manifest: dict, teacher, per_work
                 return manifest
             _said(done, rnd.folder)
         rounds.add(rnd, done)
+    book = write_ledger(run, manifest, rounds)
     c = rounds.coverage()
     tokens = manifest["counters"].get("tokens", 0) + sum(r["tokens"] for r in rounds.summary())
     share = c["covered"] / max(1, c["questions"])
@@ -465,7 +521,22 @@ def _later_rounds(cfg: Config, run: RunFolder, manifest: dict, teacher, per_work
             f"{c['samples']} samples, {tokens} tokens in all")
     else:
         log("generate", f"question coverage: {said}")
+    if len(book["rounds"]) > 1:
+        for line in ledger_lines(book, covered=c["covered"]):
+            log("generate", line + " (all rounds)")
     return manifest
+
+
+LEDGER = "ledger.json"
+
+
+def write_ledger(run: RunFolder, first: dict, rounds: Rounds | None = None) -> dict:
+    """`generate/ledger.json`: the run's ledger (`pipeline.costs.ledger`) over the first round
+    and the later rounds the settings ask for; returned."""
+    parts = [("generate", first)] + [(r.folder, m) for r, m in (rounds.done if rounds else [])]
+    book = ledger(parts)
+    run.stage("generate").write_json(LEDGER, book)
+    return book
 
 
 def _say_next(rounds: Rounds, finalized: str) -> None:
@@ -481,6 +552,15 @@ def _said(manifest: dict, what: str = "generate") -> None:
     log(what, f"{c.get('rows', 0)} rows -> {c.get('traces', 0)} traces, "
         f"{c.get('tokens', 0)} tokens, {c.get('truncated', 0)} truncated, "
         f"{c.get('errors', 0)} errors")
+    book = ledger([(what, manifest)])
+    for line in ledger_lines(book):
+        log(what, line)
+    if "cached" in c:
+        log(what, f"requests: {c.get('requests', 0)} sent, {c.get('cached', 0)} answered from "
+            "the request cache (paid before, not again)")
+    if c.get("usage_estimated"):
+        log(what, f"{c['usage_estimated']} responses had no usage: their tokens are counted by "
+            "the tokenizer (set generate.tokenizer for exact prompt counts)")
     if not manifest["facts"].get("usable_for_kd", True):
         log(what, "the log-probabilities are not usable for KD: "
             + manifest["facts"].get("kd_unusable_because", ""))

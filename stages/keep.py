@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import FilterConfig
+from pipeline.costs import ledger_lines
 from stages.checks.answers import NO_ANSWER, AnswerChecker, is_marker
 from stages.checks.traces import Trace, count_steps, ordered_checks
 
@@ -196,10 +197,13 @@ def _dedup_and_cap(kept: list[int], results: list, cfg: FilterConfig,
                 results[i] = ("over_cap", results[i][1])
 
 
-def coverage_lines(counters: dict, wanted: int | None = None) -> list[str]:
+def coverage_lines(counters: dict, wanted: int | None = None,
+                   book: dict | None = None) -> list[str]:
     """Question coverage in words, the headline of every report of the filter: training
     questions with a kept trace (and with `wanted`), and the teacher tokens paid per kept trace
-    and per covered question. Empty for a filter run before it was counted."""
+    and per covered question; with the run's ledger (`book`, the filter's `ledger` fact), its
+    prompt and completion tokens and the cost per kept trace and per covered question. Empty
+    for a filter run before it was counted."""
     if "questions" not in counters:
         return []
     q, covered, kept = counters["questions"], counters["covered"], counters.get("kept", 0)
@@ -211,6 +215,7 @@ def coverage_lines(counters: dict, wanted: int | None = None) -> list[str]:
                      f"({counters.get('covered_wanted', 0) / max(1, q):.1%}) have {wanted}")
     lines.append(f"teacher tokens: {tokens:,} in all, {tokens / max(1, kept):,.0f} per kept "
                  f"trace, {tokens / max(1, covered):,.0f} per covered question")
+    lines += ledger_lines(book, kept, covered)
     if counters.get("hinted_in"):
         lines.append(f"hinted traces (the answer in the prompt): {counters['hinted_kept']} of "
                      f"{counters['hinted_in']} kept")

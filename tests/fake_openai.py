@@ -26,7 +26,7 @@ def _pieces(text: str, n: int) -> list[str]:
 
 
 def completion(prompt: str, n: int, k: int, max_tokens: int, endpoint: str = "chat",
-               stop_token: bool = False, strings: bool = False) -> dict:
+               stop_token: bool = False, strings: bool = False, usage: bool = True) -> dict:
     """A deterministic answer of up to 5 tokens (ids 10..14) spelling "answer {i} to {prompt}",
     with top-k holding the sampled token last. `stop_token` appends, like vLLM, the token that
     hit the stop string: returned with its log-probabilities, absent from the text. `strings`
@@ -56,14 +56,23 @@ def completion(prompt: str, n: int, k: int, max_tokens: int, endpoint: str = "ch
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
                                  for e in entries],
                 "text_offset": [0] * len(entries)}})
-    return {"id": "x", "object": "chat.completion" if endpoint == "chat" else "text_completion",
-            "created": 0, "model": "fake", "choices": choices}
+    out = {"id": "x", "object": "chat.completion" if endpoint == "chat" else "text_completion",
+           "created": 0, "model": "fake", "choices": choices}
+    if usage:  # prompt tokens: one per 4 bytes; completion: every token of every choice
+        completion_tokens = sum(len((c.get("logprobs") or {}).get("content")
+                                    or (c.get("logprobs") or {}).get("tokens") or [])
+                                for c in choices)
+        prompt_tokens = len(prompt.encode()) // 4 + 1
+        out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens}
+    return out
 
 
 class FakeServer:
     def __init__(self, scripts: dict[str, list[str]] | None = None, stall_seconds: float = 2.0,
                  delay: float = 0.0, stop_token: bool = False, strings: bool = False,
-                 default: str = "ok"):
+                 default: str = "ok", usage: bool = True):
+        self.usage = usage
         self.scripts = scripts or {}
         self.default = default
         self.stop_token = stop_token
@@ -138,7 +147,7 @@ class FakeServer:
                     time.sleep(server.delay)
                     payload = completion(prompt, body.get("n", 1), k,
                                          body.get("max_tokens") or 16, endpoint,
-                                         server.stop_token, server.strings)
+                                         server.stop_token, server.strings, server.usage)
                     with server.lock:
                         server.successes[prompt] += 1
                     self._send(200, json.dumps(payload).encode())

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.costs import Prices, money
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
@@ -43,8 +44,29 @@ _FATAL_STATUS = {401: "the server rejected the API key (401 Unauthorized)",
                       "wrong"}
 
 
+def request_key(body: dict) -> str:
+    """A request's key in the cache (and its `custom_id` in a batch): the hash of its body."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def response_usage(body: dict) -> tuple[int, int, bool]:
+    """(prompt tokens, completion tokens, estimated) of a response: the server's `usage`;
+    without it the completion tokens are the tokens its log-probabilities list and the prompt
+    tokens unknown (0, estimated)."""
+    usage = body.get("usage") or {}
+    if usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"]), False
+    completion = 0
+    for choice in body.get("choices") or []:
+        lp = choice.get("logprobs") or {}
+        completion += len(lp.get("content") or lp.get("tokens") or [])
+    return 0, completion, True
+
+
 class RequestCache:
-    """Successful responses by request hash, in one SQLite file (safe to kill at any point).
+    """Successful responses by request hash, in one SQLite file (safe to kill at any point),
+    with each response's usage (prompt and completion tokens, and whether it came through a
+    batch API): the run's record of what was paid for.
 
     `seed`: another cache file read when a request is not in this one (a worker's cache on top
     of the run's merged cache, which the worker never writes)."""
@@ -54,11 +76,25 @@ class RequestCache:
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS usage (key TEXT PRIMARY KEY, "
+                        "prompt_tokens INTEGER, completion_tokens INTEGER, batch INTEGER)")
         self.db.commit()
+        self._backfill()
         self.seeded = False
         if seed is not None and seed.is_file():
             self.db.execute("ATTACH DATABASE ? AS seed", (f"file:{seed}?mode=ro",))
             self.seeded = True
+
+    def _backfill(self) -> None:
+        """Usage rows for responses cached before usage was recorded (read from the bodies)."""
+        missing = self.db.execute("SELECT key, body FROM responses WHERE key NOT IN "
+                                  "(SELECT key FROM usage)").fetchall()
+        for key, body in missing:
+            prompt, completion, _ = response_usage(json.loads(body))
+            self.db.execute("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, 0)",
+                            (key, prompt, completion))
+        if missing:
+            self.db.commit()
 
     def get(self, key: str) -> dict | None:
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
@@ -66,6 +102,35 @@ class RequestCache:
             row = self.db.execute("SELECT body FROM seed.responses WHERE key = ?",
                                   (key,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def usage(self, key: str) -> tuple[int, int, bool] | None:
+        """(prompt tokens, completion tokens, through a batch) of a cached response."""
+        for schema in ("main", "seed") if self.seeded else ("main",):
+            try:
+                row = self.db.execute(f"SELECT prompt_tokens, completion_tokens, batch FROM "
+                                      f"{schema}.usage WHERE key = ?", (key,)).fetchone()
+            except sqlite3.OperationalError:  # a seed cache from before usage was recorded
+                row = None
+            if row is not None:
+                return int(row[0]), int(row[1]), bool(row[2])
+        return None
+
+    def totals(self) -> dict[bool, tuple[int, int]]:
+        """Prompt and completion tokens of every cached response, live (False) and batch
+        (True): what the run has paid for."""
+        out = {False: (0, 0), True: (0, 0)}
+        schemas = ["main"] + (["seed"] if self.seeded else [])
+        query = " UNION ".join(f"SELECT key, prompt_tokens, completion_tokens, batch FROM "
+                               f"{s}.usage" for s in schemas)
+        try:
+            rows = self.db.execute(f"SELECT batch, SUM(prompt_tokens), SUM(completion_tokens) "
+                                   f"FROM ({query}) GROUP BY batch").fetchall()
+        except sqlite3.OperationalError:  # a seed cache from before usage was recorded
+            rows = self.db.execute("SELECT batch, SUM(prompt_tokens), SUM(completion_tokens) "
+                                   "FROM main.usage GROUP BY batch").fetchall()
+        for batch, prompt, completion in rows:
+            out[bool(batch)] = (int(prompt or 0), int(completion or 0))
+        return out
 
     def snapshot(self, dest: Path) -> None:
         """A consistent copy of this worker's own entries in `dest` (SQLite's backup API)."""
@@ -76,28 +141,39 @@ class RequestCache:
         finally:
             target.close()
 
-    def put(self, key: str, body: dict) -> None:
-        """Store a response; a cache that cannot be written (a full disk) stops the stage: a
-        paid-for response that cannot be kept must not be taken for a failed row."""
+    def put(self, key: str, body: dict, usage: tuple[int, int] | None = None,
+            batch: bool = False) -> None:
+        """Store a response and its usage (default: read from the body); a cache that cannot be
+        written (a full disk) stops the stage: a paid-for response that cannot be kept must not
+        be taken for a failed row."""
+        prompt, completion = usage if usage is not None else response_usage(body)[:2]
         try:
             self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)",
                             (key, json.dumps(body)))
+            self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)",
+                            (key, prompt, completion, int(batch)))
             self.db.commit()
         except sqlite3.OperationalError as e:
             raise OSError(f"the request cache cannot be written ({e})") from None
 
 
 def merge_request_caches(dest: Path, sources: list[Path]) -> int:
-    """Add every response of the `sources` caches to the cache `dest` (an entry already there
-    is kept); returns how many entries `dest` holds after."""
+    """Add every response (and its usage) of the `sources` caches to the cache `dest` (an
+    entry already there is kept); returns how many entries `dest` holds after."""
     cache = RequestCache(dest)
     try:
         for source in sources:
             cache.db.execute("ATTACH DATABASE ? AS other", (f"file:{source}?mode=ro",))
             cache.db.execute("INSERT OR IGNORE INTO responses SELECT key, body FROM "
                              "other.responses")
+            has_usage = cache.db.execute("SELECT 1 FROM other.sqlite_master WHERE "
+                                         "type = 'table' AND name = 'usage'").fetchone()
+            if has_usage:
+                cache.db.execute("INSERT OR IGNORE INTO usage SELECT key, prompt_tokens, "
+                                 "completion_tokens, batch FROM other.usage")
             cache.db.commit()
             cache.db.execute("DETACH DATABASE other")
+        cache._backfill()
         return cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
     finally:
         cache.db.close()
@@ -249,6 +325,109 @@ def parse_completion_choice(choice: dict, k: int, mapper: TokenMapper
     return _generation(text, finish, kept, ids, lps, topk_ids, topk_lps, mapper)
 
 
+def request_body_for(cfg, prompt: str, s: SamplingSettings, index: int = 0) -> dict:
+    """The body of the request for one prompt (prompt `index` of its call) under the generate
+    settings `cfg`: what is sent, and what its cache key is the hash of."""
+    seed = s.seed if s.seeds is None else s.seed_of(index)
+    body = {"model": cfg.model, "n": s.n, "temperature": s.temperature,
+            "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": seed}
+    if cfg.endpoint == "chat":
+        body.update(messages=[{"role": "user", "content": prompt}], logprobs=True,
+                    top_logprobs=s.top_k)
+    else:
+        body.update(prompt=prompt, logprobs=s.top_k)
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if cfg.server_token_ids:
+        body["extra_body"] = {"return_tokens_as_token_ids": True}
+    return body
+
+
+class BudgetReached(TeacherUnavailable):
+    """The next request could pass `generate.budget` (or `budget_tokens`): the stage stops,
+    keeping every response received (they are in the request cache)."""
+
+
+_BLOCKED = object()  # what a request held back by the budget returns instead of a response
+_CHAT_OVERHEAD = 32  # tokens a chat template may add around one user message (a bound)
+
+
+class Budget:
+    """The spend cap of one backend: spent (every response in the request cache, at its
+    price) plus the worst case of the requests in flight plus the worst case of the next one
+    must stay within the cap, so no answer can pass it. A request's worst case: its prompt's
+    tokens (the tokenizer's count, or its UTF-8 bytes, which no byte-level tokenizer exceeds)
+    plus `n * max_tokens`."""
+
+    def __init__(self, cfg, prices: Prices, totals: dict[bool, tuple[int, int]]):
+        self.cap, self.cap_tokens, self.prices = cfg.budget, cfg.budget_tokens, prices
+        self.spent = sum(prices.cost(p, c, batch) for batch, (p, c) in totals.items())
+        self.spent_tokens = sum(p + c for p, c in totals.values())
+        self.reserved, self.reserved_tokens = 0.0, 0
+        self.refused: tuple[float, int] | None = None  # the worst case that did not fit
+
+    @property
+    def on(self) -> bool:
+        return bool(self.cap or self.cap_tokens)
+
+    def fits(self, cost: float, tokens: int, held: bool = True) -> bool:
+        """Whether a request of this worst case fits beside what is spent (and, with `held`,
+        the worst cases of the requests in flight)."""
+        extra, extra_tokens = (self.reserved, self.reserved_tokens) if held else (0.0, 0)
+        return not ((self.cap and self.spent + extra + cost > self.cap)
+                    or (self.cap_tokens and self.spent_tokens + extra_tokens + tokens
+                        > self.cap_tokens))
+
+    def reserve(self, cost: float, tokens: int) -> bool:
+        """Hold a request's worst case; False (and nothing held) when it does not fit."""
+        if self.refused is not None or not self.fits(cost, tokens):
+            self.refused = self.refused or (cost, tokens)
+            return False
+        self.reserved += cost
+        self.reserved_tokens += tokens
+        return True
+
+    async def admit(self, cost: float, tokens: int) -> bool:
+        """`reserve`, waiting while the request would fit once the requests in flight have
+        answered (their worst cases are held until then): the stage stops when the spend
+        itself leaves no room, not when many requests are in flight."""
+        while (self.refused is None and not self.fits(cost, tokens)
+               and self.fits(cost, tokens, held=False) and self.reserved_tokens):
+            await self._changed().wait()
+        return self.reserve(cost, tokens)
+
+    def _changed(self) -> asyncio.Event:
+        if getattr(self, "_event", None) is None:
+            self._event = asyncio.Event()
+        return self._event
+
+    def release(self, cost: float, tokens: int) -> None:
+        self.reserved -= cost
+        self.reserved_tokens -= tokens
+        event, self._event = getattr(self, "_event", None), None
+        if event is not None:
+            event.set()
+
+    def spend(self, prompt: int, completion: int, batch: bool = False) -> None:
+        self.spent += self.prices.cost(prompt, completion, batch)
+        self.spent_tokens += prompt + completion
+
+    def stopped(self, what: str) -> str:
+        """The line the stage stops with."""
+        cost, tokens = self.refused or (0.0, 0)
+        if self.cap and self.spent + self.reserved + cost > self.cap:
+            said = (f"generate.budget={money(self.cap)} is reached: {money(self.spent)} spent, "
+                    f"and the next {what} could cost up to {money(cost)}")
+        else:
+            said = (f"generate.budget_tokens={self.cap_tokens:,} is reached: "
+                    f"{self.spent_tokens:,} tokens used, and the next {what} could use up to "
+                    f"{tokens:,}")
+        return (f"{said}. The stage stopped before sending it: every finished shard is kept and "
+                "every response received is in the request cache (generate/requests.sqlite). "
+                "Raise the budget (generate.budget / generate.budget_tokens) and run the same "
+                "command again to go on: no request is sent twice")
+
+
 class OpenAIBackend:
     """Teacher behind an OpenAI-compatible chat completions or completions endpoint."""
 
@@ -289,6 +468,16 @@ class OpenAIBackend:
                          "text_mismatch": 0}
         self.stats = {"requests": 0, "retries": 0, "failed": 0, "cache_hits": 0,
                       "engine_s": 0.0}  # engine_s: time spent waiting on the server
+        # the ledger: tokens and cost of every response a call used (sent or from the cache)
+        self.prices = Prices.of(cfg)
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "batch_tokens": 0,
+                      "cost": 0.0, "usage_estimated": 0}
+        self.budget = Budget(cfg, self.prices, self.cache.totals())
+        self.batches = None
+        if cfg.transport == "batch":
+            from stages.backends.openai_batch import BatchTransport
+
+            self.batches = BatchTransport(self, cache_path.parent / "batches")
         self.startup_s = time.time() - t0
 
     @property
@@ -304,53 +493,91 @@ class OpenAIBackend:
                 "logprob_source": "server (vLLM: raw logits; hosted APIs: undocumented)",
                 "token_ids": "server" if self.cfg.server_token_ids else
                 ("tokenizer:" + self.cfg.tokenizer if self.cfg.tokenizer else "none"),
-                "requests": {k: v for k, v in self.stats.items() if k != "engine_s"}}
+                "requests": {k: v for k, v in self.stats.items() if k != "engine_s"},
+                "transport": self.cfg.transport}
 
     def request_body(self, prompt: str, s: SamplingSettings, index: int = 0) -> dict:
-        seed = s.seed if s.seeds is None else s.seed_of(index)
-        body = {"model": self.cfg.model, "n": s.n, "temperature": s.temperature,
-                "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": seed}
-        if self.cfg.endpoint == "chat":
-            body.update(messages=[{"role": "user", "content": prompt}], logprobs=True,
-                        top_logprobs=s.top_k)
-        else:
-            body.update(prompt=prompt, logprobs=s.top_k)
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if self.cfg.server_token_ids:
-            body["extra_body"] = {"return_tokens_as_token_ids": True}
-        return body
+        return request_body_for(self.cfg, prompt, s, index)
 
-    async def _one(self, body: dict, semaphore: asyncio.Semaphore) -> dict | str:
-        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    def prompt_bound(self, body: dict) -> int:
+        """At most how many tokens the request's prompt is (see `Budget`)."""
+        text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        if self.mapper.tokenizer is not None:
+            n = len(self.mapper.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            n = len(text.encode())
+        return n + (_CHAT_OVERHEAD if "messages" in body else 0)
+
+    def worst_case(self, body: dict) -> tuple[float, int]:
+        """The most a request can cost, in money and tokens."""
+        prompt, completion = self.prompt_bound(body), body["n"] * body["max_tokens"]
+        batch = self.batches is not None
+        return self.prices.cost(prompt, completion, batch), prompt + completion
+
+    def _usage_of(self, body: dict, result: dict) -> tuple[int, int]:
+        """The server's usage; without it the tokenizer's count of the prompt (its UTF-8 bytes
+        / 4 without a tokenizer) and the tokens of the log-probabilities."""
+        prompt, completion, estimated = response_usage(result)
+        if estimated:
+            self.usage["usage_estimated"] += 1
+            text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+            prompt = (len(self.mapper.tokenizer(text, add_special_tokens=False)["input_ids"])
+                      if self.mapper.tokenizer is not None else len(text.encode()) // 4)
+        return prompt, completion
+
+    def _count(self, prompt: int, completion: int, batch: bool) -> None:
+        self.usage["prompt_tokens"] += prompt
+        self.usage["completion_tokens"] += completion
+        if batch:
+            self.usage["batch_tokens"] += prompt + completion
+        self.usage["cost"] += self.prices.cost(prompt, completion, batch)
+
+    async def _one(self, body: dict, semaphore: asyncio.Semaphore):
+        key = request_key(body)
         cached = self.cache.get(key)
         if cached is not None:
             self.stats["cache_hits"] += 1
+            used = self.cache.usage(key) or (*self._usage_of(body, cached), False)
+            self._count(*used)
             return cached
-        last = "no attempt"
-        for attempt in range(self.cfg.max_retries + 1):
-            async with semaphore:
-                try:
-                    self.stats["requests"] += 1
-                    response = await self.create(**body)
-                    result = response.model_dump()
-                    if not result.get("choices"):
-                        raise json.JSONDecodeError("response has no choices", "", 0)
-                except Exception as error:  # sorted below into retryable and permanent
-                    last = scrub(f"{type(error).__name__}: {error}")
-                    status = getattr(error, "status_code", None)
-                    if status in _FATAL_STATUS:
-                        raise TeacherUnavailable(self._fatal(status, last)) from None
-                    if not _is_retryable(error) or attempt == self.cfg.max_retries:
-                        break
-                    wait = _retry_after(error)
-                else:
-                    self.cache.put(key, result)
-                    return result
-            self.stats["retries"] += 1
-            if wait is None:  # full jitter (AWS architecture blog, "Exponential Backoff")
-                wait = random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt))
-            await asyncio.sleep(wait)
+        if self.batches is not None:  # batch mode never sends a request live
+            return self.batches.failed.get(key, "the batch returned no answer for this request")
+        last, worst = "no attempt", None
+        try:
+            for attempt in range(self.cfg.max_retries + 1):
+                async with semaphore:
+                    if worst is None and self.budget.on:
+                        worst = self.worst_case(body)
+                        if not await self.budget.admit(*worst):
+                            worst = None
+                            return _BLOCKED
+                    try:
+                        self.stats["requests"] += 1
+                        response = await self.create(**body)
+                        result = response.model_dump()
+                        if not result.get("choices"):
+                            raise json.JSONDecodeError("response has no choices", "", 0)
+                    except Exception as error:  # sorted below into retryable and permanent
+                        last = scrub(f"{type(error).__name__}: {error}")
+                        status = getattr(error, "status_code", None)
+                        if status in _FATAL_STATUS:
+                            raise TeacherUnavailable(self._fatal(status, last)) from None
+                        if not _is_retryable(error) or attempt == self.cfg.max_retries:
+                            break
+                        wait = _retry_after(error)
+                    else:
+                        used = self._usage_of(body, result)
+                        self.cache.put(key, result, used)
+                        self.budget.spend(*used)
+                        self._count(*used, False)
+                        return result
+                self.stats["retries"] += 1
+                if wait is None:  # full jitter (AWS architecture blog, "Exponential Backoff")
+                    wait = random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt))
+                await asyncio.sleep(wait)
+        finally:
+            if worst is not None:
+                self.budget.release(*worst)
         self.stats["failed"] += 1
         return last
 
@@ -381,8 +608,12 @@ class OpenAIBackend:
         holding the last error instead of its generations."""
         bodies = [self.request_body(p, settings, i) for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
+        if self.batches is not None:  # the batch API answers into the request cache first
+            self.batches.run(bodies)
         results = self.loop.run_until_complete(self._all(bodies))
         self.stats["engine_s"] += time.perf_counter() - t0
+        if any(r is _BLOCKED for r in results):
+            raise BudgetReached(self.budget.stopped("request"))
         out: list = []
         for result in results:
             if isinstance(result, str):

@@ -35,7 +35,9 @@ EXAMPLES = {
     "generate": ["distill generate --run demo",
                  "distill generate --run mine generate.backend=openai "
                  "generate.base_url=http://127.0.0.1:8000/v1 generate.model=my-teacher",
-                 "distill generate --run demo --retry-failed"],
+                 "distill generate --run demo --retry-failed",
+                 "distill generate --run mine --estimate generate.pilot_questions=16 "
+                 "generate.price_input=0.15 generate.price_output=0.6"],
     "filter": ["distill filter --run demo filter.min_steps=2"],
     "train": ["distill train --run demo",
               "distill train --run demo train.name=kd train.kd_lam=0.5",
@@ -116,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("generate", "all"):
             p.add_argument("--retry-failed", action="store_true",
                            help="re-send only the rows whose generation ended with an error")
+        if name == "generate":
+            p.add_argument("--estimate", action="store_true",
+                           help="print the requests, tokens and cost the stage would take, "
+                           "and stop (no request sent, or generate.pilot_questions sent as a "
+                           "pilot whose responses the run reuses)")
         if name in ARRAY_STAGES:
             g = p.add_argument_group(
                 "job arrays", "split the stage over processes a scheduler starts (Slurm "
@@ -296,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}:\n{describe(section)}\n")
             else:
                 print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return
+        if args.command == "generate" and args.estimate:
+            from stages.estimate import estimate, lines
+
+            for line in lines(estimate(cfg, RunFolder.at(args.runs_dir, args.run)), cfg):
+                print(line)
             return
         names = STAGES if args.command == "all" else [args.command]
         run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,

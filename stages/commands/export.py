@@ -78,6 +78,7 @@ def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
     filt = run.stage("filter").manifest() or {}
     counters = filt.get("counters", {})
     wanted = filt.get("facts", {}).get("wanted_per_question")
+    book = filt.get("facts", {}).get("ledger")
     rows = _eval_rows(run, variant)
     table = "\n".join(
         f"| {r['system']} | {r['accuracy'] * 100:.1f}% | {r.get('mean_tokens', 0):.1f} | "
@@ -105,9 +106,9 @@ fine-tuning with LoRA on chain-of-thought traces of the teacher, then
 
 - teacher: `{gen.get('teacher', '?')}` (backend {gen.get('backend', '?')}, revision `{gen.get('teacher_revision', '?')}`); top-k log-probabilities stored per token: {gen.get('k', 0)}
 - traces: {counters.get('traces_in', '?')} generated, {counters.get('kept', '?')} kept by the filter (answer, arithmetic, steps, length and duplicates checked)
-{"".join(f"- {line}{chr(10)}" for line in coverage_lines(counters, wanted))}
+{"".join(f"- {line}{chr(10)}" for line in coverage_lines(counters, wanted, book))}
 ```
-{funnel_table(counters, wanted) if counters else '(no filter manifest)'}
+{funnel_table(counters, wanted, book) if counters else '(no filter manifest)'}
 ```
 
 ## Training

@@ -18,6 +18,7 @@ import base64
 import html
 import time
 
+from pipeline.costs import money
 from pipeline.log import log
 from pipeline.run_folder import RunFolder
 from stages.figures import png, pyplot
@@ -382,6 +383,18 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                                 [[r["round"], r["folder"], r["hinted"], r["questions"],
                                   r["samples"], r["traces"], r["tokens"]] for r in rounds],
                                 {0, 3, 4, 5, 6}))
+        book = funnel.get("ledger") or {}
+        if any(r.get("prompt_tokens") or r.get("completion_tokens")
+               for r in book.get("rounds") or []):
+            parts.append("<h3>Teacher ledger</h3>")
+            parts.append(_table(
+                ["round", "requests sent", "from the cache", "prompt tokens",
+                 "completion tokens", "batch tokens", "engine seconds", "cost"],
+                [[r["round"], r.get("requests", 0), r.get("cached", 0), r["prompt_tokens"],
+                  r["completion_tokens"], r.get("batch_tokens", 0),
+                  f"{r.get('engine_s', 0):.0f}", money(r.get("cost", 0.0))]
+                 for r in book["rounds"] + [{**book["total"], "round": "all"}]],
+                {1, 2, 3, 4, 5, 6, 7}))
         plot(base64.b64encode(draw_funnel(funnel["counters"])).decode(),
              "what the filter kept and why it dropped the rest", "funnel")
     if filt_manifest:

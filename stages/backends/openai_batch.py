@@ -1,0 +1,311 @@
+"""Batch mode of the `openai` backend (`generate.transport=batch`): a shard's requests go to
+the provider's batch API instead of one by one, for half the price.
+
+The protocol (the OpenAI Batch API, https://platform.openai.com/docs/api-reference/batch):
+the requests are written as a JSONL file (`custom_id`, `method`, `url`, `body` per line),
+uploaded with the Files API (`purpose=batch`), submitted as a batch with a completion window,
+polled until it ends (`completed`, `expired`, `failed` or `cancelled`), and its output and
+error files are downloaded. Every answered request lands in the request cache like a live
+response (marked as a batch one, for its price), so the shard is then made exactly as in live
+mode, and a request that failed or expired is the row's error, for `--retry-failed`.
+
+Nothing is submitted twice. Each call's requests are one *request set* (named by the hash of
+their keys); its record, `generate/batches/<set>.json`, is written before every step that
+waits on the provider: the input file's id after the upload, `submitting` before the batch is
+created, the batch id as soon as it is known. A kill at any point resumes from the record: an
+upload is repeated at most (files cost nothing), a batch whose creation was cut off is found
+by the request set in its metadata before anything is submitted again, and a batch already
+submitted is polled and downloaded by its id. A download cut short (a line that is not whole
+JSON, fewer answers than the batch counted) is downloaded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from pipeline.log import log
+from pipeline.secrets import scrub
+from stages.backends.base import TeacherUnavailable
+
+TERMINAL = ("completed", "expired", "failed", "cancelled")
+METADATA_KEY = "distill_request_set"
+DOWNLOAD_TRIES = 3
+
+
+def request_set(keys: list[str]) -> str:
+    """The name of a call's requests: the hash of their sorted keys."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:24]
+
+
+def batch_line(key: str, body: dict, url: str) -> dict:
+    """One line of a batch input file: the request body as it would be sent live, with the
+    extra fields (`extra_body`) merged in, as the batch API reads them."""
+    flat = {k: v for k, v in body.items() if k != "extra_body"}
+    flat.update(body.get("extra_body") or {})
+    return {"custom_id": key, "method": "POST", "url": url, "body": flat}
+
+
+def read_lines(text: str) -> tuple[list[dict], int]:
+    """The whole JSON lines of a downloaded file, and how many lines were not whole."""
+    good, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(item, dict) and item.get("custom_id"):
+            good.append(item)
+        else:
+            bad += 1
+    return good, bad
+
+
+def _error_text(item: dict) -> str:
+    """Why a batch line holds no answer, from its `error` or its response's status."""
+    error = item.get("error") or {}
+    response = item.get("response") or {}
+    if error:
+        return f"batch request failed: {error.get('code') or ''} {error.get('message') or ''}"
+    body = response.get("body") or {}
+    detail = body.get("error") if isinstance(body, dict) else None
+    if isinstance(detail, dict):
+        detail = detail.get("message")
+    return f"batch request failed: HTTP {response.get('status_code')} {detail or ''}".strip()
+
+
+class BatchTransport:
+    """Sends a call's requests as one batch and answers them into the backend's request cache.
+    `failed` holds, after `run`, why each request of the call without an answer has none."""
+
+    def __init__(self, backend, folder: Path):
+        import openai
+
+        cfg = backend.cfg
+        self.backend, self.cfg, self.folder = backend, cfg, folder
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        # The SDK never retries here by itself: a retried create could submit twice.
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none",
+                                    max_retries=0, timeout=cfg.request_timeout)
+        self.url = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
+        self.failed: dict[str, str] = {}
+        self.stats = {"batches": 0, "uploads": 0, "downloads": 0}
+
+    # -- the record ------------------------------------------------------------------------
+    def _save(self, path: Path, record: dict) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _call(self, what: str, fn):
+        """A Files/Batches call, retried on what a retry can fix (not used for `create`)."""
+        import openai
+
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return fn()
+            except openai.APIStatusError as error:
+                status = error.status_code
+                if status in (401, 403, 404) or status < 500 and status not in (408, 409, 429):
+                    raise TeacherUnavailable(
+                        f"the batch API at {self.cfg.base_url or 'the OpenAI API'} refused to "
+                        f"{what} (HTTP {status}): {scrub(str(error))[:300]}") from None
+                last = error
+            except (openai.APIConnectionError, openai.APITimeoutError) as error:
+                last = error
+            time.sleep(random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt)))
+        raise RuntimeError(f"could not {what} after {self.cfg.max_retries + 1} tries "
+                           f"({scrub(str(last))[:300]}); what was done is recorded in "
+                           f"{self.folder}: run the same command again to go on")
+
+    # -- the protocol ----------------------------------------------------------------------
+    def run(self, bodies: list[dict]) -> None:
+        """Have every request of `bodies` answered through a batch (or found in the cache)."""
+        from stages.backends.openai_api import BudgetReached, request_key
+
+        keys = [request_key(b) for b in bodies]
+        name = request_set(keys)
+        path = self.folder / f"{name}.json"
+        self.failed = {}
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is None:
+            cache = self.backend.cache
+            missing: dict[str, dict] = {}
+            for key, body in zip(keys, bodies):
+                if key not in missing and cache.usage(key) is None and cache.get(key) is None:
+                    missing[key] = body
+            if not missing:
+                return
+            budget = self.backend.budget
+            if budget.on:
+                worst = [self.backend.worst_case(b) for b in missing.values()]
+                cost, tokens = sum(w[0] for w in worst), sum(w[1] for w in worst)
+                if not budget.reserve(cost, tokens):
+                    raise BudgetReached(budget.stopped(f"batch ({len(missing)} requests)"))
+                budget.release(cost, tokens)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lines = self.folder / f"{name}.jsonl"
+            tmp = lines.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                for key, body in missing.items():
+                    f.write(json.dumps(batch_line(key, body, self.url)) + "\n")
+            os.replace(tmp, lines)
+            record = {"request_set": name, "requests": len(missing), "url": self.url,
+                      "input": lines.name, "created": time.time()}
+            self._save(path, record)
+        if record.get("state") != "downloaded":
+            self._upload(path, record)
+            batch = self._submit(path, record)
+            batch = self._wait(path, record, batch)
+            self._download(path, record, batch)
+        self.failed = record.get("failed", {})
+
+    def _upload(self, path: Path, record: dict) -> None:
+        if record.get("input_file_id"):
+            return
+        data = (self.folder / record["input"]).read_bytes()
+        uploaded = self._call("upload the batch input file", lambda: self.client.files.create(
+            file=(record["input"], data), purpose="batch"))
+        self.stats["uploads"] += 1
+        record["input_file_id"] = uploaded.id
+        self._save(path, record)
+
+    def _find(self, name: str):
+        """The batch submitted for request set `name`, if the provider has one."""
+        found = None
+        for batch in self._call("list batches", lambda: list(self.client.batches.list(
+                limit=100))):
+            if (batch.metadata or {}).get(METADATA_KEY) == name:
+                if found is None or (batch.created_at or 0) > (found.created_at or 0):
+                    found = batch
+        return found
+
+    def _submit(self, path: Path, record: dict):
+        import openai
+
+        if record.get("batch_id"):
+            return None
+        found = self._find(record["request_set"]) if record.get("submitting") else None
+        if found is None:
+            record["submitting"] = True  # written before the batch exists: see `_find`
+            self._save(path, record)
+            try:
+                found = self.client.batches.create(
+                    input_file_id=record["input_file_id"], endpoint=record["url"],
+                    completion_window=self.cfg.batch_window,
+                    metadata={METADATA_KEY: record["request_set"]})
+                self.stats["batches"] += 1
+            except openai.APIStatusError as error:
+                if error.status_code in (400, 401, 403, 404, 422):
+                    raise TeacherUnavailable(
+                        f"the batch API refused the batch (HTTP {error.status_code}): "
+                        f"{scrub(str(error))[:300]}") from None
+                found = self._find(record["request_set"])
+                failure = error
+            except (openai.APIConnectionError, openai.APITimeoutError) as error:
+                # the provider may have made the batch before the answer was lost
+                found = self._find(record["request_set"])
+                failure = error
+            if found is None:
+                raise RuntimeError(
+                    f"submitting the batch failed ({scrub(str(failure))[:200]}) and the "
+                    f"provider holds no batch of this request set ({record['request_set']}); "
+                    "run the same command again to submit it") from None
+        record["batch_id"] = found.id
+        record.pop("submitting", None)
+        self._save(path, record)
+        log("generate", f"batch {found.id} submitted: {record['requests']} requests, "
+            f"window {self.cfg.batch_window} (recorded in {path.name})")
+        return found
+
+    def _wait(self, path: Path, record: dict, batch):
+        """Poll until the batch ends, showing its progress."""
+        t0, said = time.time(), None
+        while True:
+            if batch is None or batch.status not in TERMINAL:
+                batch = self._call("look at the batch", lambda: self.client.batches.retrieve(
+                    record["batch_id"]))
+            counts = batch.request_counts
+            line = (f"batch {batch.id}: {batch.status}" + (
+                f", {counts.completed} of {counts.total} requests answered, {counts.failed} "
+                f"failed" if counts is not None else "") + f" ({time.time() - t0:.0f}s)")
+            if line.split(" (")[0] != said:
+                log("generate", line)
+                said = line.split(" (")[0]
+            if record.get("status") != batch.status:
+                record["status"] = batch.status
+                self._save(path, record)
+            if batch.status in TERMINAL:
+                return batch
+            time.sleep(self.cfg.batch_poll_seconds)
+            batch = None
+
+    def _download(self, path: Path, record: dict, batch) -> None:
+        """The output and error files into the cache; failures recorded per request."""
+        requests = {}
+        for line in (self.folder / record["input"]).read_text().splitlines():
+            item = json.loads(line)
+            requests[item["custom_id"]] = item["body"]
+        cache, answered, failed = self.backend.cache, set(), {}
+        for attempt in range(DOWNLOAD_TRIES):
+            problems = []
+            for which in ("output_file_id", "error_file_id"):
+                file_id = getattr(batch, which, None)
+                if not file_id:
+                    continue
+                text = self._call("download the batch results", lambda: self.client.files.content(
+                    file_id).text)
+                self.stats["downloads"] += 1
+                items, bad = read_lines(text)
+                if bad:
+                    problems.append(f"{bad} line(s) of {file_id} are not whole")
+                for item in items:
+                    key = item["custom_id"]
+                    if key not in requests:
+                        continue
+                    response = item.get("response") or {}
+                    body = response.get("body")
+                    if (which == "output_file_id" and response.get("status_code") == 200
+                            and isinstance(body, dict) and body.get("choices")):
+                        if key not in answered:
+                            used = self.backend._usage_of(requests[key], body)
+                            cache.put(key, body, used, batch=True)
+                            self.backend.budget.spend(*used, True)
+                            answered.add(key)
+                            failed.pop(key, None)
+                    elif key not in answered:
+                        failed[key] = scrub(_error_text(item))
+            counts = batch.request_counts
+            if counts is not None and len(answered) < (counts.completed or 0):
+                problems.append(f"{len(answered)} answers read, the batch counts "
+                                f"{counts.completed}")
+            if not problems:
+                break
+            log("generate", f"batch {batch.id}: the download was cut short ("
+                f"{'; '.join(problems)}); downloading again ({attempt + 2} of {DOWNLOAD_TRIES})")
+        else:
+            raise RuntimeError(
+                f"the results of batch {batch.id} could not be downloaded whole in "
+                f"{DOWNLOAD_TRIES} tries ({'; '.join(problems)}); the {len(answered)} answers "
+                f"read are in the request cache and the batch id is kept in {path}: run the "
+                "same command again to download the rest (nothing is submitted again)")
+        why = f"the batch ended {batch.status} without an answer for this request"
+        if batch.status == "failed" and getattr(batch, "errors", None):
+            data = getattr(batch.errors, "data", None) or []
+            why = "the batch failed: " + "; ".join(
+                scrub(f"{e.code}: {e.message}") for e in data[:3])
+        for key in requests:
+            if key not in answered and key not in failed:
+                failed[key] = why
+        record.update(state="downloaded", failed=failed, answered=len(answered))
+        self._save(path, record)
+        log("generate", f"batch {batch.id}: {len(answered)} answers in the request cache, "
+            f"{len(failed)} without one" + (" (`distill generate --retry-failed` sends them "
+                                            "again)" if failed else ""))

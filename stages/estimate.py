@@ -1,0 +1,189 @@
+"""`distill generate --estimate`: what the generate stage will send and cost, before it runs.
+
+Without a pilot no request is sent: the requests are counted from the task, the prompt tokens
+by the teacher's tokenizer (an API teacher's `generate.tokenizer`; without one, about one
+token per 4 bytes), the completion tokens bounded by `n_samples * max_new_tokens`, and the
+responses already in the run's request cache (paid before) set apart. With
+`generate.pilot_questions=P`, the first P questions of the first shard are sent exactly as the
+stage sends them (live, whatever the transport: a pilot should not wait on a batch window), so
+the run answers them from the cache and never pays twice; their mean completion length
+replaces the bound, and the filter's own checks on them give the share of traces kept and of
+questions covered, hence the expected cost per kept trace and per covered question.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+
+from pipeline.config import Config
+from pipeline.costs import Prices, money
+from pipeline.kept_aside import REQUEST_CACHE
+from pipeline.prompts import PromptTemplate
+from pipeline.registry import BACKENDS
+from pipeline.run_folder import RunFolder
+from pipeline.stage import Shard
+
+
+def _prompt_tokens(cfg: Config, prompts: list[str]) -> tuple[int, str]:
+    """The prompts' tokens and how they were counted."""
+    g = cfg.generate
+    api = BACKENDS.get(g.backend).request_cache
+    name = g.tokenizer if api else g.model
+    if name:
+        from pipeline.models import load_tokenizer, resolve_model
+
+        tok = load_tokenizer(resolve_model(name))
+        ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        chat = 8 if (g.endpoint == "chat" if api else g.chat_template) else 0
+        return sum(len(x) + chat for x in ids), f"counted by the tokenizer of {name}"
+    return sum(len(p.encode()) // 4 for p in prompts), (
+        "about 1 token per 4 bytes (set generate.tokenizer for exact counts)")
+
+
+def _cached(cfg: Config, run: RunFolder, shards: list[Shard], prompts_of) -> tuple[int, int]:
+    """How many of the first round's requests the run's request cache answers, and how many
+    responses it holds in all (an API teacher; local engines have no cache)."""
+    g = cfg.generate
+    if not BACKENDS.get(g.backend).request_cache or not run.is_local:
+        return 0, 0
+    path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
+    if not path.is_file():
+        return 0, 0
+    from stages.backends.base import SamplingSettings
+    from stages.backends.openai_api import RequestCache, request_body_for, request_key
+    from stages.generate import _shard_seed
+
+    cache = RequestCache(path)
+    try:
+        found = 0
+        for shard in shards:
+            settings = SamplingSettings(n=g.n_samples, temperature=g.temperature,
+                                        top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                        top_k=g.top_k, seed=_shard_seed(g.seed, shard.name, 0),
+                                        stop=list(g.stop))
+            for prompt in prompts_of(shard):
+                if cache.usage(request_key(request_body_for(g, prompt, settings))):
+                    found += 1
+        held = cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        return found, held
+    finally:
+        cache.db.close()
+
+
+def _pilot(cfg: Config, run: RunFolder, shard: Shard) -> dict:
+    """The first `pilot_questions` of `shard` through the teacher as the stage sends them;
+    their traces through the filter's checks."""
+    from stages.generate import GenerateSettings, generate_shard, teacher_factory
+    from stages.keep import FilterSettings, decide, kept_per_question
+    from stages.checks.answers import answer_checker
+    from stages.rounds import wanted
+
+    g = cfg.generate
+    live = dataclasses.replace(cfg, generate=dataclasses.replace(g, transport="live"))
+    part = shard.load().slice(0, g.pilot_questions)
+    teacher = teacher_factory(live, run.stage("generate"))()
+    try:
+        out = generate_shard(GenerateSettings(live.generate, PromptTemplate(g.prompt_template)),
+                             Shard.of(shard.name, part), teacher)
+    finally:
+        teacher.close()
+    table: pa.Table = out.tables["traces"]
+    settings = FilterSettings(cfg.filter, answer_checker(cfg, cfg.filter.extractors),
+                              wanted(cfg))
+    small, results, by_question = decide(table.filter(pa.compute.is_null(
+        table.column("error"))), settings)
+    kept = sum(1 for r in results if r[0] is None)
+    covered = sum(1 for n in kept_per_question(small, results, by_question).values() if n)
+    c = out.counters
+    return {"questions": part.num_rows, "traces": c["traces"], "errors": c["errors"],
+            "kept": kept, "covered": covered, "completion_tokens": c["completion_tokens"],
+            "prompt_tokens": c["prompt_tokens"], "cost": c["cost"],
+            "requests": c.get("requests", 0), "cached": c.get("cached", 0)}
+
+
+def estimate(cfg: Config, run: RunFolder) -> dict:
+    """The estimate (printed by `distill generate --estimate`, returned for tests)."""
+    from stages.generate import task_shards
+
+    g = cfg.generate
+    prices = Prices.of(g)
+    template = PromptTemplate(g.prompt_template)
+    shards = task_shards(cfg)
+
+    def prompts_of(shard: Shard) -> list[str]:
+        return [template.render(q) for q in shard.load().column("question").to_pylist()]
+
+    prompts = [p for s in shards for p in prompts_of(s)]
+    requests, samples = len(prompts), len(prompts) * g.n_samples
+    prompt_tokens, counted = _prompt_tokens(cfg, prompts)
+    cached, held = _cached(cfg, run, shards, prompts_of)
+    pilot = _pilot(cfg, run, shards[0]) if g.pilot_questions and shards else None
+    bound = samples * g.max_new_tokens
+    if pilot and pilot["traces"]:
+        per_sample = pilot["completion_tokens"] / pilot["traces"]
+        completion, how = round(per_sample * samples), (
+            f"{per_sample:.0f} per trace, measured on the pilot")
+    else:
+        completion, how = bound, f"at most {g.max_new_tokens} per trace (max_new_tokens)"
+    batch = g.transport == "batch"
+    cost = prices.cost(prompt_tokens, completion, batch)
+    to_send = (requests - cached) / max(1, requests)
+    out = {"requests": requests, "samples": samples, "cached_requests": cached,
+           "cache_responses": held, "prompt_tokens": prompt_tokens, "prompt_counted": counted,
+           "completion_tokens": completion, "completion_bound": bound, "completion_how": how,
+           "cost": cost, "cost_to_send": cost * to_send, "transport": g.transport,
+           "live_cost": prices.cost(prompt_tokens, completion),
+           "batch_cost": prices.cost(prompt_tokens, completion, True),
+           "priced": prices.priced, "pilot": pilot}
+    if pilot and pilot["traces"]:
+        out["kept_share"] = pilot["kept"] / pilot["traces"]
+        out["covered_share"] = pilot["covered"] / max(1, pilot["questions"])
+        out["kept"] = out["kept_share"] * samples
+        out["covered"] = out["covered_share"] * requests
+        out["cost_per_kept"] = cost / max(1e-9, out["kept"])
+        out["cost_per_covered"] = cost / max(1e-9, out["covered"])
+    if g.max_samples > g.n_samples:
+        short = 1 - out.get("covered_share", 0.0)
+        extra = round(requests * short * (g.max_samples - g.n_samples))
+        out["later_rounds_samples_at_most"] = extra
+    return out
+
+
+def lines(e: dict, cfg: Config) -> list[str]:
+    """The estimate in words."""
+    g = cfg.generate
+    out = [f"requests: {e['requests']:,} (one per question, {g.n_samples} sample(s) each: "
+           f"{e['samples']:,} traces) in the first round; {e['cached_requests']:,} already "
+           "answered in the run's request cache (paid before, not again)",
+           f"prompt tokens: {e['prompt_tokens']:,}, {e['prompt_counted']}",
+           f"completion tokens: {e['completion_tokens']:,} ({e['completion_how']}; the bound "
+           f"is {e['completion_bound']:,})"]
+    if e["priced"]:
+        out.append(f"cost: {money(e['cost'])} ({e['transport']}; live {money(e['live_cost'])}"
+                   f", through a batch API {money(e['batch_cost'])}), of which "
+                   f"{money(e['cost_to_send'])} is still to be paid")
+    else:
+        out.append("cost: not priced (set generate.price_input and generate.price_output, per "
+                   "million tokens)")
+    p = e.get("pilot")
+    if p:
+        out.append(f"pilot: {p['questions']} questions, {p['traces']} traces, {p['kept']} kept "
+                   f"by the filter, {p['covered']} questions covered ({p['requests']} requests "
+                   f"sent, {p['cached']} from the cache; the run reuses them)")
+    if "kept" in e:
+        line = (f"expected: {e['kept']:,.0f} kept traces ({e['kept_share']:.0%}), "
+                f"{e['covered']:,.0f} covered questions ({e['covered_share']:.0%})")
+        if e["priced"]:
+            line += (f"; {money(e['cost_per_kept'])} per kept trace, "
+                     f"{money(e['cost_per_covered'])} per covered question")
+        out.append(line)
+    if "later_rounds_samples_at_most" in e:
+        out.append(f"adaptive sampling (max_samples={g.max_samples}): later rounds add at most "
+                   f"{e['later_rounds_samples_at_most']:,} samples"
+                   + (" for the questions the pilot leaves short" if p else ""))
+    if g.budget or g.budget_tokens:
+        cap = (money(g.budget) if g.budget else f"{g.budget_tokens:,} tokens")
+        out.append(f"budget: {cap}; the stage stops before a request could pass it")
+    return out

@@ -1,0 +1,191 @@
+"""Paying for a teacher: the ledger (tokens and cost per shard, round, kept trace, covered
+question), the estimate before spending, and the budget that stops in time.
+
+The teacher is the OpenAI-compatible test server (tests/fake_openai.py), which reports usage
+(prompt tokens: one per 4 bytes; completion tokens: the tokens it returned) and counts every
+request it answers, so "no request is sent twice" is checked against the server itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import stages.filter as filter_stage
+import stages.generate as generate
+from fake_openai import FakeServer
+from pipeline.config import ConfigError, load_config
+from pipeline.costs import Prices, ledger_lines, money
+from stages.backends.openai_api import BudgetReached, RequestCache
+from stages.commands.cli import main as cli
+from stages.estimate import estimate, lines
+
+PRICES = ["generate.price_input=2.5", "generate.price_output=10"]
+
+
+def config(url: str, *more: str):
+    return load_config("configs/demo.yaml", [
+        "task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
+        "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
+        f"generate.base_url={url}", "generate.request_timeout=5", "generate.backoff_max=0.05",
+        "generate.max_retries=1", "generate.concurrency=4", "generate.top_k=4", *more])
+
+
+def sent(server) -> int:
+    return sum(server.successes.values())
+
+
+def served_usage(tmp_path) -> tuple[int, int]:
+    """What the server billed, summed from the responses in the request cache."""
+    cache = RequestCache(tmp_path / "generate" / "requests.sqlite")
+    rows = cache.db.execute("SELECT body FROM responses").fetchall()
+    cache.db.close()
+    bodies = [json.loads(b)["usage"] for (b,) in rows]
+    return (sum(u["prompt_tokens"] for u in bodies), sum(u["completion_tokens"] for u in bodies))
+
+
+def test_prices_and_the_ledger_in_words():
+    p = Prices(input=2.5, output=10, batch_discount=0.5, hour=2.0)
+    assert p.cost(1_000_000, 0) == 2.5 and p.cost(0, 1_000_000) == 10
+    assert p.cost(1_000_000, 1_000_000, batch=True) == pytest.approx(6.25)
+    assert p.cost(0, 0, seconds=1800) == pytest.approx(1.0)
+    assert money(0.000123456) == "0.000123" and money(12.345) == "12.35" and money(0) == "0"
+    book = {"total": {"prompt_tokens": 1000, "completion_tokens": 500, "cost": 0.5,
+                      "batch_tokens": 0, "engine_s": 0}, "prices": {"priced": True}}
+    said = ledger_lines(book, kept=10, covered=4)
+    assert said[0] == "teacher usage: 1,000 prompt + 500 completion tokens"
+    assert said[1] == "teacher cost: 0.5 in all, 0.05 per kept trace, 0.125 per covered question"
+    assert ledger_lines(None) == [] and ledger_lines({"total": {}}) == []
+
+
+def test_the_ledger_counts_every_response_down_to_the_kept_trace(tmp_path, capsys):
+    with FakeServer() as server:
+        cfg = config(server.base_url, *PRICES)
+        manifest = generate.main(cfg, tmp_path)
+        prompt, completion = served_usage(tmp_path)
+        c = manifest["counters"]
+        assert (c["prompt_tokens"], c["completion_tokens"]) == (prompt, completion) != (0, 0)
+        assert c["cost"] == pytest.approx((prompt * 2.5 + completion * 10) / 1e6)
+        assert c["requests"] == 24 and c["cached"] == 0
+        shard = manifest["shards"][0]["counters"]
+        assert 0 < shard["cost"] < c["cost"] and shard["prompt_tokens"] > 0
+        book = json.loads((tmp_path / "generate" / "ledger.json").read_text())
+        assert book["total"]["cost"] == pytest.approx(c["cost"])
+        assert book["prices"]["input"] == 2.5
+        out = capsys.readouterr().err
+        assert f"teacher usage: {prompt:,} prompt + {completion:,} completion tokens" in out
+        assert "requests: 24 sent, 0 answered from the request cache" in out
+
+        # the filter turns it into cost per kept trace and per covered question
+        filt = filter_stage.main(cfg, tmp_path)
+        kept, covered = filt["counters"]["kept"], filt["counters"]["covered"]
+        funnel = json.loads((tmp_path / "filter" / "funnel.json").read_text())
+        assert (f"teacher cost: {money(c['cost'])} in all, {money(c['cost'] / max(1, kept))} "
+                f"per kept trace, {money(c['cost'] / max(1, covered))} per covered question"
+                ) in funnel["coverage"]
+        assert "teacher cost:" in (tmp_path / "filter" / "README.md").read_text()
+
+        # a redo from the cache: the data cost the same, nothing is sent
+        again = generate.main(cfg, tmp_path, force=True)
+        assert sent(server) == 24
+        assert again["counters"]["cost"] == pytest.approx(c["cost"])
+        assert again["counters"]["requests"] == 0 and again["counters"]["cached"] == 24
+
+
+def test_a_server_without_usage_is_counted_by_its_tokens(tmp_path):
+    with FakeServer(usage=False) as server:
+        manifest = generate.main(config(server.base_url, *PRICES), tmp_path)
+        c = manifest["counters"]
+        assert c["usage_estimated"] == 24
+        assert c["completion_tokens"] == c["tokens"] > 0 and c["prompt_tokens"] > 0
+
+
+def test_a_budget_stops_before_passing_and_a_higher_one_finishes_with_nothing_sent_twice(
+        tmp_path, capsys):
+    with FakeServer() as server:
+        full = tmp_path / "full"
+        generate.main(config(server.base_url, *PRICES), full)
+        total = generate.main(config(server.base_url, *PRICES), full)["counters"]["cost"]
+        server.successes.clear()
+
+        run = tmp_path / "capped"
+        cap = total * 0.6
+        cfg = config(server.base_url, *PRICES, f"generate.budget={cap}")
+        with pytest.raises(BudgetReached, match=r"generate.budget=.* is reached: .* spent, and "
+                           r"the next request could cost up to .*Raise the budget"):
+            generate.main(cfg, run)
+        paid = RequestCache(run / "generate" / "requests.sqlite")
+        spent = sum(Prices(2.5, 10).cost(p, c) for p, c in paid.totals().values())
+        paid.db.close()
+        assert 0 < spent <= cap  # stopped in time
+        assert sent(server) < 24
+        assert (run / "generate" / "traces-00000.parquet").exists()  # finished work is kept
+        first = sent(server)
+
+        # the command line says it in one line
+        code = cli(["generate", "--config", "configs/demo.yaml", "--runs-dir", str(tmp_path),
+                    "--run", "capped", *_overrides(server.base_url, *PRICES,
+                                                   f"generate.budget={cap}")])
+        assert code == 1 and sent(server) == first
+        err = capsys.readouterr().err
+        assert "error: generate.budget=" in err and "Traceback" not in err
+
+        manifest = generate.main(config(server.base_url, *PRICES,
+                                        f"generate.budget={total * 2}"), run)
+        assert sent(server) == 24  # every request once, over both runs
+        assert manifest["counters"]["cost"] == pytest.approx(total)
+
+
+def test_a_token_budget_stops_too(tmp_path):
+    with FakeServer() as server:
+        cfg = config(server.base_url, "generate.budget_tokens=2000")
+        with pytest.raises(BudgetReached, match="generate.budget_tokens=2,000 is reached"):
+            generate.main(cfg, tmp_path)
+        paid = RequestCache(tmp_path / "generate" / "requests.sqlite")
+        assert 0 < sum(p + c for p, c in paid.totals().values()) <= 2000
+        paid.db.close()
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(ConfigError, match="generate.budget=5 needs prices"):
+        load_config("configs/demo.yaml", ["generate.backend=openai", "generate.budget=5"])
+    with pytest.raises(ConfigError, match="applies to an API teacher"):
+        load_config("configs/demo.yaml", ["generate.budget_tokens=5"])
+    with pytest.raises(ConfigError, match="applies to an API teacher"):
+        load_config("configs/demo.yaml", ["generate.transport=batch"])
+
+
+def _overrides(url: str, *more: str) -> list[str]:
+    return ["task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
+            "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
+            f"generate.base_url={url}", "generate.request_timeout=5",
+            "generate.backoff_max=0.05", "generate.max_retries=1", "generate.concurrency=4",
+            "generate.top_k=4", *more]
+
+
+def test_the_estimate_sends_nothing_or_a_pilot_the_run_reuses(tmp_path, capsys):
+    with FakeServer() as server:
+        cfg = config(server.base_url, *PRICES)
+        e = estimate(cfg, generate.RunFolder(str(tmp_path)))
+        assert sent(server) == 0
+        assert e["requests"] == 24 and e["samples"] == 48 and e["cached_requests"] == 0
+        assert e["completion_tokens"] == 48 * cfg.generate.max_new_tokens
+        assert e["cost"] == pytest.approx(Prices(2.5, 10).cost(e["prompt_tokens"],
+                                                               e["completion_tokens"]))
+        assert "pilot" not in " ".join(lines(e, cfg))
+
+        code = cli(["generate", "--estimate", "--config", "configs/demo.yaml", "--runs-dir",
+                    str(tmp_path), "--run", "est",
+                    *_overrides(server.base_url, *PRICES, "generate.pilot_questions=4")])
+        assert code == 0 and sent(server) == 4
+        out = capsys.readouterr().out
+        assert "requests: 24 (one per question, 2 sample(s) each: 48 traces)" in out
+        assert "pilot: 4 questions, 8 traces" in out
+        assert "per kept trace" in out and "completion tokens:" in out
+
+        # the run answers the pilot's questions from the cache: never paid twice
+        run = tmp_path / "est"
+        manifest = generate.main(cfg, run)
+        assert sent(server) == 24 and manifest["counters"]["cached"] == 4
+        again = estimate(cfg, generate.RunFolder(str(run)))
+        assert again["cached_requests"] == 24 and again["cost_to_send"] == 0
