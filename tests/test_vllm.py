@@ -136,9 +136,14 @@ def test_openai_backend_against_a_real_vllm_server(tmp_path, vllm_server, embedd
             "generate.tokenizer=smollm2-135m-instruct", "generate.concurrency=16"]
     if ids == "server":
         over.append("generate.server_token_ids=true")
-    manifest, table = distill(tmp_path, "o", *over)
+    manifest, table = distill(tmp_path, "o", *over, "generate.price_input=1",
+                              "generate.price_output=4")
     facts = manifest["facts"]
     assert facts["backend"] == "openai" and facts["endpoint"] == endpoint
+    c = manifest["counters"]  # the ledger from the server's usage
+    assert c["prompt_tokens"] > 16 * 20 and c["completion_tokens"] >= c["tokens"] > 0
+    assert c["cost"] == pytest.approx((c["prompt_tokens"] + 4 * c["completion_tokens"]) / 1e6)
+    assert c.get("usage_estimated", 0) == 0
     assert facts["usable_for_kd"] is True
     assert facts["requests"]["requests"] == 16 and facts["requests"]["failed"] == 0
     assert table.num_rows == 32
@@ -195,3 +200,29 @@ def test_the_engine_scores_a_trace_as_it_generated_it(tmp_path, embedded_path):
     assert len(rows) == 4 and all(r["n"] > 0 and r["shape"] == [r["n"], 5] for r in rows)
     for r in rows:  # the same engine, float32: the same numbers
         assert r["ids_same"] > 0.95 and r["top_diff"] < 1e-3 and r["token_diff"] < 1e-3, r
+
+
+def test_batch_mode_through_vllms_batch_runner(tmp_path, embedded_path):
+    """`generate.transport=batch` with the batch input file run by vLLM's own batch runner
+    behind the test Files/Batches API: every request answered, top-k usable for KD, usage at
+    the batch price."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from fake_batch import FakeBatchServer, vllm_process
+    from pipeline.models import load_tokenizer
+
+    process = vllm_process(embedded_path, tmp_path / "runner")
+    with FakeBatchServer(process=process) as server:
+        manifest, table = distill(
+            tmp_path, "b", "generate.backend=openai", f"generate.base_url={server.base_url}",
+            "generate.model=smollm2-135m-instruct", "generate.endpoint=chat",
+            "generate.tokenizer=smollm2-135m-instruct", "generate.server_token_ids=true",
+            "generate.transport=batch", "generate.batch_poll_seconds=1",
+            "generate.rows_per_shard=16", "generate.price_input=1", "generate.price_output=4")
+        assert [b["requests"] for b in server.submitted()] == [16]
+    c = manifest["counters"]
+    assert c["errors"] == 0 and table.num_rows == 32
+    assert manifest["facts"]["usable_for_kd"] is True
+    check_traces(table, load_tokenizer(embedded_path))
+    assert c["batch_tokens"] == c["prompt_tokens"] + c["completion_tokens"] > 0
+    assert c["cost"] == pytest.approx(0.5 * (c["prompt_tokens"] + 4 * c["completion_tokens"])
+                                      / 1e6)

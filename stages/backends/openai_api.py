@@ -536,7 +536,11 @@ class OpenAIBackend:
         key = request_key(body)
         cached = self.cache.get(key)
         if cached is not None:
-            self.stats["cache_hits"] += 1
+            if self.batches is not None and key in self.batches.fresh:
+                self.batches.fresh.discard(key)
+                self.stats["requests"] += 1  # sent through the batch API, just now
+            else:
+                self.stats["cache_hits"] += 1
             used = self.cache.usage(key) or (*self._usage_of(body, cached), False)
             self._count(*used)
             return cached

@@ -34,6 +34,11 @@ from stages.backends.base import TeacherUnavailable
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
 METADATA_KEY = "distill_request_set"
+
+
+class BatchInterrupted(TeacherUnavailable):
+    """A batch step that cannot go on now (a submit that failed, a download not whole): the
+    stage stops, its record kept, and the same command resumes it."""
 DOWNLOAD_TRIES = 3
 
 
@@ -96,6 +101,7 @@ class BatchTransport:
                                     max_retries=0, timeout=cfg.request_timeout)
         self.url = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
         self.failed: dict[str, str] = {}
+        self.fresh: set[str] = set()  # the keys this process's batches answered
         self.stats = {"batches": 0, "uploads": 0, "downloads": 0}
 
     # -- the record ------------------------------------------------------------------------
@@ -121,7 +127,7 @@ class BatchTransport:
             except (openai.APIConnectionError, openai.APITimeoutError) as error:
                 last = error
             time.sleep(random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt)))
-        raise RuntimeError(f"could not {what} after {self.cfg.max_retries + 1} tries "
+        raise BatchInterrupted(f"could not {what} after {self.cfg.max_retries + 1} tries "
                            f"({scrub(str(last))[:300]}); what was done is recorded in "
                            f"{self.folder}: run the same command again to go on")
 
@@ -214,7 +220,7 @@ class BatchTransport:
                 found = self._find(record["request_set"])
                 failure = error
             if found is None:
-                raise RuntimeError(
+                raise BatchInterrupted(
                     f"submitting the batch failed ({scrub(str(failure))[:200]}) and the "
                     f"provider holds no batch of this request set ({record['request_set']}); "
                     "run the same command again to submit it") from None
@@ -279,6 +285,7 @@ class BatchTransport:
                             cache.put(key, body, used, batch=True)
                             self.backend.budget.spend(*used, True)
                             answered.add(key)
+                            self.fresh.add(key)
                             failed.pop(key, None)
                     elif key not in answered:
                         failed[key] = scrub(_error_text(item))
@@ -291,7 +298,7 @@ class BatchTransport:
             log("generate", f"batch {batch.id}: the download was cut short ("
                 f"{'; '.join(problems)}); downloading again ({attempt + 2} of {DOWNLOAD_TRIES})")
         else:
-            raise RuntimeError(
+            raise BatchInterrupted(
                 f"the results of batch {batch.id} could not be downloaded whole in "
                 f"{DOWNLOAD_TRIES} tries ({'; '.join(problems)}); the {len(answered)} answers "
                 f"read are in the request cache and the batch id is kept in {path}: run the "
