@@ -42,32 +42,37 @@ def _prompt_tokens(cfg: Config, prompts: list[str]) -> tuple[int, str]:
         "about 1 token per 4 bytes (set generate.tokenizer for exact counts)")
 
 
-def _cached(cfg: Config, run: RunFolder, shards: list[Shard], prompts_of) -> tuple[int, int]:
-    """How many of the first round's requests the run's request cache answers, and how many
-    responses it holds in all (an API teacher; local engines have no cache)."""
+def _cached(cfg: Config, run: RunFolder, shards: list[Shard],
+            prompts_of) -> tuple[int, int, int]:
+    """How many of the first round's requests the run's request cache answers, how many
+    responses it holds in all, and the completion tokens of those it answers (an API teacher;
+    local engines have no cache)."""
     g = cfg.generate
     if not BACKENDS.get(g.backend).request_cache or not run.is_local:
-        return 0, 0
+        return 0, 0, 0
     path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
     if not path.is_file():
-        return 0, 0
+        return 0, 0, 0
     from stages.backends.base import SamplingSettings
-    from stages.backends.openai_api import RequestCache, request_body_for, request_key
+    from stages.backends.openai_api import request_body_for
+    from stages.backends.request_cache import RequestCache, request_key
     from stages.generate import _shard_seed
 
     cache = RequestCache(path)
     try:
-        found = 0
+        found = completion = 0
         for shard in shards:
             settings = SamplingSettings(n=g.n_samples, temperature=g.temperature,
                                         top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                                         top_k=g.top_k, seed=_shard_seed(g.seed, shard.name, 0),
                                         stop=list(g.stop))
             for prompt in prompts_of(shard):
-                if cache.usage(request_key(request_body_for(g, prompt, settings))):
+                used = cache.usage(request_key(request_body_for(g, prompt, settings)))
+                if used:
                     found += 1
+                    completion += used[1]
         held = cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-        return found, held
+        return found, held, completion
     finally:
         cache.db.close()
 
@@ -118,13 +123,17 @@ def estimate(cfg: Config, run: RunFolder) -> dict:
     prompts = [p for s in shards for p in prompts_of(s)]
     requests, samples = len(prompts), len(prompts) * g.n_samples
     prompt_tokens, counted = _prompt_tokens(cfg, prompts)
-    cached, held = _cached(cfg, run, shards, prompts_of)
     pilot = _pilot(cfg, run, shards[0]) if g.pilot_questions and shards else None
+    cached, held, cached_completion = _cached(cfg, run, shards, prompts_of)
     bound = samples * g.max_new_tokens
     if pilot and pilot["traces"]:
         per_sample = pilot["completion_tokens"] / pilot["traces"]
         completion, how = round(per_sample * samples), (
             f"{per_sample:.0f} per trace, measured on the pilot")
+    elif cached:
+        per_sample = cached_completion / (cached * g.n_samples)
+        completion, how = round(per_sample * samples), (
+            f"{per_sample:.0f} per trace, measured on the {cached:,} cached responses")
     else:
         completion, how = bound, f"at most {g.max_new_tokens} per trace (max_new_tokens)"
     batch = g.transport == "batch"
@@ -161,8 +170,8 @@ def lines(e: dict, cfg: Config) -> list[str]:
            f"completion tokens: {e['completion_tokens']:,} ({e['completion_how']}; the bound "
            f"is {e['completion_bound']:,})"]
     if e["priced"]:
-        out.append(f"cost: {money(e['cost'])} ({e['transport']}; live {money(e['live_cost'])}"
-                   f", through a batch API {money(e['batch_cost'])}), of which "
+        out.append(f"cost: {money(e['live_cost'])} live, {money(e['batch_cost'])} through a "
+                   f"batch API; this run ({e['transport']}): {money(e['cost'])}, of which "
                    f"{money(e['cost_to_send'])} is still to be paid")
     else:
         out.append("cost: not priced (set generate.price_input and generate.price_output, per "

@@ -294,7 +294,7 @@ def teacher_factory(cfg: Config, folder: StageFolder,
 def merge_worker_caches(folder: StageFolder) -> None:
     """Merge the request caches the workers published into the run's `requests.sqlite` (then
     remove the merged copies; the responses live on in the merged cache)."""
-    from stages.backends.openai_api import merge_request_caches
+    from stages.backends.request_cache import merge_request_caches
 
     found = folder.files_under(WORKER_CACHES, ".sqlite")
     if not found:

@@ -8,6 +8,7 @@ request it answers, so "no request is sent twice" is checked against the server 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -19,6 +20,7 @@ from pipeline.costs import Prices, ledger_lines, money
 from stages.backends.openai_api import BudgetReached, RequestCache
 from stages.commands.cli import main as cli
 from stages.estimate import estimate, lines
+from test_report import CHROMIUM, _browser_dom
 
 PRICES = ["generate.price_input=2.5", "generate.price_output=10"]
 
@@ -84,6 +86,15 @@ def test_the_ledger_counts_every_response_down_to_the_kept_trace(tmp_path, capsy
                 f"per kept trace, {money(c['cost'] / max(1, covered))} per covered question"
                 ) in funnel["coverage"]
         assert "teacher cost:" in (tmp_path / "filter" / "README.md").read_text()
+
+        # `make report` shows the ledger, as a person sees it
+        if CHROMIUM:
+            assert cli(["report", "--run", tmp_path.name, "--runs-dir",
+                        str(tmp_path.parent)]) == 0
+            dom = _browser_dom(tmp_path / "report.html")
+            assert "Teacher ledger" in dom and "teacher cost:" in dom
+            assert re.search(r"<td>all</td><td[^>]*>24</td><td[^>]*>0</td><td[^>]*>"
+                             rf"{prompt}</td><td[^>]*>{completion}</td>", dom)
 
         # a redo from the cache: the data cost the same, nothing is sent
         again = generate.main(cfg, tmp_path, force=True)
@@ -189,3 +200,57 @@ def test_the_estimate_sends_nothing_or_a_pilot_the_run_reuses(tmp_path, capsys):
         assert sent(server) == 24 and manifest["counters"]["cached"] == 4
         again = estimate(cfg, generate.RunFolder(str(run)))
         assert again["cached_requests"] == 24 and again["cost_to_send"] == 0
+
+
+class _Tokenizer:
+    """Counts one token per word, like a tokenizer's `__call__`."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def test_a_local_engine_records_its_tokens_and_engine_time_at_its_hourly_price():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.prompts import PromptTemplate
+    from pipeline.stage import Shard
+    from stages.backends.base import Generation
+
+    class Engine:
+        tokenizer = _Tokenizer()
+        stats = {"engine_s": 0.0}
+
+        def render(self, prompt):
+            return prompt
+
+        def facts(self):
+            return {"backend": "engine"}
+
+        def generate(self, prompts, settings):
+            self.stats["engine_s"] += 36.0  # an engine that takes 36 s per call
+            gen = Generation("1 + 1 = 2. The answer is 2.", "stop", np.arange(4, dtype=np.int32),
+                             np.zeros(4, np.float32), np.zeros((4, 2), np.int32),
+                             np.zeros((4, 2), np.float32))
+            return [[gen] * settings.n for _ in prompts]
+
+    cfg = load_config("configs/demo.yaml", ["generate.n_samples=2", "generate.top_k=2",
+                                            "generate.price_hour=3.0", "generate.batch_size=64"])
+    template = PromptTemplate(cfg.generate.prompt_template)
+    rows = pa.table({"id": ["a", "b"], "question": ["Anna has 2 apples.", "Ben has 3."],
+                     "gold": ["2", "3"]})
+    out = generate.generate_shard(generate.GenerateSettings(cfg.generate, template),
+                                  Shard.of("00000", rows), Engine())
+    c = out.counters
+    words = sum(len(template.render(q).split()) for q in ["Anna has 2 apples.", "Ben has 3."])
+    assert c["prompt_tokens"] == words and c["completion_tokens"] == 16
+    assert c["engine_s"] == 36.0 and c["cost"] == pytest.approx(36 * 3.0 / 3600)
+
+
+def test_config_keys_lists_the_price_budget_and_batch_settings(capsys):
+    assert cli(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("price_input", "price_output", "batch_discount", "price_hour", "budget",
+                "budget_tokens", "transport", "batch_window", "batch_poll_seconds",
+                "pilot_questions"):
+        assert f"  generate.{key} = " in out, key

@@ -68,7 +68,9 @@ def test_the_shard_function_alone_on_an_in_memory_table(teacher):
     template = PromptTemplate(cfg.generate.prompt_template)
     assert table.column("prompt").to_pylist() == [template.render("Anna has 2 apples.")] * 3 \
         + [template.render("Ben has 3.")] * 3
-    assert out.counters == {"rows": 2, "traces": 6, "errors": 0, "tokens": 18, "truncated": 0}
+    assert out.counters == {"rows": 2, "traces": 6, "errors": 0, "tokens": 18, "truncated": 0,
+                            "prompt_tokens": 0, "completion_tokens": 18, "engine_s": 0.0,
+                            "cost": 0.0}  # the ledger: no tokenizer, no engine time here
     assert out.facts["backend"] == "scripted" and len(teacher.prompts) == 2
 
 

@@ -26,6 +26,11 @@ class TeacherUnavailable(RuntimeError):
     stops at once instead of recording the same error on every row."""
 
 
+class BudgetReached(TeacherUnavailable):
+    """The next request could pass `generate.budget` (or `budget_tokens`): the stage stops,
+    keeping every response received (they are in the request cache)."""
+
+
 @dataclass
 class Generation:
     """One sampled continuation; arrays have one entry per generated token."""

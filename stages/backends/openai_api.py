@@ -18,11 +18,9 @@ to round-trip. The shard facts record whether the log-probabilities are usable f
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import random
-import sqlite3
 import time
 from pathlib import Path
 
@@ -32,8 +30,10 @@ from pipeline.costs import Prices, money
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
-from stages.backends.base import (BackendKind, Generation, SamplingSettings,
-                                  TeacherUnavailable)
+from stages.backends.base import (BackendKind, BudgetReached, Generation,  # noqa: F401
+                                  SamplingSettings, TeacherUnavailable)
+from stages.backends.request_cache import (RequestCache, merge_request_caches,  # noqa: F401
+                                           request_key, response_usage)
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -42,141 +42,6 @@ _FATAL_STATUS = {401: "the server rejected the API key (401 Unauthorized)",
                  403: "the API key is not allowed to do this (403 Forbidden)",
                  404: "not found (404): the model is not served there, or the base URL is "
                       "wrong"}
-
-
-def request_key(body: dict) -> str:
-    """A request's key in the cache (and its `custom_id` in a batch): the hash of its body."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def response_usage(body: dict) -> tuple[int, int, bool]:
-    """(prompt tokens, completion tokens, estimated) of a response: the server's `usage`;
-    without it the completion tokens are the tokens its log-probabilities list and the prompt
-    tokens unknown (0, estimated)."""
-    usage = body.get("usage") or {}
-    if usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"]), False
-    completion = 0
-    for choice in body.get("choices") or []:
-        lp = choice.get("logprobs") or {}
-        completion += len(lp.get("content") or lp.get("tokens") or [])
-    return 0, completion, True
-
-
-class RequestCache:
-    """Successful responses by request hash, in one SQLite file (safe to kill at any point),
-    with each response's usage (prompt and completion tokens, and whether it came through a
-    batch API): the run's record of what was paid for.
-
-    `seed`: another cache file read when a request is not in this one (a worker's cache on top
-    of the run's merged cache, which the worker never writes)."""
-
-    def __init__(self, path: Path, seed: Path | None = None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS usage (key TEXT PRIMARY KEY, "
-                        "prompt_tokens INTEGER, completion_tokens INTEGER, batch INTEGER)")
-        self.db.commit()
-        self._backfill()
-        self.seeded = False
-        if seed is not None and seed.is_file():
-            self.db.execute("ATTACH DATABASE ? AS seed", (f"file:{seed}?mode=ro",))
-            self.seeded = True
-
-    def _backfill(self) -> None:
-        """Usage rows for responses cached before usage was recorded (read from the bodies)."""
-        missing = self.db.execute("SELECT key, body FROM responses WHERE key NOT IN "
-                                  "(SELECT key FROM usage)").fetchall()
-        for key, body in missing:
-            prompt, completion, _ = response_usage(json.loads(body))
-            self.db.execute("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, 0)",
-                            (key, prompt, completion))
-        if missing:
-            self.db.commit()
-
-    def get(self, key: str) -> dict | None:
-        row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
-        if row is None and self.seeded:
-            row = self.db.execute("SELECT body FROM seed.responses WHERE key = ?",
-                                  (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def usage(self, key: str) -> tuple[int, int, bool] | None:
-        """(prompt tokens, completion tokens, through a batch) of a cached response."""
-        for schema in ("main", "seed") if self.seeded else ("main",):
-            try:
-                row = self.db.execute(f"SELECT prompt_tokens, completion_tokens, batch FROM "
-                                      f"{schema}.usage WHERE key = ?", (key,)).fetchone()
-            except sqlite3.OperationalError:  # a seed cache from before usage was recorded
-                row = None
-            if row is not None:
-                return int(row[0]), int(row[1]), bool(row[2])
-        return None
-
-    def totals(self) -> dict[bool, tuple[int, int]]:
-        """Prompt and completion tokens of every cached response, live (False) and batch
-        (True): what the run has paid for."""
-        out = {False: (0, 0), True: (0, 0)}
-        schemas = ["main"] + (["seed"] if self.seeded else [])
-        query = " UNION ".join(f"SELECT key, prompt_tokens, completion_tokens, batch FROM "
-                               f"{s}.usage" for s in schemas)
-        try:
-            rows = self.db.execute(f"SELECT batch, SUM(prompt_tokens), SUM(completion_tokens) "
-                                   f"FROM ({query}) GROUP BY batch").fetchall()
-        except sqlite3.OperationalError:  # a seed cache from before usage was recorded
-            rows = self.db.execute("SELECT batch, SUM(prompt_tokens), SUM(completion_tokens) "
-                                   "FROM main.usage GROUP BY batch").fetchall()
-        for batch, prompt, completion in rows:
-            out[bool(batch)] = (int(prompt or 0), int(completion or 0))
-        return out
-
-    def snapshot(self, dest: Path) -> None:
-        """A consistent copy of this worker's own entries in `dest` (SQLite's backup API)."""
-        dest.unlink(missing_ok=True)
-        target = sqlite3.connect(dest)
-        try:
-            self.db.backup(target, name="main")
-        finally:
-            target.close()
-
-    def put(self, key: str, body: dict, usage: tuple[int, int] | None = None,
-            batch: bool = False) -> None:
-        """Store a response and its usage (default: read from the body); a cache that cannot be
-        written (a full disk) stops the stage: a paid-for response that cannot be kept must not
-        be taken for a failed row."""
-        prompt, completion = usage if usage is not None else response_usage(body)[:2]
-        try:
-            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)",
-                            (key, json.dumps(body)))
-            self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)",
-                            (key, prompt, completion, int(batch)))
-            self.db.commit()
-        except sqlite3.OperationalError as e:
-            raise OSError(f"the request cache cannot be written ({e})") from None
-
-
-def merge_request_caches(dest: Path, sources: list[Path]) -> int:
-    """Add every response (and its usage) of the `sources` caches to the cache `dest` (an
-    entry already there is kept); returns how many entries `dest` holds after."""
-    cache = RequestCache(dest)
-    try:
-        for source in sources:
-            cache.db.execute("ATTACH DATABASE ? AS other", (f"file:{source}?mode=ro",))
-            cache.db.execute("INSERT OR IGNORE INTO responses SELECT key, body FROM "
-                             "other.responses")
-            has_usage = cache.db.execute("SELECT 1 FROM other.sqlite_master WHERE "
-                                         "type = 'table' AND name = 'usage'").fetchone()
-            if has_usage:
-                cache.db.execute("INSERT OR IGNORE INTO usage SELECT key, prompt_tokens, "
-                                 "completion_tokens, batch FROM other.usage")
-            cache.db.commit()
-            cache.db.execute("DETACH DATABASE other")
-        cache._backfill()
-        return cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-    finally:
-        cache.db.close()
 
 
 def _retry_after(error) -> float | None:
@@ -341,11 +206,6 @@ def request_body_for(cfg, prompt: str, s: SamplingSettings, index: int = 0) -> d
     if cfg.server_token_ids:
         body["extra_body"] = {"return_tokens_as_token_ids": True}
     return body
-
-
-class BudgetReached(TeacherUnavailable):
-    """The next request could pass `generate.budget` (or `budget_tokens`): the stage stops,
-    keeping every response received (they are in the request cache)."""
 
 
 _BLOCKED = object()  # what a request held back by the budget returns instead of a response

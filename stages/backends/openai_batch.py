@@ -30,7 +30,8 @@ from pathlib import Path
 
 from pipeline.log import log
 from pipeline.secrets import scrub
-from stages.backends.base import TeacherUnavailable
+from stages.backends.base import BudgetReached, TeacherUnavailable
+from stages.backends.request_cache import request_key
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
 METADATA_KEY = "distill_request_set"
@@ -134,8 +135,6 @@ class BatchTransport:
     # -- the protocol ----------------------------------------------------------------------
     def run(self, bodies: list[dict]) -> None:
         """Have every request of `bodies` answered through a batch (or found in the cache)."""
-        from stages.backends.openai_api import BudgetReached, request_key
-
         keys = [request_key(b) for b in bodies]
         name = request_set(keys)
         path = self.folder / f"{name}.json"
