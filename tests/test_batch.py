@@ -216,3 +216,15 @@ def test_a_budget_below_a_batch_stops_before_submitting_it(tmp_path):
         with pytest.raises(Exception, match=r"next batch \(8 requests\) could cost"):
             generate.main(config(server.base_url, "generate.budget=0.001"), tmp_path)
         assert server.submitted() == [] and server.calls["upload"] == 0
+
+
+def test_eval_asks_an_api_teacher_live_outside_the_generate_budget(tmp_path):
+    from stages import eval as eval_stage
+
+    with FakeServer() as server:  # a live server only: a batch would find no Batches API
+        cfg = config(server.base_url, "task.n_test=5", "eval.n=5", "eval.systems=[teacher]",
+                     "generate.budget_tokens=1")
+        report = eval_stage.main(cfg, tmp_path)
+        assert sum(server.successes.values()) == 5
+    assert report["results"][0]["n"] == 5
+    assert not (tmp_path / "eval" / "batches").exists()

@@ -254,3 +254,21 @@ def test_config_keys_lists_the_price_budget_and_batch_settings(capsys):
                 "budget_tokens", "transport", "batch_window", "batch_poll_seconds",
                 "pilot_questions"):
         assert f"  generate.{key} = " in out, key
+
+
+def test_the_ledger_adds_up_every_round(tmp_path, capsys):
+    # the test server's answers are seldom right: the questions without a kept trace are
+    # sampled again in round 2
+    with FakeServer() as server:
+        cfg = config(server.base_url, *PRICES, "generate.max_samples=4")
+        first = generate.main(cfg, tmp_path)
+        book = json.loads((tmp_path / "generate" / "ledger.json").read_text())
+        assert [r["round"] for r in book["rounds"]] == ["generate", "generate-round-2"]
+        second = book["rounds"][1]
+        assert second["requests"] == 23 and second["cost"] > 0  # one question was covered
+        assert book["total"]["cost"] == pytest.approx(first["counters"]["cost"]
+                                                      + second["cost"])
+        assert sent(server) == 47
+        assert "teacher cost:" in capsys.readouterr().err  # the rounds' total, said
+        filt = filter_stage.main(cfg, tmp_path)
+        assert filt["facts"]["ledger"]["total"]["cost"] == pytest.approx(book["total"]["cost"])

@@ -536,6 +536,15 @@ def _eval_spec(cfg) -> dict:
     return {"base_url": cfg.generate.base_url, "endpoint": cfg.generate.endpoint}
 
 
+def _eval_teacher(cfg, cache: Path | None) -> OpenAIBackend:
+    """The teacher in eval: live requests (a held-out set should not wait on a batch window)
+    and outside generate's budget (eval's responses keep their usage in eval's cache)."""
+    import dataclasses
+
+    g = dataclasses.replace(cfg.generate, transport="live", budget=0.0, budget_tokens=0)
+    return _build(dataclasses.replace(cfg, generate=g), cache)
+
+
 BACKENDS.register(BackendKind(
-    "openai", _build, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
+    "openai", _build, eval_teacher=_eval_teacher, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
     request_cache=True, check=_check, eval_spec=_eval_spec))
