@@ -20,21 +20,22 @@ from pipeline.costs import Prices, ledger_lines, money
 from stages.backends.openai_api import BudgetReached, RequestCache
 from stages.commands.cli import main as cli
 from stages.estimate import estimate, lines
+from test_paid_work import sent
 from test_report import CHROMIUM, _browser_dom
 
 PRICES = ["generate.price_input=2.5", "generate.price_output=10"]
 
 
+def overrides(url: str, *more: str) -> list[str]:
+    return ["task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
+            "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
+            f"generate.base_url={url}", "generate.request_timeout=5",
+            "generate.backoff_max=0.05", "generate.max_retries=1", "generate.concurrency=4",
+            "generate.top_k=4", *more]
+
+
 def config(url: str, *more: str):
-    return load_config("configs/demo.yaml", [
-        "task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
-        "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
-        f"generate.base_url={url}", "generate.request_timeout=5", "generate.backoff_max=0.05",
-        "generate.max_retries=1", "generate.concurrency=4", "generate.top_k=4", *more])
-
-
-def sent(server) -> int:
-    return sum(server.successes.values())
+    return load_config("configs/demo.yaml", overrides(url, *more))
 
 
 def served_usage(tmp_path) -> tuple[int, int]:
@@ -135,7 +136,7 @@ def test_a_budget_stops_before_passing_and_a_higher_one_finishes_with_nothing_se
 
         # the command line says it in one line
         code = cli(["generate", "--config", "configs/demo.yaml", "--runs-dir", str(tmp_path),
-                    "--run", "capped", *_overrides(server.base_url, *PRICES,
+                    "--run", "capped", *overrides(server.base_url, *PRICES,
                                                    f"generate.budget={cap}")])
         assert code == 1 and sent(server) == first
         err = capsys.readouterr().err
@@ -166,14 +167,6 @@ def test_budget_settings_are_checked():
         load_config("configs/demo.yaml", ["generate.transport=batch"])
 
 
-def _overrides(url: str, *more: str) -> list[str]:
-    return ["task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
-            "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
-            f"generate.base_url={url}", "generate.request_timeout=5",
-            "generate.backoff_max=0.05", "generate.max_retries=1", "generate.concurrency=4",
-            "generate.top_k=4", *more]
-
-
 def test_the_estimate_sends_nothing_or_a_pilot_the_run_reuses(tmp_path, capsys):
     with FakeServer() as server:
         cfg = config(server.base_url, *PRICES)
@@ -187,7 +180,7 @@ def test_the_estimate_sends_nothing_or_a_pilot_the_run_reuses(tmp_path, capsys):
 
         code = cli(["generate", "--estimate", "--config", "configs/demo.yaml", "--runs-dir",
                     str(tmp_path), "--run", "est",
-                    *_overrides(server.base_url, *PRICES, "generate.pilot_questions=4")])
+                    *overrides(server.base_url, *PRICES, "generate.pilot_questions=4")])
         assert code == 0 and sent(server) == 4
         out = capsys.readouterr().out
         assert "requests: 24 (one per question, 2 sample(s) each: 48 traces)" in out
