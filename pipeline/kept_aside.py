@@ -17,11 +17,13 @@ ASIDE = "by-fingerprint"  # output of other settings, kept: `by-fingerprint/<fin
 QUARANTINE = "quarantine"  # damaged files, moved aside (never deleted)
 LOCK = "lock.json"
 REQUEST_CACHE = "requests.sqlite"  # a paid-for backend's responses, keyed by the request
+BATCHES = "batches"  # batch mode's request sets: input files and the records of submitted jobs
 # What belongs to the stage folder itself rather than to the output of one set of settings:
 # never set aside with an output, never pruned (the request cache is keyed by the request, so
-# it serves every setting).
+# it serves every setting; a batch record must stay where a rerun finds it, or the batch it
+# names would be submitted again).
 FOLDER_OWN = {LOCK, ASIDE, QUARANTINE, REQUEST_CACHE, f"{REQUEST_CACHE}-wal",
-              f"{REQUEST_CACHE}-shm", "requests"}
+              f"{REQUEST_CACHE}-shm", "requests", BATCHES}
 
 
 class KeptAside:

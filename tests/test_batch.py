@@ -26,6 +26,7 @@ from conftest import ROOT
 from fake_batch import FakeBatchServer
 from fake_openai import FakeServer
 from pipeline.config import load_config
+from pipeline.tasks import load_split
 from stages.backends.openai_batch import BatchInterrupted, batch_line, read_lines, request_set
 
 KEY = "sk-test-BATCHKEYMUSTNEVERBEWRITTEN0123456789"
@@ -148,7 +149,8 @@ def test_a_kill_after_submitting_resumes_the_same_batch_by_its_id(tmp_path):
             _kill(child)
         assert len(server.submitted()) == 1
         server.release()
-        manifest = generate.main(config(server.base_url), run)
+        # even --force (the stage's output set aside) keeps the batch records where they are
+        manifest = generate.main(config(server.base_url), run, force=True)
         assert manifest["counters"]["errors"] == 0
         assert len(server.submitted()) == 3 and server.calls["upload"] == 3
 
@@ -179,8 +181,10 @@ def test_a_download_cut_short_is_downloaded_again(tmp_path, capsys):
 
 
 def test_expired_and_failed_requests_go_to_retry_failed_in_a_new_batch(tmp_path):
-    # the first question of every shard fails, and every batch expires half done
-    with FakeBatchServer(faults={"expire"}, fail_prompts=("Question: ",)) as server:
+    # two questions fail, and the batch expires half done
+    cfg = config("http://unused", "generate.rows_per_shard=24")
+    questions = load_split(cfg.task, "train").column("question").to_pylist()
+    with FakeBatchServer(faults={"expire"}, fail_prompts=tuple(questions[:2])) as server:
         cfg = config(server.base_url, "generate.rows_per_shard=24")
         with pytest.raises(RuntimeError, match="more than generate.max_failed_share"):
             generate.main(cfg, tmp_path)
@@ -188,8 +192,9 @@ def test_expired_and_failed_requests_go_to_retry_failed_in_a_new_batch(tmp_path)
         assert [b["requests"] for b in first] == [24]
         shard = pq.read_table(tmp_path / "generate" / "traces-00000.parquet")
         errors = [e for e in shard.column("error").to_pylist() if e]
-        assert errors and all("batch" in e for e in errors)
-        assert any("batch_expired" in e for e in errors)
+        assert len(errors) == 2 * (12 + 2)  # 12 questions expired, 2 failed; 2 samples each
+        assert sum("batch_expired" in e for e in errors) == 24
+        assert sum("HTTP 400" in e and "[redacted]" in e for e in errors) == 4
         no_key_on_disk(tmp_path)  # the server's error echoed the key: scrubbed
     # the provider is well again: only the failed requests are submitted, in one new batch
     with FakeBatchServer() as server:

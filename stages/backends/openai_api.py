@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.costs import Prices, money
+from pipeline.kept_aside import BATCHES
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
@@ -337,7 +338,7 @@ class OpenAIBackend:
         if cfg.transport == "batch":
             from stages.backends.openai_batch import BatchTransport
 
-            self.batches = BatchTransport(self, cache_path.parent / "batches")
+            self.batches = BatchTransport(self, cache_path.parent / BATCHES)
         self.startup_s = time.time() - t0
 
     @property

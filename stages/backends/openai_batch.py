@@ -9,8 +9,10 @@ error files are downloaded. Every answered request lands in the request cache li
 response (marked as a batch one, for its price), so the shard is then made exactly as in live
 mode, and a request that failed or expired is the row's error, for `--retry-failed`.
 
-Nothing is submitted twice. Each call's requests are one *request set* (named by the hash of
-their keys); its record, `generate/batches/<set>.json`, is written before every step that
+Nothing is submitted twice. A call's requests that the cache does not answer and no
+unfinished batch holds are one *request set* (named by the hash of their keys; a batch left
+unfinished by a kill is resumed first); its record, `generate/batches/<set>.json` (kept with
+the request cache when the stage's output is set aside), is written before every step that
 waits on the provider: the input file's id after the upload, `submitting` before the batch is
 created, the batch id as soon as it is known. A kill at any point resumes from the record: an
 upload is repeated at most (files cost nothing), a batch whose creation was cut off is found
@@ -134,43 +136,75 @@ class BatchTransport:
 
     # -- the protocol ----------------------------------------------------------------------
     def run(self, bodies: list[dict]) -> None:
-        """Have every request of `bodies` answered through a batch (or found in the cache)."""
-        keys = [request_key(b) for b in bodies]
-        name = request_set(keys)
-        path = self.folder / f"{name}.json"
+        """Have every request of `bodies` answered through a batch (or found in the cache).
+
+        First every batch a kill left unfinished that holds one of the unanswered requests is
+        resumed (never submitted again); what is still unanswered and in no such batch is
+        submitted as a new request set. A request that failed or expired in a batch (the
+        provider bills neither) is submitted again only by a later call that asks for it:
+        `--retry-failed`, or a rerun of a shard whose failures were never written."""
+        cache = self.backend.cache
         self.failed = {}
-        record = json.loads(path.read_text()) if path.is_file() else None
-        if record is None:
-            cache = self.backend.cache
-            missing: dict[str, dict] = {}
-            for key, body in zip(keys, bodies):
-                if key not in missing and cache.usage(key) is None and cache.get(key) is None:
-                    missing[key] = body
-            if not missing:
-                return
-            budget = self.backend.budget
-            if budget.on:
-                worst = [self.backend.worst_case(b) for b in missing.values()]
-                cost, tokens = sum(w[0] for w in worst), sum(w[1] for w in worst)
-                if not budget.reserve(cost, tokens):
-                    raise BudgetReached(budget.stopped(f"batch ({len(missing)} requests)"))
-                budget.release(cost, tokens)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            lines = self.folder / f"{name}.jsonl"
-            tmp = lines.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                for key, body in missing.items():
-                    f.write(json.dumps(batch_line(key, body, self.url)) + "\n")
-            os.replace(tmp, lines)
-            record = {"request_set": name, "requests": len(missing), "url": self.url,
-                      "input": lines.name, "created": time.time()}
-            self._save(path, record)
-        if record.get("state") != "downloaded":
-            self._upload(path, record)
-            batch = self._submit(path, record)
-            batch = self._wait(path, record, batch)
-            self._download(path, record, batch)
-        self.failed = record.get("failed", {})
+        missing: dict[str, dict] = {}
+        for body in bodies:
+            key = request_key(body)
+            if key not in missing and cache.usage(key) is None:
+                missing[key] = body
+        if not missing:
+            return
+        for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
+            record = json.loads(path.read_text())
+            if record.get("state") == "downloaded":
+                continue
+            held = self._keys(record)
+            if held & set(missing):
+                log("generate", f"resuming the batch of request set {record['request_set']} "
+                    f"({record.get('batch_id') or 'not yet submitted'})")
+                self._finish(path, record)
+                for key in held & set(missing):
+                    del missing[key]
+                    if key in record.get("failed", {}):
+                        self.failed[key] = record["failed"][key]
+        if not missing:
+            return
+        budget = self.backend.budget
+        if budget.on:
+            worst = [self.backend.worst_case(b) for b in missing.values()]
+            cost, tokens = sum(w[0] for w in worst), sum(w[1] for w in worst)
+            if not budget.reserve(cost, tokens):
+                raise BudgetReached(budget.stopped(f"batch ({len(missing)} requests)"))
+            budget.release(cost, tokens)
+        name = base = request_set(list(missing))
+        again = 1
+        while (self.folder / f"{name}.json").exists():  # the same requests, failed before
+            again += 1
+            name = f"{base}-{again}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lines = self.folder / f"{name}.jsonl"
+        tmp = lines.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for key, body in missing.items():
+                f.write(json.dumps(batch_line(key, body, self.url)) + "\n")
+        os.replace(tmp, lines)
+        path = self.folder / f"{name}.json"
+        record = {"request_set": name, "requests": len(missing), "url": self.url,
+                  "input": lines.name, "created": time.time()}
+        self._save(path, record)
+        self._finish(path, record)
+        self.failed.update(record.get("failed", {}))
+
+    def _keys(self, record: dict) -> set[str]:
+        """The request keys of a request set (from its input file)."""
+        return {json.loads(line)["custom_id"] for line in
+                (self.folder / record["input"]).read_text().splitlines() if line.strip()}
+
+    def _finish(self, path: Path, record: dict) -> None:
+        """Upload, submit, wait for and download a request set, from where its record says
+        it stopped."""
+        self._upload(path, record)
+        batch = self._submit(path, record)
+        batch = self._wait(path, record, batch)
+        self._download(path, record, batch)
 
     def _upload(self, path: Path, record: dict) -> None:
         if record.get("input_file_id"):
@@ -182,22 +216,27 @@ class BatchTransport:
         record["input_file_id"] = uploaded.id
         self._save(path, record)
 
-    def _find(self, name: str):
-        """The batch submitted for request set `name`, if the provider has one."""
-        found = None
-        for batch in self._call("list batches", lambda: list(self.client.batches.list(
-                limit=100))):
-            if (batch.metadata or {}).get(METADATA_KEY) == name:
-                if found is None or (batch.created_at or 0) > (found.created_at or 0):
-                    found = batch
-        return found
+    def _find(self, record: dict):
+        """The batch submitted for the record's request set, if the provider has one: the
+        batches listed newest first, back to an hour before the record was made."""
+        since = record.get("created", 0) - 3600
+
+        def look():
+            for batch in self.client.batches.list(limit=100):
+                if (batch.metadata or {}).get(METADATA_KEY) == record["request_set"]:
+                    return batch
+                if (batch.created_at or 0) < since:
+                    return None
+            return None
+
+        return self._call("list batches", look)
 
     def _submit(self, path: Path, record: dict):
         import openai
 
         if record.get("batch_id"):
             return None
-        found = self._find(record["request_set"]) if record.get("submitting") else None
+        found = self._find(record) if record.get("submitting") else None
         if found is None:
             record["submitting"] = True  # written before the batch exists: see `_find`
             self._save(path, record)
@@ -212,11 +251,11 @@ class BatchTransport:
                     raise TeacherUnavailable(
                         f"the batch API refused the batch (HTTP {error.status_code}): "
                         f"{scrub(str(error))[:300]}") from None
-                found = self._find(record["request_set"])
+                found = self._find(record)
                 failure = error
             except (openai.APIConnectionError, openai.APITimeoutError) as error:
                 # the provider may have made the batch before the answer was lost
-                found = self._find(record["request_set"])
+                found = self._find(record)
                 failure = error
             if found is None:
                 raise BatchInterrupted(
