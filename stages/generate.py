@@ -101,6 +101,8 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     api = {"requests": "requests", "retries": "retries", "cache_hits": "cached"}
     seen = {k: (getattr(teacher, "stats", None) or {}).get(k, 0) for k in api}
     stats_before = dict(seen)
+    priced = Prices.of(g).priced and "cost" in (getattr(teacher, "usage", None) or {})
+    seen["cost"] = (getattr(teacher, "usage", None) or {}).get("cost", 0.0)
 
     def on_batch(outcomes: list[Outcome]) -> None:
         made = [x for o in outcomes if isinstance(o, list) for x in o]
@@ -111,6 +113,9 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
             for key, shown in api.items():
                 counts[shown] = stats[key] - seen[key]
                 seen[key] = stats[key]
+        if priced:  # the ledger's running cost
+            now = teacher.usage["cost"]
+            counts["cost"], seen["cost"] = round(now - seen["cost"], 9), now
         progress(len(outcomes), **counts)
 
     outcomes = generate_in_batches(teacher, prompts, sampling, per_batch,

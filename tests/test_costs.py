@@ -265,3 +265,12 @@ def test_the_ledger_adds_up_every_round(tmp_path, capsys):
         assert "teacher cost:" in capsys.readouterr().err  # the rounds' total, said
         filt = filter_stage.main(cfg, tmp_path)
         assert filt["facts"]["ledger"]["total"]["cost"] == pytest.approx(book["total"]["cost"])
+
+
+def test_a_budget_needs_one_process_on_a_local_run_folder():
+    cfg = config("http://127.0.0.1:9/v1", *PRICES, "generate.budget=1")
+    with pytest.raises(ValueError, match="a budget needs one process on a local run folder"):
+        generate.main(cfg, "memory://budget-run")
+    cfg = config("http://127.0.0.1:9/v1", "generate.transport=batch")
+    with pytest.raises(ValueError, match="transport=batch needs one process"):
+        generate.main(cfg, "memory://batch-run")
