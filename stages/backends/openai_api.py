@@ -547,5 +547,5 @@ def _eval_teacher(cfg, cache: Path | None) -> OpenAIBackend:
 
 
 BACKENDS.register(BackendKind(
-    "openai", _build, eval_teacher=_eval_teacher, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
-    request_cache=True, check=_check, eval_spec=_eval_spec))
+    "openai", _build, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
+    request_cache=True, check=_check, eval_spec=_eval_spec, eval_teacher=_eval_teacher))

@@ -131,8 +131,8 @@ class BatchTransport:
                 last = error
             time.sleep(random.uniform(0, min(self.cfg.backoff_max, 0.5 * 2 ** attempt)))
         raise BatchInterrupted(f"could not {what} after {self.cfg.max_retries + 1} tries "
-                           f"({scrub(str(last))[:300]}); what was done is recorded in "
-                           f"{self.folder}: run the same command again to go on")
+                               f"({scrub(str(last))[:300]}); what was done is recorded in "
+                               f"{self.folder}: run the same command again to go on")
 
     # -- the protocol ----------------------------------------------------------------------
     def run(self, bodies: list[dict]) -> None:
