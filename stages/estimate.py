@@ -93,7 +93,8 @@ def _pilot(cfg: Config, run: RunFolder, shard: Shard) -> dict:
         out = generate_shard(GenerateSettings(live.generate, PromptTemplate(g.prompt_template)),
                              Shard.of(shard.name, part), teacher)
     finally:
-        teacher.close()
+        if hasattr(teacher, "close"):
+            teacher.close()
     table: pa.Table = out.tables["traces"]
     settings = FilterSettings(cfg.filter, answer_checker(cfg, cfg.filter.extractors),
                               wanted(cfg))
@@ -138,8 +139,14 @@ def estimate(cfg: Config, run: RunFolder) -> dict:
         completion, how = bound, f"at most {g.max_new_tokens} per trace (max_new_tokens)"
     batch = g.transport == "batch"
     cost = prices.cost(prompt_tokens, completion, batch)
+    api = BACKENDS.get(g.backend).request_cache
+    if not api and prices.hour:  # a local engine by the hour: only a pilot tells its time
+        if pilot and pilot["questions"]:
+            cost = pilot["cost"] * len(prompts) / pilot["questions"]
+        else:
+            cost = float("nan")
     to_send = (requests - cached) / max(1, requests)
-    out = {"requests": requests, "samples": samples, "cached_requests": cached,
+    out = {"api": api, "requests": requests, "samples": samples, "cached_requests": cached,
            "cache_responses": held, "prompt_tokens": prompt_tokens, "prompt_counted": counted,
            "completion_tokens": completion, "completion_bound": bound, "completion_how": how,
            "cost": cost, "cost_to_send": cost * to_send, "transport": g.transport,
@@ -164,12 +171,20 @@ def lines(e: dict, cfg: Config) -> list[str]:
     """The estimate in words."""
     g = cfg.generate
     out = [f"requests: {e['requests']:,} (one per question, {g.n_samples} sample(s) each: "
-           f"{e['samples']:,} traces) in the first round; {e['cached_requests']:,} already "
-           "answered in the run's request cache (paid before, not again)",
+           f"{e['samples']:,} traces) in the first round" + (
+               f"; {e['cached_requests']:,} already answered in the run's request cache (paid "
+               "before, not again)" if e["api"] else ""),
            f"prompt tokens: {e['prompt_tokens']:,}, {e['prompt_counted']}",
            f"completion tokens: {e['completion_tokens']:,} ({e['completion_how']}; the bound "
            f"is {e['completion_bound']:,})"]
-    if e["priced"]:
+    if not e["api"] and g.price_hour:
+        out.append(f"cost: {money(e['cost'])} at generate.price_hour={g.price_hour:g}, from the "
+                   "pilot's engine time" if e["cost"] == e["cost"] else
+                   "cost: a local engine is priced by its time, which only a pilot measures "
+                   "(generate.pilot_questions)")
+    elif e["priced"] and not e["api"]:
+        out.append(f"cost: {money(e['cost'])} at the token prices")
+    elif e["priced"]:
         out.append(f"cost: {money(e['live_cost'])} live, {money(e['batch_cost'])} through a "
                    f"batch API; this run ({e['transport']}): {money(e['cost'])}, of which "
                    f"{money(e['cost_to_send'])} is still to be paid")
@@ -184,7 +199,7 @@ def lines(e: dict, cfg: Config) -> list[str]:
     if "kept" in e:
         line = (f"expected: {e['kept']:,.0f} kept traces ({e['kept_share']:.0%}), "
                 f"{e['covered']:,.0f} covered questions ({e['covered_share']:.0%})")
-        if e["priced"]:
+        if e["priced"] and e["cost"] == e["cost"]:
             line += (f"; {money(e['cost_per_kept'])} per kept trace, "
                      f"{money(e['cost_per_covered'])} per covered question")
         out.append(line)

@@ -274,3 +274,17 @@ def test_a_budget_needs_one_process_on_a_local_run_folder():
     cfg = config("http://127.0.0.1:9/v1", "generate.transport=batch")
     with pytest.raises(ValueError, match="transport=batch needs one process"):
         generate.main(cfg, "memory://batch-run")
+
+
+def test_a_local_engine_is_estimated_by_the_engine_time_of_its_pilot(tmp_path, embedded_path):
+    over = ["task.n_train=8", "generate.backend=hf", "generate.dtype=float32",
+            "generate.max_new_tokens=16", "generate.price_hour=3600"]  # 1 per engine-second
+    cfg = load_config("configs/demo.yaml", over)
+    e = estimate(cfg, generate.RunFolder(str(tmp_path)))
+    assert e["cost"] != e["cost"]  # not known without a pilot (nan), and said so
+    assert "only a pilot measures" in " ".join(lines(e, cfg))
+    cfg = load_config("configs/demo.yaml", over + ["generate.pilot_questions=2"])
+    e = estimate(cfg, generate.RunFolder(str(tmp_path)))
+    assert e["pilot"]["questions"] == 2 and e["pilot"]["traces"] == 4
+    assert e["cost"] == pytest.approx(e["pilot"]["cost"] * 4) and e["cost"] > 0
+    assert "from the pilot's engine time" in " ".join(lines(e, cfg))
