@@ -14,6 +14,7 @@ questions covered, hence the expected cost per kept trace and per covered questi
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pyarrow as pa
 
@@ -53,19 +54,15 @@ def _cached(cfg: Config, run: RunFolder, shards: list[Shard],
     path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
     if not path.is_file():
         return 0, 0, 0
-    from stages.backends.base import SamplingSettings
     from stages.backends.openai_api import request_body_for
     from stages.backends.request_cache import RequestCache, request_key
-    from stages.generate import _shard_seed
+    from stages.generate import first_round_sampling
 
     cache = RequestCache(path)
     try:
         found = completion = 0
         for shard in shards:
-            settings = SamplingSettings(n=g.n_samples, temperature=g.temperature,
-                                        top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                                        top_k=g.top_k, seed=_shard_seed(g.seed, shard.name, 0),
-                                        stop=list(g.stop))
+            settings = first_round_sampling(g, shard.name)
             for prompt in prompts_of(shard):
                 used = cache.usage(request_key(request_body_for(g, prompt, settings)))
                 if used:
@@ -144,7 +141,7 @@ def estimate(cfg: Config, run: RunFolder) -> dict:
         if pilot and pilot["questions"]:
             cost = pilot["cost"] * len(prompts) / pilot["questions"]
         else:
-            cost = float("nan")
+            cost = math.nan
     to_send = (requests - cached) / max(1, requests)
     out = {"api": api, "requests": requests, "samples": samples, "cached_requests": cached,
            "cache_responses": held, "prompt_tokens": prompt_tokens, "prompt_counted": counted,
@@ -179,7 +176,7 @@ def lines(e: dict, cfg: Config) -> list[str]:
            f"is {e['completion_bound']:,})"]
     if not e["api"] and g.price_hour:
         out.append(f"cost: {money(e['cost'])} at generate.price_hour={g.price_hour:g}, from the "
-                   "pilot's engine time" if e["cost"] == e["cost"] else
+                   "pilot's engine time" if not math.isnan(e["cost"]) else
                    "cost: a local engine is priced by its time, which only a pilot measures "
                    "(generate.pilot_questions)")
     elif e["priced"] and not e["api"]:
@@ -199,7 +196,7 @@ def lines(e: dict, cfg: Config) -> list[str]:
     if "kept" in e:
         line = (f"expected: {e['kept']:,.0f} kept traces ({e['kept_share']:.0%}), "
                 f"{e['covered']:,.0f} covered questions ({e['covered_share']:.0%})")
-        if e["priced"] and e["cost"] == e["cost"]:
+        if e["priced"] and not math.isnan(e["cost"]):
             line += (f"; {money(e['cost_per_kept'])} per kept trace, "
                      f"{money(e['cost_per_covered'])} per covered question")
         out.append(line)

@@ -64,6 +64,19 @@ class GenerateSettings:
     later_round: bool = False
 
 
+def sampling_settings(g: GenerateConfig, n: int, temperature: float,
+                      seed: int = 0) -> SamplingSettings:
+    """What a generate request samples with (the batch loop sets each batch's seed)."""
+    return SamplingSettings(n=n, temperature=temperature, top_p=g.top_p,
+                            max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=seed,
+                            stop=list(g.stop))
+
+
+def first_round_sampling(g: GenerateConfig, shard: str) -> SamplingSettings:
+    """The sampling of a first-round shard sent whole (an API teacher): its batch 0's seed."""
+    return sampling_settings(g, g.n_samples, g.temperature, _shard_seed(g.seed, shard, 0))
+
+
 def _shard_seed(base: int, shard: str, batch: int) -> int:
     h = hashlib.sha256(f"{base}:{shard}:{batch}".encode()).digest()
     return int.from_bytes(h[:4], "little")
@@ -88,9 +101,7 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
         rows = [r for r in rows if r["id"] in failed]
     prompts = [settings.template.render(r["question"], r["gold"] if hinted else None)
                for r in rows]
-    sampling = SamplingSettings(n=n, temperature=temperature, top_p=g.top_p,
-                                max_new_tokens=g.max_new_tokens, top_k=g.top_k, seed=0,
-                                stop=list(g.stop))
+    sampling = sampling_settings(g, n, temperature)
     seeds = ([request_seed(g.seed, r["id"], r["first"], hinted) for r in rows]
              if settings.later_round else None)
     # Engines that schedule requests themselves get the whole shard at once.
@@ -142,7 +153,7 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
             counters["truncated"] += gen.finish_reason == "length"
     for key, value in getattr(teacher, "kd_check", {}).items():
         counters[f"kd_{key}"] = value - kd_before.get(key, 0)
-    counters.update(_ledger(teacher, used_before, prompts, n, counters["tokens"], g))
+    counters.update(_ledger(teacher, used_before, prompts, counters["tokens"], g))
     stats = getattr(teacher, "stats", None) or {}
     if "cache_hits" in stats:  # API backends: requests sent (attempts) and answered by the cache
         counters["requests"] = stats["requests"] - stats_before["requests"]
@@ -159,7 +170,7 @@ def _used(teacher) -> dict:
             "engine_s": (getattr(teacher, "stats", None) or {}).get("engine_s", 0.0)}
 
 
-def _ledger(teacher, before: dict, prompts: list[str], n: int, tokens: int,
+def _ledger(teacher, before: dict, prompts: list[str], tokens: int,
             g: GenerateConfig) -> dict:
     """A shard's ledger counters (`pipeline.costs`): prompt and completion tokens and cost of
     the responses it used (an API backend counts them from the server's usage, cached ones

@@ -8,6 +8,7 @@ request it answers, so "no request is sent twice" is checked against the server 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -17,7 +18,10 @@ import stages.generate as generate
 from fake_openai import FakeServer
 from pipeline.config import ConfigError, load_config
 from pipeline.costs import Prices, ledger_lines, money
-from stages.backends.openai_api import BudgetReached, RequestCache
+from pipeline.prompts import PromptTemplate
+from pipeline.tasks import load_split
+from stages.backends.base import BudgetReached
+from stages.backends.request_cache import RequestCache
 from stages.commands.cli import main as cli
 from stages.estimate import estimate, lines
 from test_paid_work import sent
@@ -130,6 +134,13 @@ def test_a_budget_stops_before_passing_and_a_higher_one_finishes_with_nothing_se
         spent = sum(Prices(2.5, 10).cost(p, c) for p, c in paid.totals().values())
         paid.db.close()
         assert 0 < spent <= cap  # stopped in time
+        # and not before it had to: the next request's worst case no longer fits beside what
+        # was spent (the worst cases of requests in flight were waited out, not counted)
+        template = PromptTemplate(cfg.generate.prompt_template)
+        worst = max(Prices(2.5, 10).cost(len(template.render(q).encode()) + 32,
+                                         2 * cfg.generate.max_new_tokens)
+                    for q in load_split(cfg.task, "train").column("question").to_pylist())
+        assert spent + worst > cap
         assert sent(server) < 24
         assert (run / "generate" / "traces-00000.parquet").exists()  # finished work is kept
         first = sent(server)
@@ -281,7 +292,7 @@ def test_a_local_engine_is_estimated_by_the_engine_time_of_its_pilot(tmp_path, e
             "generate.max_new_tokens=16", "generate.price_hour=3600"]  # 1 per engine-second
     cfg = load_config("configs/demo.yaml", over)
     e = estimate(cfg, generate.RunFolder(str(tmp_path)))
-    assert e["cost"] != e["cost"]  # not known without a pilot (nan), and said so
+    assert math.isnan(e["cost"])  # not known without a pilot, and said so
     assert "only a pilot measures" in " ".join(lines(e, cfg))
     cfg = load_config("configs/demo.yaml", over + ["generate.pilot_questions=2"])
     e = estimate(cfg, generate.RunFolder(str(tmp_path)))

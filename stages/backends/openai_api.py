@@ -31,10 +31,9 @@ from pipeline.kept_aside import BATCHES
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
-from stages.backends.base import (BackendKind, BudgetReached, Generation,  # noqa: F401
+from stages.backends.base import (BackendKind, BudgetReached, Generation,
                                   SamplingSettings, TeacherUnavailable)
-from stages.backends.request_cache import (RequestCache, merge_request_caches,  # noqa: F401
-                                           request_key, response_usage)
+from stages.backends.request_cache import RequestCache, request_key, response_usage
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -226,6 +225,7 @@ class Budget:
         self.spent_tokens = sum(p + c for p, c in totals.values())
         self.reserved, self.reserved_tokens = 0.0, 0
         self.refused: tuple[float, int] | None = None  # the worst case that did not fit
+        self._event: asyncio.Event | None = None  # set when a request in flight answers
 
     @property
     def on(self) -> bool:
@@ -258,14 +258,14 @@ class Budget:
         return self.reserve(cost, tokens)
 
     def _changed(self) -> asyncio.Event:
-        if getattr(self, "_event", None) is None:
+        if self._event is None:
             self._event = asyncio.Event()
         return self._event
 
     def release(self, cost: float, tokens: int) -> None:
         self.reserved -= cost
         self.reserved_tokens -= tokens
-        event, self._event = getattr(self, "_event", None), None
+        event, self._event = self._event, None
         if event is not None:
             event.set()
 
@@ -360,13 +360,22 @@ class OpenAIBackend:
     def request_body(self, prompt: str, s: SamplingSettings, index: int = 0) -> dict:
         return request_body_for(self.cfg, prompt, s, index)
 
+    def _prompt_tokens(self, body: dict) -> int | None:
+        """The teacher's tokenizer's count of a request's prompt (None without one)."""
+        if self.mapper.tokenizer is None:
+            return None
+        text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        return len(self.mapper.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _prompt_bytes(body: dict) -> int:
+        text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        return len(text.encode())
+
     def prompt_bound(self, body: dict) -> int:
         """At most how many tokens the request's prompt is (see `Budget`)."""
-        text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-        if self.mapper.tokenizer is not None:
-            n = len(self.mapper.tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            n = len(text.encode())
+        n = self._prompt_tokens(body)
+        n = self._prompt_bytes(body) if n is None else n
         return n + (_CHAT_OVERHEAD if "messages" in body else 0)
 
     def worst_case(self, body: dict) -> tuple[float, int]:
@@ -375,15 +384,14 @@ class OpenAIBackend:
         batch = self.batches is not None
         return self.prices.cost(prompt, completion, batch), prompt + completion
 
-    def _usage_of(self, body: dict, result: dict) -> tuple[int, int]:
+    def usage_of(self, body: dict, result: dict) -> tuple[int, int]:
         """The server's usage; without it the tokenizer's count of the prompt (its UTF-8 bytes
         / 4 without a tokenizer) and the tokens of the log-probabilities."""
         prompt, completion, estimated = response_usage(result)
         if estimated:
             self.usage["usage_estimated"] += 1
-            text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-            prompt = (len(self.mapper.tokenizer(text, add_special_tokens=False)["input_ids"])
-                      if self.mapper.tokenizer is not None else len(text.encode()) // 4)
+            prompt = self._prompt_tokens(body)
+            prompt = self._prompt_bytes(body) // 4 if prompt is None else prompt
         return prompt, completion
 
     def _count(self, prompt: int, completion: int, batch: bool) -> None:
@@ -402,7 +410,7 @@ class OpenAIBackend:
                 self.stats["requests"] += 1  # sent through the batch API, just now
             else:
                 self.stats["cache_hits"] += 1
-            used = self.cache.usage(key) or (*self._usage_of(body, cached), False)
+            used = self.cache.usage(key) or (*self.usage_of(body, cached), False)
             self._count(*used)
             return cached
         if self.batches is not None:  # batch mode never sends a request live
@@ -431,7 +439,7 @@ class OpenAIBackend:
                             break
                         wait = _retry_after(error)
                     else:
-                        used = self._usage_of(body, result)
+                        used = self.usage_of(body, result)
                         self.cache.put(key, result, used)
                         self.budget.spend(*used)
                         self._count(*used, False)

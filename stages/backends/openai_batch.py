@@ -319,7 +319,7 @@ class BatchTransport:
                     if (which == "output_file_id" and response.get("status_code") == 200
                             and isinstance(body, dict) and body.get("choices")):
                         if key not in answered:
-                            used = self.backend._usage_of(requests[key], body)
+                            used = self.backend.usage_of(requests[key], body)
                             cache.put(key, body, used, batch=True)
                             self.backend.budget.spend(*used, True)
                             answered.add(key)
