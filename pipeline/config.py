@@ -122,6 +122,12 @@ class TaskConfig(Section):
     labels: list[str] = opt(["entailment", "neutral", "contradiction"], "answer_type=label: the "
                             "class labels (e-SNLI / ANLI by default).")
     id_field: str | None = opt(None, "file/hub: a field with a stable row id (default: position).")
+    validation_share: float = opt(0.0, "Share of the training questions cut out as the "
+                                  "validation split (chosen by a hash of each row's id, never "
+                                  "generated for or trained on): what `distill iterate`'s "
+                                  "until_flat and any choice made on data are judged on, so "
+                                  "the held-out split is never used to choose. 0 = none.",
+                                  ge=0.0, lt=1.0, fingerprint=UNLESS_DEFAULT)
 
     def _check(self, errors: list[str]) -> None:
         if self.answer_type == "label" and len(set(self.labels)) < 2:
@@ -575,6 +581,10 @@ class EvalConfig(Section):
     variants: list[str] | None = opt(None, "Trained students to score (train.name values; '' "
                                      "is the run's train/ folder); null = every finished one.")
     n: int | None = opt(200, "Held-out rows to evaluate; null = all.", ge=1)
+    split: str = opt("test", "The rows scored: `test` (the held-out split, into eval/) or "
+                     "`validation` (task.validation_share of the training questions, into "
+                     "eval-validation/: what to choose settings on).",
+                     choices=["test", "validation"])
     batch_size: int = opt(64, "Prompts per generation batch.", ge=1)
     max_new_tokens: int = opt(160, "Generation budget in the reasoning modes (teacher, "
                               "explain:).", ge=1)

@@ -6,6 +6,7 @@ answer as a string; null for unlabeled rows), for the `train` or `test` split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -217,10 +218,36 @@ def mapped_rows(records: list[dict], cfg: TaskConfig, split: str, source: str) -
     return pa.table({"id": ids, "question": questions, "gold": golds}, schema=TASK_SCHEMA)
 
 
+def validation_row(row_id: str) -> float:
+    """A training row's place in [0, 1) by a hash of its id: the rows at or above
+    `1 - task.validation_share` are the validation split."""
+    digest = hashlib.sha256(f"validation\x1f{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def cut_validation(rows: pa.Table, share: float, split: str) -> pa.Table:
+    """The training rows without the validation questions (`split="train"`) or those alone
+    (`split="validation"`); the same ids always fall on the same side."""
+    if share <= 0:
+        return rows if split == "train" else rows.slice(0, 0)
+    held = [validation_row(i) >= 1 - share for i in rows.column("id").to_pylist()]
+    mask = pa.array(held if split == "validation" else [not h for h in held])
+    return rows.filter(mask)
+
+
 def load_split(cfg: TaskConfig, split: str) -> pa.Table:
-    """The `train` or `test` rows of the configured task, limited to n_train / n_test."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, not {split!r}")
+    """The `train`, `validation` or `test` rows of the configured task. The first n_train
+    training rows (n_test held-out ones) are taken, then `task.validation_share` of the
+    training ones are cut out as the validation split: generate and train never see them."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be train, validation or test, not {split!r}")
+    if split != "test":
+        rows = _load_split(cfg, "train")
+        return cut_validation(rows, cfg.validation_share, split)
+    return _load_split(cfg, split)
+
+
+def _load_split(cfg: TaskConfig, split: str) -> pa.Table:
     if cfg.kind == "demo":
         return demo_rows(cfg, split)
     if cfg.kind == "hub":

@@ -299,16 +299,28 @@ def _rows_digest(rows: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
+def folder_name(cfg: Config) -> str:
+    """The stage folder of the split `eval.split` scores: `eval` (test), `eval-validation`."""
+    return "eval" if cfg.eval.split == "test" else f"eval-{cfg.eval.split}"
+
+
 def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
-    """The eval stage of `run`: one shard per system (and student) to score.
+    """The eval stage of `run`: one shard per system (and student) to score, on the rows of
+    `eval.split` (the held-out test split, or the validation split cut from the training
+    questions).
 
     `models`: a factory for the object that hands each job its backend (default `Models`).
     """
     e, g, t = cfg.eval, cfg.generate, cfg.train
     kind = BACKENDS.get(g.backend, "generate.backend")
-    test = load_split(cfg.task, "test")
+    test = load_split(cfg.task, e.split)
     if e.n is not None:
         test = test.slice(0, e.n)
+    if test.num_rows == 0 and e.split == "validation":
+        raise ValueError("eval.split=validation, but the validation split is empty: set "
+                         "task.validation_share (e.g. 0.1) to cut it from the training "
+                         "questions, then run generate again (the questions cut out are no "
+                         "longer generated for)")
     if test.num_rows == 0:
         raise ValueError("the held-out split is empty; set task.n_test / task.test_path")
     checker = answer_checker(cfg)
@@ -362,7 +374,7 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
     settings = EvalSettings({job.key: job for job in jobs}, template, list(g.stop), e.batch_size,
                         checker)
     return Stage(
-        name="eval", fingerprinted=common, shards=shards,
+        name=folder_name(cfg), fingerprinted=common, shards=shards,
         work=eval_shard, settings=settings, outputs=["predictions"],
         resources=models or (lambda: Models(cfg, run)), facts={"n": test.num_rows},
         finalize=_results, prune=False, output_name=lambda kind, shard: f"{shard}.parquet")
@@ -397,10 +409,10 @@ def _results(manifest: dict) -> None:
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
     """Score every system, print the table and write `eval/report.json`."""
     run = as_run_folder(run)
-    folder = run.stage("eval")
+    folder = run.stage(folder_name(cfg))
     manifest = run_stage(plan(cfg, run), folder, force)
     report = {"results": manifest["results"], "n": manifest["facts"]["n"],
-              "test_digest": manifest["settings"]["test"],
+              "split": cfg.eval.split, "test_digest": manifest["settings"]["test"],
         "task": cfg.section("task"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     folder.write_json("report.json", report)
     print(report_table(report["results"]))

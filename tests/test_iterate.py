@@ -217,3 +217,73 @@ def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, 
         rendered = dict(re.findall(r'data-plot="(\w+)"[^>]*data-rendered="([^"]+)"', dom))
         width, height = map(int, rendered["loop"].split("x"))
         assert width > 200 and height > 100
+
+
+@pytest.mark.slow
+def test_until_flat_reads_the_validation_split_and_a_round_that_kept_nothing_new_stops(
+        tmp_path, embedded_path, capsys):
+    """The loop judges its rounds on the validation split (cut from the training questions,
+    never generated for), never on the held-out one; a round whose student wrote nothing the
+    filter keeps stops before training, and says why."""
+    import stages.generate as generate
+    from pipeline.tasks import load_split
+    from stages.commands.iterate import iterate, table
+
+    settings = TINY + ["task.validation_share=0.25", "iterate.until_flat=true",
+                       "iterate.max_new_tokens=1"]  # a one-token trace: the filter drops it
+    cfg = load_config("configs/demo.yaml", settings)
+    valid = load_split(cfg.task, "validation").to_pylist()
+    train = load_split(cfg.task, "train").to_pylist()
+    assert valid and len(valid) + len(train) == 16
+    assert not {r["id"] for r in valid} & {r["id"] for r in train}
+    run = RunFolder(tmp_path / "loop")
+    golds = {r["question"]: r["gold"] for r in train}
+    generate.main(cfg, run, teacher=lambda: _teacher(golds, embedded_path))
+    generated = run.stage("generate").read_tables(run.stage("generate").manifest()["files"],
+                                                  columns=["id"]).column("id").to_pylist()
+    assert set(generated) == {r["id"] for r in train}  # the validation questions: never asked
+    done = iterate(cfg, run, 3)
+
+    first, second = done["rounds"]
+    report = run.stage("eval-validation").read_json("report.json")
+    assert report["split"] == "validation" and report["n"] == len(valid)
+    assert [r["system"] for r in report["results"]] == ["explain"]
+    assert first["validation_explain"] == report["results"][0]["accuracy"]
+    assert run.stage("eval").read_json("report.json")["n"] == 2  # the test split, as before
+    assert second["kept"] == first["kept"] and second["explain"] is None
+    assert done["stopped"].startswith("round 2 kept no new trace: none of the ")
+    assert "stopped before training" in done["stopped"]
+    from stages.iterate import round_run
+
+    assert round_run(run, 2).stage("train").manifest() is None  # no student trained
+    assert "valid." in table(done["rounds"])
+
+
+def test_the_validation_split_is_cut_from_the_training_questions_by_id(tmp_path):
+    from pipeline.tasks import load_split
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n"
+                            for i in range(200)))
+    base = ["task.kind=file", f"task.train_path={path}", f"task.test_path={path}",
+            "task.n_train=null"]
+    none = load_config("configs/demo.yaml", base)
+    assert load_split(none.task, "train").num_rows == 200
+    assert load_split(none.task, "validation").num_rows == 0
+    cfg = load_config("configs/demo.yaml", base + ["task.validation_share=0.2"])
+    train, valid = load_split(cfg.task, "train"), load_split(cfg.task, "validation")
+    assert train.num_rows + valid.num_rows == 200 and 20 <= valid.num_rows <= 60
+    assert not set(train.column("id").to_pylist()) & set(valid.column("id").to_pylist())
+    assert load_split(cfg.task, "test").num_rows == 200  # the held-out split is untouched
+    # a larger share holds every question of a smaller one
+    more = load_config("configs/demo.yaml", base + ["task.validation_share=0.4"])
+    assert set(valid.column("id").to_pylist()) <= set(
+        load_split(more.task, "validation").column("id").to_pylist())
+    from stages.eval import plan
+
+    with pytest.raises(ValueError, match="validation split is empty: set task.validation_share"):
+        plan(load_config("configs/demo.yaml", base + ["eval.split=validation"]),
+             RunFolder(tmp_path / "run"))
+    assert plan(load_config("configs/demo.yaml", base + [
+        "task.validation_share=0.2", "eval.split=validation", "eval.systems=[base]"]),
+        RunFolder(tmp_path / "run")).name == "eval-validation"

@@ -10,21 +10,30 @@ kept traces, a new student trains from the base model on the pool, and eval scor
 (`stages.iterate`; its stages live in `<run>/iterate/round-<r>/`). The loop stops after
 `--rounds` (default `iterate.rounds`), or, with `iterate.until_flat`, after a round that
 raised neither question coverage nor the `explain:` held-out accuracy, or when no question is
-left to sample; it says which. Per round it prints and writes to `<run>/iterate.json`:
-questions the student sampled, coverage, kept traces (teacher- and student-made), the tokens
-of each, and held-out accuracy (`predict:`, `explain:`, and maj@k with `eval.vote_samples`).
+left to sample; it says which. `until_flat` judges accuracy on the validation split
+(`task.validation_share` of the training questions, scored into each round's
+`eval-validation/`), never on the held-out split; without one it judges by coverage alone
+and says so. A round whose filter kept no trace more than the round before stops before
+training (there is nothing new to learn from) and says why. Per round it prints and writes
+to `<run>/iterate.json`: questions the student sampled, coverage, kept traces (teacher- and
+student-made), the tokens of each, held-out accuracy (`predict:`, `explain:`, and maj@k with
+`eval.vote_samples`) and the validation `explain:` accuracy.
 """
 
 from __future__ import annotations
 
 import time
 
+from pipeline.log import log
+
 LOOP_FILE = "iterate.json"
 
 
 def table(rows: list[dict]) -> str:
+    validated = any(r.get("validation_explain") is not None for r in rows)
     head = (f"{'round':>5}{'sampled':>9}{'covered':>14}{'kept':>7}{'by student':>12}"
-            f"{'teacher tok':>13}{'student tok':>13}{'predict':>9}{'explain':>9}{'maj@k':>9}")
+            f"{'teacher tok':>13}{'student tok':>13}{'predict':>9}{'explain':>9}{'maj@k':>9}"
+            + (f"{'valid.':>9}" if validated else ""))
     lines = [head, "-" * len(head)]
 
     def pct(v):
@@ -35,14 +44,33 @@ def table(rows: list[dict]) -> str:
         votes = pct(r["explain_votes"])
         lines.append(f"{r['round']:>5}{r['sampled_questions']:>9}{share:>14}{r['kept']:>7}"
                      f"{r['student_kept']:>12}{r['teacher_tokens']:>13,}"
-                     f"{r['student_tokens']:>13,}{pct(r['predict'])}{pct(r['explain'])}{votes}")
+                     f"{r['student_tokens']:>13,}{pct(r['predict'])}{pct(r['explain'])}{votes}"
+                     + (pct(r.get("validation_explain")) if validated else ""))
     return "\n".join(lines)
+
+
+def validation_explain(cfg, run, force: bool = False) -> float | None:
+    """The `explain:` accuracy of `run`'s student on the validation split (greedy, into
+    `eval-validation/`), or None when the task has no validation split."""
+    import dataclasses
+
+    from pipeline.tasks import load_split
+    from stages.eval import folder_name
+    from stages.eval import main as evaluate
+
+    if load_split(cfg.task, "validation").num_rows == 0:
+        return None
+    checked = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, split="validation", systems=["explain"], variants=[""], vote_samples=0,
+        n=None))
+    evaluate(checked, run, force=force)
+    results = run.stage(folder_name(checked)).read_json("report.json")["results"]
+    return next(r["accuracy"] for r in results if r["system"] == "explain")
 
 
 def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
     """The loop on `run` (see the module docstring); returns what `iterate.json` holds."""
     from pipeline.executors import run_stage
-    from pipeline.log import log
     from stages.commands.running import run_stages, say
     from stages.iterate import (coverage_row, copy_pool, plan_round, round_run, sample_stage,
                                 score_stage)
@@ -61,6 +89,10 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
 
         raise ConfigError(["distill iterate trains each round's student in its train/ folder: "
                            "leave train.name unset"])
+    if cfg.train.max_steps > 0:
+        log("iterate", f"train.max_steps={cfg.train.max_steps} trains every round's student for "
+            "that many steps whatever its pool, so a round with twice the traces trains each "
+            "half as often; leave it unset to train for train.epochs over each round's pool")
     rows, reference, why = [], [], f"{rounds} rounds done (--rounds)"
     say(f"==> iterate round 1 of {rounds}: the teacher's pipeline ({run})")
     run_stages(["generate"], first, run)  # --force never redoes the teacher's (paid) traces
@@ -68,6 +100,12 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
     results = run.stage("eval").read_json("report.json")["results"]
     reference = [r for r in results if r["system"].split("@")[0] in ("teacher", "base")]
     rows.append(coverage_row(1, run, results, 0))
+    if it.until_flat:
+        rows[-1]["validation_explain"] = validation_explain(later, run, force)
+        if rows[-1]["validation_explain"] is None:
+            log("iterate", "no validation split (task.validation_share=0): "
+                "iterate.until_flat judges a round by question coverage alone, never by the "
+                "held-out accuracy")
     _save(run, rows, reference, cfg, "", t0)
     for number in range(2, rounds + 1):
         prev = round_run(run, number - 1)
@@ -90,17 +128,43 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
         else:
             log("iterate", f"the teacher does not score the student's traces ({why_not}): "
                 "they train by cross-entropy, and KD skips them")
-        run_stages(["filter", "train", "eval"], later, here, force=force)
+        run_stages(["filter"], later, here, force=force)
+        before = rows[-1]
+        counters = here.stage("filter").manifest()["counters"]
+        if counters.get("kept", 0) <= before["kept"]:
+            rows.append(coverage_row(number, here, [], rnd.count))
+            why = (f"round {number} kept no new trace: none of the {rnd.count * rnd.samples} "
+                   f"traces the student of round {number - 1} wrote for {rnd.count} questions "
+                   f"passed the filter ({_top_reasons(counters)}; see "
+                   f"{here.stage('filter')}/funnel.json), so a new student would learn nothing "
+                   "new: stopped before training")
+            break
+        run_stages(["train", "eval"], later, here, force=force)
         results = here.stage("eval").read_json("report.json")["results"]
         rows.append(coverage_row(number, here, results, rnd.count))
+        now = rows[-1]
+        if it.until_flat:
+            now["validation_explain"] = validation_explain(later, here, force)
         _save(run, rows, reference, cfg, "", t0)
-        before, now = rows[-2], rows[-1]
-        if it.until_flat and now["covered"] <= before["covered"] and \
-                (now["explain"] or 0) <= (before["explain"] or 0):
+        if it.until_flat and now["covered"] <= before["covered"] and (
+                now.get("validation_explain") is None
+                or now["validation_explain"] <= (before.get("validation_explain") or 0)):
+            judged = ("" if now.get("validation_explain") is None else
+                      f" nor the validation explain: accuracy "
+                      f"({100 * (before.get('validation_explain') or 0):.1f}% -> "
+                      f"{100 * now['validation_explain']:.1f}%)")
             why = (f"round {number} raised neither question coverage ({before['covered']} -> "
-                   f"{now['covered']}) nor the explain: accuracy (iterate.until_flat)")
+                   f"{now['covered']}){judged} (iterate.until_flat)")
             break
     return _save(run, rows, reference, cfg, why, t0)
+
+
+def _top_reasons(counters: dict, n: int = 3) -> str:
+    """The filter's most frequent drop reasons, in words for a log line."""
+    dropped = sorted(((v, k.split(":", 1)[1]) for k, v in counters.items()
+                      if k.startswith("dropped:") and v), reverse=True)[:n]
+    return "dropped most for " + ", ".join(f"{r} ({v})" for v, r in dropped) if dropped \
+        else "nothing was dropped"
 
 
 def _with(cfg, systems: list[str]):
