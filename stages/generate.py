@@ -31,6 +31,7 @@ from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
+from stages.checks.answers import answer_checker
 from stages.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
                            request_seed, round_fingerprinted)
 
@@ -62,6 +63,9 @@ class GenerateSettings:
     samples: int | None = None        # None: cfg.n_samples
     temperature: float | None = None  # None: cfg.temperature
     later_round: bool = False
+    # a hinted round: the gold answer as the prompt shows it (the answer kind's canonical
+    # form, as the student is taught to write it: `6.0` -> `6`); None = as the task gives it
+    hint_answer: Callable[[str], str] | None = None
 
 
 def sampling_settings(g: GenerateConfig, n: int, temperature: float,
@@ -99,7 +103,8 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
         failed = {r["id"] for r in previous.select(["id", "error"]).to_pylist()
                   if r["error"] is not None}
         rows = [r for r in rows if r["id"] in failed]
-    prompts = [settings.template.render(r["question"], r["gold"] if hinted else None)
+    shown = settings.hint_answer or str
+    prompts = [settings.template.render(r["question"], shown(r["gold"]) if hinted else None)
                for r in rows]
     sampling = sampling_settings(g, n, temperature)
     seeds = ([request_seed(g.seed, r["id"], r["first"], hinted) for r in rows]
@@ -411,7 +416,9 @@ def round_stage(cfg: Config, run: RunFolder, rnd: Round,
     return Stage(
         name=rnd.folder, fingerprinted=round_fingerprinted(cfg, rnd), shards=rnd.shards(),
         work=generate_shard,
-        settings=GenerateSettings(g, template, rnd.samples, rnd.temperature, later_round=True),
+        settings=GenerateSettings(g, template, rnd.samples, rnd.temperature, later_round=True,
+                                  hint_answer=answer_checker(cfg).canonical if rnd.hinted
+                                  else None),
         outputs=["traces"], resources=teacher or teacher_factory(cfg, cache_folder, per_worker),
         facts=facts, upstream={"generate": cache_folder.manifest()["fingerprint"]},
         finalize=_finalizer(g, cache_folder), rates=("tokens", "requests"), paid=True,

@@ -24,6 +24,7 @@ from pipeline.log import log
 from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import logical, topk_columns
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
+from stages.checks.answers import answer_checker
 from trainer.lora import lora_targets
 from trainer.students.base import Student
 
@@ -188,6 +189,8 @@ class TrainSettings:
     folder: StageFolder
     # train.predict_on=labelled: the training questions with a gold answer (id, question, gold)
     labelled: Callable[[], list[dict]] | None = None
+    # the gold answer as the predict: target writes it (the answer kind's canonical form)
+    answer_text: Callable[[str], str] = str
 
 
 def labelled_questions(run: RunFolder) -> list[dict]:
@@ -243,7 +246,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         name=folder.name, fingerprinted=settings, shards=[traces], work=train_shard,
         settings=TrainSettings(t, student_path, student, tokenizer, token_targets, used, terms,
                                folder, (lambda: labelled_questions(run))
-                               if t.predict_on == "labelled" else None),
+                               if t.predict_on == "labelled" else None,
+                               answer_checker(cfg).canonical),
         outputs=[], folders=("adapter",), facts={"student": t.student, "name": t.name},
         upstream={"filter": upstream["fingerprint"], "digest": digest}, prune=False,
         unit="trace")
@@ -317,14 +321,16 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
         return build_examples(part, tokenizer, student, t.max_length,
                               teacher_tokens=settings.token_targets,
                               with_topk="explain" in topk_parts,
-                              answer_tokens=used.answer_kd_lam > 0, topk_hinted=t.kd_hinted)
+                              answer_tokens=used.answer_kd_lam > 0, topk_hinted=t.kd_hinted,
+                              answer_text=settings.answer_text)
 
     examples = examples_of(rows)
     n_predict = len(examples)
     if settings.labelled is not None:  # predict: on every labelled question
         labelled, _ = hold_out(settings.labelled(), t.heldout_share)
         labelled = keep_share(labelled, t.data_fraction)
-        predicts = [predict_example(r, tokenizer, student, t.max_length) for r in labelled]
+        predicts = [predict_example(r, tokenizer, student, t.max_length, settings.answer_text)
+                    for r in labelled]
         examples = pair_cycled(predicts, [e["explain"] for e in examples])
         n_predict = len(predicts)
         log(name, f"train.predict_on=labelled: predict: examples from {len(predicts)} labelled "

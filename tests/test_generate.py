@@ -157,3 +157,35 @@ def test_whole_shards_go_to_engines_that_schedule_themselves(tmp_path, teacher):
     teacher.generate = lambda prompts, s: calls.append(len(prompts)) or real(prompts, s)
     run(cfg, tmp_path, teacher)
     assert [c for c in calls if c != 1] == [10, 10]  # (rows that fail are retried alone)
+
+
+def test_a_hint_and_a_predict_target_write_the_gold_answer_as_the_traces_do(teacher):
+    """A task file's `6.0` is shown in a hinted prompt, and taught as the `predict:` target,
+    in the answer kind's canonical form (`6`), the way the teacher's traces write it."""
+    from stages.checks.answers import AnswerChecker
+    from trainer.examples import PREDICT, predict_example, task_prompt
+    from trainer.students.causal_lm import CausalLMStudent
+
+    cfg = load_config("configs/demo.yaml", ["generate.n_samples=1", "generate.top_k=4"])
+    canonical = AnswerChecker("numeric").canonical
+    rows = pa.table({"id": ["a", "b"], "question": ["Mia has 2.5 m and 3.5 m.", "Leo has 9."],
+                     "gold": ["6.0", "1,200.50"], "first": [1, 1]})
+    params = generate.GenerateSettings(cfg.generate,
+                                       PromptTemplate("data/prompts/word_problems_hint.txt"),
+                                       later_round=True, hint_answer=canonical)
+    generate.generate_shard(params, Shard.of("00000", rows), teacher)
+    assert [p.rsplit("\nQuestion: ", 1)[1].split("\n")[0] for p in teacher.prompts] == [
+        "Mia has 2.5 m and 3.5 m. (The answer is 6.)", "Leo has 9. (The answer is 1200.5.)"]
+
+    class Chars:  # one token per character
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    student = CausalLMStudent()
+    example = predict_example({"question": "Mia has 2.5 m and 3.5 m.", "gold": "6.0"}, Chars(),
+                              student, 64, canonical)
+    prompt = len(task_prompt(PREDICT, "Mia has 2.5 m and 3.5 m."))
+    assert [t for t in example["labels"] if t != -100] == [ord("6"), 0]
+    assert example["input_ids"][prompt:] == [ord("6"), 0]

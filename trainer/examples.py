@@ -10,6 +10,8 @@ target token can carry the teacher's top-k row for KD.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pipeline.models import tokens_within
@@ -65,9 +67,12 @@ def _n_targets(example: dict) -> int:
     return sum(1 for label in example["labels"] if label != -100)
 
 
-def predict_example(row: dict, tokenizer, student: Student, max_length: int) -> dict:
-    """`predict: <question>` -> the gold answer (else the trace's own answer), then eos."""
-    answer = row["gold"] if row.get("gold") is not None else row["pred_answer"]
+def predict_example(row: dict, tokenizer, student: Student, max_length: int,
+                    answer_text: Callable[[str], str] = str) -> dict:
+    """`predict: <question>` -> the gold answer (else the trace's own answer), then eos.
+    `answer_text` writes the gold answer as the student is taught to (the answer kind's
+    canonical form, `6.0` -> `6`, as the traces' answers are)."""
+    answer = answer_text(row["gold"]) if row.get("gold") is not None else row["pred_answer"]
     ids = tokenizer(task_prompt(PREDICT, row["question"]), add_special_tokens=False)["input_ids"]
     target = tokenizer(str(answer), add_special_tokens=False)["input_ids"]
     return student.encode(ids, target + [tokenizer.eos_token_id], max_length)
@@ -86,7 +91,8 @@ def pair_cycled(predicts: list[dict], explains: list[dict]) -> list[dict]:
 
 def build_examples(rows: list[dict], tokenizer, student: Student, max_length: int,
                    teacher_tokens: bool = False, with_topk: bool = False,
-                   answer_tokens: bool = False, topk_hinted: bool = True) -> list[dict]:
+                   answer_tokens: bool = False, topk_hinted: bool = True,
+                   answer_text: Callable[[str], str] = str) -> list[dict]:
     """One record per kept trace, `{"predict": example, "explain": example}`.
 
     `teacher_tokens`: the explain target is the teacher's stored `token_ids` up to the end of
@@ -97,6 +103,7 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
     predict example carries their top-k rows; a trace whose answer is not written as is keeps
     the answer text as target, with empty rows. `topk_hinted=False`: hinted traces (the gold
     answer was in the teacher's prompt) get empty rows, so no KD term learns from them.
+    `answer_text`: see `predict_example`.
     """
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,7 +119,7 @@ def build_examples(rows: list[dict], tokenizer, student: Student, max_length: in
                                      max_length)
             predict.update(_topk_rows(row, *span, _n_targets(predict)))
         else:
-            predict = predict_example(row, tokenizer, student, max_length)
+            predict = predict_example(row, tokenizer, student, max_length, answer_text)
             if answer_tokens:
                 k = len(row["topk_ids"][0]) if row["topk_ids"] else 0
                 n = _n_targets(predict)
