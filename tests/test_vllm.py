@@ -163,6 +163,7 @@ SCORE_SCRIPT = """
 import json, sys
 import numpy as np
 from pipeline.config import load_config
+from pipeline.prompts import PromptTemplate
 from stages.backends.base import SamplingSettings
 from stages.backends.vllm_engine import VLLMBackend
 
@@ -170,25 +171,31 @@ if __name__ == "__main__":
     cfg = load_config("configs/demo.yaml", ["generate.backend=vllm", "generate.top_k=5",
                                             "generate.dtype=float32"])
     engine = VLLMBackend(cfg.generate, cfg.vllm, 5)
-    prompts = ["Question: Tom has 3 apples and gets 4 more. How many apples?\\nAnswer:",
-               "Question: What is 12 - 5?\\nAnswer:"]
+    template = PromptTemplate(cfg.generate.prompt_template)  # a few-shot prefix to share
+    prompts = [template.render("Tom has 3 apples and gets 4 more. How many apples?"),
+               template.render("Sara has 12 pens. She gives away 5. How many pens now?")]
     made = [g for row in engine.generate(prompts, SamplingSettings(
-        n=2, temperature=0.8, top_p=1.0, max_new_tokens=16, top_k=5, seed=3, stop=[]))
+        n=3, temperature=0.8, top_p=1.0, max_new_tokens=16, top_k=5, seed=3, stop=[]))
         for g in row]
-    scored = engine.score([p for p in prompts for _ in range(2)], [g.token_ids for g in made], 5)
+    asked = [p for p in prompts for _ in range(3)]
+    scored = engine.score(asked, [g.token_ids for g in made], 5)
+    full = engine.score(asked, [g.token_ids for g in made], 5, reuse_prefix=False)
     out = []
-    for g, s in zip(made, scored):
+    for g, s, f in zip(made, scored, full):
         out.append({"n": len(g.token_ids), "ids_same": float((g.topk_ids == s.topk_ids).mean()),
                     "top_diff": float(np.abs(g.topk_logprobs - s.topk_logprobs).max()),
                     "token_diff": float(np.abs(g.token_logprobs - s.token_logprobs).max()),
+                    "full_diff": float(np.abs(f.topk_logprobs - s.topk_logprobs).max()),
+                    "full_ids_same": float((f.topk_ids == s.topk_ids).mean()),
                     "shape": list(s.topk_ids.shape)})
-    print(json.dumps(out))
+    print(json.dumps({"rows": out, "cached": engine.stats["score_cached_tokens"]}))
 """
 
 
 def test_the_engine_scores_a_trace_as_it_generated_it(tmp_path, embedded_path):
     """`distill iterate`'s teacher scoring on vLLM (prompt log-probabilities over the prompt
-    and the trace): the top-k the engine recorded while generating the trace."""
+    and the trace): the top-k the engine recorded while generating the trace; the few-shot
+    prefix read from the engine's prefix cache gives the numbers of reading it in full."""
     import json
 
     script = tmp_path / "score.py"
@@ -196,10 +203,13 @@ def test_the_engine_scores_a_trace_as_it_generated_it(tmp_path, embedded_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=600, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 4 and all(r["n"] > 0 and r["shape"] == [r["n"], 5] for r in rows)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert len(rows) == 6 and all(r["n"] > 0 and r["shape"] == [r["n"], 5] for r in rows)
     for r in rows:  # the same engine, float32: the same numbers
         assert r["ids_same"] > 0.95 and r["top_diff"] < 1e-3 and r["token_diff"] < 1e-3, r
+        assert r["full_ids_same"] > 0.95 and r["full_diff"] < 1e-3, r
+    assert result["cached"] > 0  # the prefix was read from the cache, not computed again
 
 
 def test_batch_mode_through_vllms_batch_runner(tmp_path, embedded_path):

@@ -20,6 +20,9 @@
   mean absolute difference per trace;
 - capture: what asking vLLM for the top-20 costs the engine (tokens/s with logprobs=20 and
   without, same prompts and seeds) and what encoding the shard costs, on the demo's prompts;
+- score: the teacher scoring traces (what `distill iterate` asks of it for a student's
+  traces) on vLLM, with every prompt read in full and with the few-shot prefix read from the
+  engine's prefix cache: seconds each, and that the two give the same numbers;
 - train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
   traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
   stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
@@ -762,6 +765,70 @@ def bench_capture(rows: int, dtype: str) -> list[tuple[str, str]]:
          f"{100 * r['write_s']['2'] / gen_s:.1f}% of the generation time")]
 
 
+def score_once(rows: int, dtype: str) -> dict:
+    """The teacher's scoring of traces (what `distill iterate` asks of it for a student's
+    traces): the demo's prompts, 2 sampled traces each, scored with every prompt read in full
+    and with the few-shot prefix read from vLLM's prefix cache, in turn, twice each."""
+    from pipeline.config import load_config
+    from pipeline.prompts import PromptTemplate
+    from pipeline.tasks import load_split
+    from stages.backends.base import SamplingSettings
+    from stages.backends.vllm_engine import VLLMBackend
+
+    cfg = load_config("configs/demo.yaml", [f"task.n_train={rows}", f"generate.dtype={dtype}"])
+    g = cfg.generate
+    template = PromptTemplate(g.prompt_template)
+    prompts = [template.render(q) for q in load_split(cfg.task, "train").column("question")
+               .to_pylist()]
+    backend = VLLMBackend(g, cfg.vllm, top_k=g.top_k)
+    made = backend.generate(prompts, SamplingSettings(
+        n=2, temperature=0.7, top_p=g.top_p, max_new_tokens=g.max_new_tokens, top_k=0, seed=0,
+        stop=list(g.stop)))
+    pairs = [(p, x.token_ids) for p, row in zip(prompts, made) for x in row]
+    traces = [p for p, _ in pairs], [ids for _, ids in pairs]
+    backend.score(traces[0][:8], traces[1][:8], g.top_k, reuse_prefix=False)  # warm-up
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    scored = {}
+    for rep in range(2):
+        for reuse in ((False, True) if rep == 0 else (True, False)):
+            cached_before = backend.stats.get("score_cached_tokens", 0)
+            t = time.perf_counter()
+            scored[reuse] = backend.score(*traces, g.top_k, reuse_prefix=reuse)
+            seconds[reuse].append(time.perf_counter() - t)
+            if reuse:
+                cached = backend.stats.get("score_cached_tokens", 0) - cached_before
+    backend.close()
+    diff = max(float(np.abs(a.topk_logprobs - b.topk_logprobs).max(initial=0.0))
+               for a, b in zip(scored[False], scored[True]))
+    same_ids = float(np.mean([(a.topk_ids == b.topk_ids).mean() for a, b in
+                              zip(scored[False], scored[True]) if a.topk_ids.size]))
+    prompt_tokens = sum(len(backend.tokenizer(p, add_special_tokens=False)["input_ids"])
+                        for p in traces[0])
+    return {"traces": len(pairs), "trace_tokens": int(sum(len(t) for t in traces[1])),
+            "prompt_tokens": prompt_tokens, "cached_tokens": int(cached),
+            "scored_again": int(backend.stats.get("scored_again", 0)), "dtype": dtype,
+            "s_full": min(seconds[False]), "s_cached": min(seconds[True]),
+            "max_diff": diff, "same_ids": same_ids}
+
+
+def bench_score(rows: int, dtype: str) -> list[tuple[str, str]]:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return [("score", "skipped: vllm is not installed")]
+    r = _in_child(["--one-score", str(rows), "--capture-dtype", dtype], "vLLM scoring")
+    return [
+        (f"score: the teacher scores {r['traces']} traces ({r['trace_tokens']:,} tokens) after "
+         f"the demo's few-shot prompts ({r['prompt_tokens']:,} tokens), vLLM, {dtype}",
+         f"every prompt read in full {r['s_full']:.1f}s; the prefix from vLLM's cache "
+         f"{r['s_cached']:.1f}s ({r['s_cached'] / r['s_full']:.2f}x the time; "
+         f"{r['cached_tokens']:,} prompt tokens read from the cache, "
+         f"{r['scored_again']} traces scored again)"),
+        ("score: the two give the same numbers",
+         f"largest top-k log-probability difference {r['max_diff']:.2g}, same top-k ids "
+         f"{100 * r['same_ids']:.1f}%")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="prompts in the generate batch")
@@ -778,7 +845,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=8,
                         help="timed optimizer steps per training variant (after one warm-up)")
     parser.add_argument("--only", choices=["filter", "generate", "backends", "scale", "train",
-                                           "shards", "capture"],
+                                           "shards", "capture", "score"],
                         help="run one part of the benchmark")
     parser.add_argument("--shard-run", default="data/runs/demo",
                         help="the run whose generate shards the shards part measures")
@@ -790,6 +857,9 @@ def main() -> None:
                         help="engine dtype for the capture part (bfloat16 is slow on a CPU "
                         "without AVX-512-bf16)")
     parser.add_argument("--one-capture", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--score-rows", type=int, default=128,
+                        help="demo rows (2 traces each) the teacher scores in the score part")
+    parser.add_argument("--one-score", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_train:
         print(json.dumps(train_once(args.one_train, args.train_steps)))
@@ -802,6 +872,9 @@ def main() -> None:
         return
     if args.one_capture:
         print(json.dumps(capture_once(args.one_capture, args.capture_dtype)))
+        return
+    if args.one_score:
+        print(json.dumps(score_once(args.one_score, args.capture_dtype)))
         return
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, "
              f"Python {platform.python_version()}")]
@@ -818,6 +891,8 @@ def main() -> None:
         rows += bench_shards(args.shard_run, args.kd_traces)
     if part in (None, "capture"):
         rows += bench_capture(args.capture_rows, args.capture_dtype)
+    if part in (None, "score"):
+        rows += bench_score(args.score_rows, args.capture_dtype)
     if part in (None, "train"):
         rows += bench_train(args.train_steps)
     width = max(len(r[0]) for r in rows)
