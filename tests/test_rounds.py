@@ -297,7 +297,7 @@ def test_the_coverage_ladder_copies_the_rounds_and_tabulates_each_rung(tmp_path)
                                     "generate.hint_template=data/prompts/add_subtract_hint.txt"])
     gen(cfg, tmp_path / "main", teacher)
     rows = []
-    for rung, (suffix, student, extra) in list(RUNGS.items())[:3]:
+    for rung, (suffix, extra) in list(RUNGS.items())[:3]:
         target = RunFolder(tmp_path / suffix)
         copy_generated(RunFolder(tmp_path / "main"), target)
         copy_generated(RunFolder(tmp_path / "main"), target)  # a second call copies nothing
@@ -306,16 +306,19 @@ def test_the_coverage_ladder_copies_the_rounds_and_tabulates_each_rung(tmp_path)
                                                             "prompts/add_subtract_hint.txt"]
                                + extra)
         filter_stage.main(rung_cfg, target.root)
-        results = [{"system": "predict", "variant": student, "accuracy": 0.5},
-                   {"system": "explain", "variant": student, "accuracy": 0.75}]
-        rows.append(rung_row(rung, target, student, results))
+        scores = {0: {"predict": 0.5, "explain": 0.75}, 1: {"predict": 0.7, "explain": 0.75}}
+        rows.append(rung_row(rung, target, scores, {"accuracy": 0.8, "votes": 4}))
     fixed, adaptive, hints = rows
     assert fixed["teacher_tokens"] < adaptive["teacher_tokens"] < hints["teacher_tokens"]
     assert fixed["covered"] <= adaptive["covered"] <= hints["covered"] == 24
     assert fixed["hinted_kept"] == adaptive["hinted_kept"] == 0 < hints["hinted_kept"]
+    assert hints["tokens_per_covered"] == round(hints["teacher_tokens"] / 24, 1)
+    assert abs(hints["predict"]["mean"] - 0.6) < 1e-9 and hints["predict"]["sd"] > 0.14
     text = table(rows, [{"system": "teacher", "accuracy": 0.4}], 1)
-    assert "adaptive+hints" in text and "50.0%" in text and "teacher (few-shot CoT): 40.0%" in text
-    untrained = rung_row("fixed", RunFolder(tmp_path / "fixed"), "", None)
+    assert "adaptive+hints" in text and "60.0% ± 14.1" in text and "75.0% ± 0.0" in text
+    assert "maj@4" in text and "80.0%" in text and "over 2 training seeds" in text
+    assert "teacher (few-shot CoT): 40.0%" in text
+    untrained = rung_row("fixed", RunFolder(tmp_path / "fixed"), None)
     assert untrained["predict"] is None and table([untrained], [], 1).rstrip().endswith("-")
 
 
