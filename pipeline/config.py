@@ -521,6 +521,12 @@ class TrainConfig(Section):
                           "(the DSS paper's setting with labels); explain: examples always come "
                           "from the kept traces, and the shorter list is cycled to the longer.",
                           choices=["kept", "labelled"], fingerprint=UNLESS_DEFAULT)
+    predict_template: str = opt("{answer}", "The predict: target as a template over the "
+                                "answer: `{answer}` (the answer alone, the DSS paper's label) "
+                                "or a sentence such as `The answer is {answer}.` (the marker "
+                                "the teacher's traces end with), so that a predict: target "
+                                "never begins the way an explain: rationale does; eval reads "
+                                "either.", fingerprint=UNLESS_DEFAULT)
     kd_hinted: bool = opt(False, "Use the stored top-k of hinted traces (generate.hint_template) "
                           "for KD too: it was computed with the gold answer in the teacher's "
                           "prompt (privileged information the student never has), so by "
@@ -562,6 +568,13 @@ class TrainConfig(Section):
             errors.append("train.rationale_loss=cosine compares the student with the teacher's "
                           "top-k at the teacher's own tokens; use train.explain_targets=auto "
                           "or tokens")
+        if "{answer}" not in self.predict_template:
+            errors.append(f"train.predict_template: {self.predict_template!r} has no "
+                          "{answer} placeholder; e.g. 'The answer is {answer}.'")
+        elif self.predict_template != "{answer}" and self.answer_kd_lam > 0:
+            errors.append("train.predict_template with train.answer_kd_lam > 0: answer KD "
+                          "learns the teacher's own answer tokens as the predict: target; use "
+                          "one or the other")
         if self.predict_on == "labelled" and self.answer_kd_lam > 0:
             errors.append("train.predict_on=labelled with train.answer_kd_lam > 0: answer KD "
                           "needs the teacher's answer tokens, which questions without a kept "

@@ -150,6 +150,14 @@ def loss_settings(cfg: Config, facts: dict, tokenizer) -> tuple[bool, TrainConfi
     return token_targets, used
 
 
+def _predict_text(template: str, canonical: Callable[[str], str]) -> Callable[[str], str]:
+    """The predict: target of a gold answer: its canonical form in `train.predict_template`
+    (one pass, so an answer holding `{answer}` stays as it is)."""
+    if template == "{answer}":
+        return canonical
+    return lambda gold: template.replace("{answer}", canonical(gold))
+
+
 def _unit(row_id: str) -> float:
     """A question's place in [0, 1), from a hash of its id."""
     digest = hashlib.sha256(str(row_id).encode()).digest()
@@ -247,7 +255,8 @@ def plan(cfg: Config, run: RunFolder) -> Stage:
         settings=TrainSettings(t, student_path, student, tokenizer, token_targets, used, terms,
                                folder, (lambda: labelled_questions(run))
                                if t.predict_on == "labelled" else None,
-                               answer_checker(cfg).canonical),
+                               _predict_text(t.predict_template,
+                                             answer_checker(cfg).canonical)),
         outputs=[], folders=("adapter",), facts={"student": t.student, "name": t.name},
         upstream={"filter": upstream["fingerprint"], "digest": digest}, prune=False,
         unit="trace")

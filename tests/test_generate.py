@@ -6,7 +6,7 @@ import pytest
 
 import stages.generate as generate
 from pipeline.schema import logical
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.prompts import PromptTemplate
 from pipeline.run_folder import RunFolder
 from pipeline.stage import Shard
@@ -189,3 +189,16 @@ def test_a_hint_and_a_predict_target_write_the_gold_answer_as_the_traces_do(teac
     prompt = len(task_prompt(PREDICT, "Mia has 2.5 m and 3.5 m."))
     assert [t for t in example["labels"] if t != -100] == [ord("6"), 0]
     assert example["input_ids"][prompt:] == [ord("6"), 0]
+    from stages.train import _predict_text
+
+    sentence = _predict_text("The answer is {answer}.", canonical)
+    assert sentence("6.0") == "The answer is 6." and sentence("{answer}") == "The answer is {answer}."
+    example = predict_example({"question": "Q?", "gold": None, "pred_answer": "7"}, Chars(),
+                              student, 64, sentence)
+    assert [t for t in example["labels"] if t != -100][:-1] == [ord(c) for c in
+                                                               "The answer is 7."]
+    with pytest.raises(ConfigError, match="has no {answer} placeholder"):
+        load_config("configs/demo.yaml", ["train.predict_template=The answer"])
+    with pytest.raises(ConfigError, match="answer KD learns the teacher's own answer tokens"):
+        load_config("configs/demo.yaml", ["train.predict_template=The answer is {answer}.",
+                                          "train.answer_kd_lam=0.5"])

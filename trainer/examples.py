@@ -70,9 +70,9 @@ def _n_targets(example: dict) -> int:
 def predict_example(row: dict, tokenizer, student: Student, max_length: int,
                     answer_text: Callable[[str], str] = str) -> dict:
     """`predict: <question>` -> the gold answer (else the trace's own answer), then eos.
-    `answer_text` writes the gold answer as the student is taught to (the answer kind's
-    canonical form, `6.0` -> `6`, as the traces' answers are)."""
-    answer = answer_text(row["gold"]) if row.get("gold") is not None else row["pred_answer"]
+    `answer_text` writes the answer as the student is taught to (the answer kind's canonical
+    form, `6.0` -> `6`, as the traces' answers are, in `train.predict_template`)."""
+    answer = answer_text(row["gold"] if row.get("gold") is not None else row["pred_answer"])
     ids = tokenizer(task_prompt(PREDICT, row["question"]), add_special_tokens=False)["input_ids"]
     target = tokenizer(str(answer), add_special_tokens=False)["input_ids"]
     return student.encode(ids, target + [tokenizer.eos_token_id], max_length)
