@@ -44,6 +44,18 @@ def test_each_variant_keeps_its_own_settings_whatever_the_overrides():
     assert t[("dss", 4)].kd_lam == 0 and t[("dss", 4)].alpha == 0.5
     assert t[("dss+kd", 4)].kd_lam == 0.2 and t[("dss+kd", 4)].seed == 4
     assert t[("dss+kd", 4)].name == "dss-kd-s4" and all(x.epochs == 1 for x in t.values())
+    assert t[("explain-only", 0)].alpha == 0.0 and t[("explain-only", 0)].kd_lam == 0
+
+
+def test_one_adapter_per_prefix_reports_each_student_in_its_own_mode():
+    from stages.commands.compare import summarize
+
+    results = [{"system": m, "variant": variant_name(v, 0), "accuracy": a, "mean_tokens": 1.0}
+               for v in ("answer-only", "explain-only") for m, a in (("predict", 0.5),
+                                                                      ("explain", 0.25))]
+    rows = summarize(results, ["answer-only", "explain-only"], [0])
+    assert [(r["variant"], r["mode"]) for r in rows] == [("answer-only", "predict"),
+                                                         ("explain-only", "explain")]
 
 
 def test_mode_agreement_counts_each_rows_two_answers(tmp_path):

@@ -11,7 +11,9 @@ accuracy of each variant over the seeds:
 - `dss+kd`: the same plus KD from the stored top-k on the explain targets (`train.kd_lam`);
 - on request (`--variants`): `dss+answer-kd` (KD on the answer tokens, `answer_kd_lam=0.5`),
   `dss+cosine` (the margin cosine rationale loss), `dss+consistency` (consistency
-  regularisation, `consistency_lam=0.5`), each one piece on top of `dss`.
+  regularisation, `consistency_lam=0.5`), each one piece on top of `dss`; `explain-only`
+  (`train.alpha=0`: the rationale alone), which with `answer-only` is one adapter per prefix
+  (each mode served by the student trained for it alone).
 
 All three see the same traces, steps, batches and seeds; DSS with and without KD train on the
 same explain targets (the teacher's own tokens), so the difference between them is the loss.
@@ -36,6 +38,8 @@ VARIANTS = {  # after the user's overrides, so these win
     "dss+answer-kd": ["train.kd_lam=0", "train.answer_kd_lam=0.5"],
     "dss+cosine": ["train.kd_lam=0", "train.rationale_loss=cosine"],
     "dss+consistency": ["train.kd_lam=0", "train.consistency_lam=0.5"],
+    # the rationale alone (`train.alpha=0`): with answer-only, one adapter per prefix
+    "explain-only": ["train.alpha=0.0", "train.kd_lam=0"],
 }
 DEFAULT_VARIANTS = ["answer-only", "dss", "dss+kd"]
 
@@ -96,8 +100,8 @@ def summarize(results: list[dict], variants: list[str], seeds: list[int]) -> lis
                     if (mode, variant_name(v, s)) in by_key]
             toks = [by_key[(mode, variant_name(v, s))]["mean_tokens"] for s in seeds
                     if (mode, variant_name(v, s)) in by_key]
-            if v == "answer-only" and mode == "explain":
-                continue  # never trained to explain
+            if (v, mode) in (("answer-only", "explain"), ("explain-only", "predict")):
+                continue  # never trained in that mode
             if accs:
                 rows.append({"variant": v, "mode": mode, "accuracy": accs,
                              "mean": statistics.fmean(accs),
@@ -225,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(report["results"], args.variants, args.seeds)
     reference = [r for r in report["results"] if r["system"] in ("teacher", "base")]
     text = table(rows, reference, report["n"])
-    agreement = mode_agreement(run, [v for v in args.variants if v != "answer-only"],
-                               args.seeds)
+    agreement = mode_agreement(run, [v for v in args.variants
+                                     if v not in ("answer-only", "explain-only")], args.seeds)
     late_loss = late_predict_loss(run, args.variants, args.seeds)
     out = {"variants": rows, "reference": reference, "seeds": args.seeds,
            "mode_agreement": agreement, "late_predict_loss": late_loss,
