@@ -535,6 +535,11 @@ class TrainConfig(Section):
     explain_warmup_steps: int = opt(0, "Linear warm-up of the explain loss's weight over the "
                                     "first N optimizer steps (the student first learns to "
                                     "answer).", ge=0)
+    predict_warmup_steps: int = opt(0, "Linear warm-up of the predict loss's weight over the "
+                                    "first N optimizer steps (the student first learns to "
+                                    "write rationales: the short answer targets are learnt "
+                                    "much faster and, on a small pool, take over its explain: "
+                                    "mode).", ge=0, fingerprint=UNLESS_DEFAULT)
     lora_r: int = opt(16, "LoRA rank.", ge=1)
     lora_alpha: int = opt(32, "LoRA scaling numerator.", ge=1)
     lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0.0, lt=1.0)

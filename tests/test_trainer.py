@@ -235,6 +235,10 @@ def test_the_terms_follow_the_settings_and_the_warm_up_is_a_weight_schedule():
     warm = dict(alpha=0.5, kd_lam=0.5, explain_warmup_steps=10)
     assert weights(0, **warm) == {"predict": 0.5, "explain": 0.0, "kd": 0.0}
     assert weights(5, **warm) == {"predict": 0.5, "explain": 0.125, "kd": 0.125}
+    first = dict(alpha=0.5, answer_kd_lam=0.5, predict_warmup_steps=4)  # rationales first
+    assert weights(0, **first) == {"predict": 0.0, "answer_kd": 0.0, "explain": 0.5}
+    assert weights(1, **first) == {"predict": 0.0625, "answer_kd": 0.0625, "explain": 0.5}
+    assert weights(9, **first) == {"predict": 0.25, "answer_kd": 0.25, "explain": 0.5}
 
 
 def _readme_loss_term_example() -> str:

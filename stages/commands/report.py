@@ -334,12 +334,14 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
         parts.append(_table(
             ["round", "questions sampled", "covered", "kept (by the student)",
              "teacher tokens", "student tokens", "predict:", "explain:",
-             f"maj@{loop.get('vote_samples') or 'k'}"],
+             f"maj@{loop.get('vote_samples') or 'k'}", "explain: (validation)"],
             [[r["round"], r["sampled_questions"], f"{r['covered']} of {r['questions']}",
               f"{r['kept']} ({r['student_kept']})", f"{r['teacher_tokens']:,}",
-              f"{r['student_tokens']:,}"] + [f"{100 * r[m]:.1f}%" if r[m] is not None else "-"
-                                            for m in ("predict", "explain", "explain_votes")]
-             for r in loop["rounds"]], {0, 1, 4, 5, 6, 7, 8}, tid="loop"))
+              f"{r['student_tokens']:,}"] + [f"{100 * r[m]:.1f}%" if r.get(m) is not None
+                                            else "-" for m in ("predict", "explain",
+                                                               "explain_votes",
+                                                               "validation_explain")]
+             for r in loop["rounds"]], {0, 1, 4, 5, 6, 7, 8, 9}, tid="loop"))
     sweep = _optional_json(run.read_json, "sweep.json")
     if sweep:
         parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, register, teacher_rows
+from trainer.losses.base import (LossContext, predict_schedule, register, scheduled,
+                                  teacher_rows)
 from trainer.losses.topk_kd import topk_kd_loss
 
 
@@ -21,16 +22,17 @@ from trainer.losses.topk_kd import topk_kd_loss
 class AnswerKD:
     name, part, needs, switch = "answer_kd", "predict", frozenset({"topk"}), "answer_kd_lam"
 
-    def __init__(self, weight: float, temperature: float):
-        self.weight, self.temperature = weight, temperature
+    def __init__(self, weight: float, temperature: float, schedule=None):
+        self.weight, self.temperature, self.schedule = weight, temperature, schedule
 
     def weight_at(self, step: int) -> float:
-        return self.weight
+        return scheduled(self.weight, self.schedule, step)
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "AnswerKD | None":
         weight = t.alpha * t.answer_kd_lam
-        return cls(weight, t.answer_kd_temperature) if weight > 0 else None
+        return (cls(weight, t.answer_kd_temperature, predict_schedule(t)) if weight > 0
+                else None)
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         logits, lse, ids, lps = teacher_rows(ctx, self.part)

@@ -94,6 +94,16 @@ def register(cls: type) -> type:
     return TERMS.register(cls)
 
 
+def predict_schedule(t: TrainConfig) -> Callable[[int], float] | None:
+    """The predict warm-up: the predict terms' weight grows linearly from 0 over the first
+    `predict_warmup_steps` optimizer steps (the student first learns to write rationales,
+    before the short answer targets, learnt much faster, can take over its explain: mode)."""
+    steps = t.predict_warmup_steps
+    if steps <= 0:
+        return None
+    return lambda step: min(1.0, step / steps)
+
+
 def explain_schedule(t: TrainConfig) -> Callable[[int], float] | None:
     """The explain warm-up: the explain terms' weight grows linearly from 0 over the first
     `explain_warmup_steps` optimizer steps (the student first learns to answer)."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from trainer.losses.base import LossContext, explain_schedule, register, scheduled
+from trainer.losses.base import (LossContext, explain_schedule, predict_schedule, register,
+                                  scheduled)
 
 
 def cross_entropy(ctx: LossContext, part: str) -> torch.Tensor:
@@ -18,20 +19,21 @@ def cross_entropy(ctx: LossContext, part: str) -> torch.Tensor:
 
 @register
 class PredictCE:
-    """`predict: <question>` -> the answer, weighted by `alpha`."""
+    """`predict: <question>` -> the answer, weighted by `alpha` and warmed up over
+    `predict_warmup_steps`."""
 
     name, part, needs, switch = "predict", "predict", frozenset(), "alpha"
 
-    def __init__(self, weight: float):
-        self.weight = weight
+    def __init__(self, weight: float, schedule=None):
+        self.weight, self.schedule = weight, schedule
 
     def weight_at(self, step: int) -> float:
-        return self.weight
+        return scheduled(self.weight, self.schedule, step)
 
     @classmethod
     def from_settings(cls, t: TrainConfig) -> "PredictCE | None":
         weight = t.alpha * (1 - t.answer_kd_lam)  # answer KD takes the rest
-        return cls(weight) if weight > 0 else None
+        return cls(weight, predict_schedule(t)) if weight > 0 else None
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         return cross_entropy(ctx, self.part)
