@@ -31,6 +31,7 @@ from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
 from stages.backends.base import Backend, SamplingSettings, generate_in_batches, greedy
 from stages.checks.answers import NO_ANSWER, AnswerChecker, answer_checker
+from stages.checks.traces import count_steps
 
 LABELS = {"teacher": "teacher (few-shot CoT)", "base": "base student (predict:)",
           "predict": "distilled student (predict:)", "explain": "distilled student (explain:)"}
@@ -188,6 +189,8 @@ def eval_shard(settings: EvalSettings, shard: Shard, models: "Models",
     counters = {"n": len(records), "correct": sum(r["correct"] for r in records),
                 "tokens": sum(r["n_tokens"] for r in records),
                 "seconds": round(time.time() - t0, 1)}
+    if job.system in ("teacher", "explain"):  # reasoning modes: answers without any step
+        counters["no_steps"] = sum(1 for r in records if count_steps(r["output"]) == 0)
     return ShardOutput({"predictions": pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA)},
                        counters, {f"backend:{job.key}": getattr(backend, "name", "")})
 
@@ -400,6 +403,8 @@ def _results(manifest: dict) -> None:
                   "mean_tokens": round(c["tokens"] / n, 2), "seconds": c["seconds"]}
         if variant:
             result["variant"] = variant
+        if "no_steps" in c:
+            result["no_step_share"] = round(c["no_steps"] / n, 4)
         if "@" in system:
             result["votes"] = int(system.partition("@")[2])
         results.append(result)
@@ -416,4 +421,18 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False) -> dict:
         "task": cfg.section("task"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     folder.write_json("report.json", report)
     print(report_table(report["results"]))
+    for line in no_step_warnings(report["results"]):
+        log("eval", line)
     return report
+
+
+def no_step_warnings(results: list[dict], at_least: float = 0.5) -> list[str]:
+    """A line for each distilled student whose `explain:` answers mostly hold no calculation
+    step: it answers as its `predict:` mode does, so its rationales (and the loop's samples
+    of them) are missing."""
+    return [f"{label(r)}: {100 * r['no_step_share']:.0f}% of its answers hold no calculation "
+            "step (it answers as predict: does). A small pool trains the rationale little "
+            "while the short predict: targets are learnt at once: more kept traces, "
+            "train.predict_on=labelled or more train.epochs help (README, \"The student beyond "
+            "its teacher\")" for r in results
+            if r["system"].startswith("explain") and r.get("no_step_share", 0) >= at_least]

@@ -305,4 +305,7 @@ def coverage_row(number: int, run: RunFolder, results: list[dict], sampled: int)
             "votes": votes.get("votes") if votes else None,
             "explain_tokens": next((r["mean_tokens"] for r in results
                                     if r["system"] == "explain" and not r.get("variant")), None),
+            "explain_no_steps": next((r.get("no_step_share") for r in results
+                                      if r["system"] == "explain" and not r.get("variant")),
+                                     None),
             "votes_tokens": votes["mean_tokens"] if votes else None}

@@ -287,3 +287,42 @@ def test_the_validation_split_is_cut_from_the_training_questions_by_id(tmp_path)
     assert plan(load_config("configs/demo.yaml", base + [
         "task.validation_share=0.2", "eval.split=validation", "eval.systems=[base]"]),
         RunFolder(tmp_path / "run")).name == "eval-validation"
+
+
+def test_eval_counts_reasoning_answers_without_a_step_and_says_when_most_have_none():
+    """A student that answers explain: with a bare number (a small pool's predict: habit) is
+    named, with its share of answers that hold no calculation step."""
+    import pyarrow as pa
+
+    from pipeline.prompts import PromptTemplate
+    from pipeline.stage import Shard
+    from stages.backends.base import Generation
+    from stages.eval import EvalSettings, Job, _results, eval_shard, no_step_warnings
+
+    outputs = iter([" 10", " Sam has 9 stickers and gives away 5, so 9 - 5 = 4."])
+
+    class Answering:  # a backend answering each prompt in turn
+        def generate(self, prompts, settings):
+            return [[Generation(next(outputs), "stop", np.zeros(3, np.int32),
+                                np.zeros(3, np.float32), np.zeros((3, 0), np.int32),
+                                np.zeros((3, 0), np.float32))] for _ in prompts]
+
+    class Models:
+        def get(self, job):
+            return Answering()
+
+    cfg = load_config("configs/demo.yaml")
+    rows = pa.table({"id": ["a", "b"], "question": ["Q1?", "Sam had 9 stickers..."],
+                     "gold": ["10", "4"]})
+    job = Job("explain", "small", max_new_tokens=16)
+    settings = EvalSettings({job.key: job}, PromptTemplate(cfg.generate.prompt_template), [],
+                            8, answer_checker(cfg))
+    out = eval_shard(settings, Shard.of(job.key, rows), Models())
+    assert out.counters["no_steps"] == 1 and out.counters["correct"] == 2
+    manifest = {"shards": [{"name": job.key, "counters": out.counters}]}
+    _results(manifest)
+    (result,) = manifest["results"]
+    assert result["no_step_share"] == 0.5 and result["variant"] == "small"
+    (line,) = no_step_warnings(manifest["results"])
+    assert line.startswith("distilled small (explain:): 50% of its answers hold no calculation")
+    assert no_step_warnings([{**result, "no_step_share": 0.1}]) == []

@@ -118,6 +118,11 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
         say(f"==> iterate round {number} of {rounds}: the student of round {number - 1} "
             f"samples {rnd.count} questions ({rnd.samples} each, temperature "
             f"{rnd.temperature:g}) -> {here}")
+        bare = rows[-1].get("explain_no_steps")
+        if bare is not None and bare >= 0.5:
+            log("iterate", f"the student of round {number - 1} writes no calculation step in "
+                f"{100 * bare:.0f}% of its held-out explain: answers: most of its samples will "
+                "fail the filter's step check")
         here.write_text("config.yaml", _yaml(later))
         run_stage(sample_stage(later, prev, rnd), here.stage(rnd.folder), force)
         scores, why_not = scored(later, here, number)
