@@ -326,3 +326,19 @@ def test_eval_counts_reasoning_answers_without_a_step_and_says_when_most_have_no
     (line,) = no_step_warnings(manifest["results"])
     assert line.startswith("distilled small (explain:): 50% of its answers hold no calculation")
     assert no_step_warnings([{**result, "no_step_share": 0.1}]) == []
+
+
+def test_the_loop_table_gives_each_rounds_accuracy_over_the_seeds():
+    from stages.commands.iterate import seeds_table
+    from stages.commands.seeds import seed_list, spread
+
+    scores = {0: {"predict": 0.2, "explain": 0.7}, 3: {"predict": 0.3, "explain": 0.8}}
+    rows = [{"round": 1, "predict_seeds": spread(scores, "predict"),
+             "explain_seeds": spread(scores, "explain")},
+            {"round": 2, "explain": None}]  # stopped before training: no line
+    text = seeds_table(rows)
+    assert "25.0% ± 7.1" in text and "75.0% ± 7.1" in text and "20.0/70.0  30.0/80.0" in text
+    assert len(text.splitlines()) == 2
+    assert seed_list("0, 3") == [0, 3]
+    with pytest.raises(ConfigError, match="distinct non-negative integers"):
+        seed_list("1,1")

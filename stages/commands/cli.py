@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every stage of the loop but "
                    "the teacher's generate (`distill generate --force` does that one); the "
                    "previous output is kept aside")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help="training seeds: the loop trains with the first, then each round's "
+                   "pool is trained again at the others (train-seed<s>/), and the table gives "
+                   "each round's accuracy over them")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings that override the config file")
     p = _command(sub, "config", "print the resolved config (after overrides)")
@@ -286,13 +290,21 @@ def main(argv: list[str] | None = None) -> int:
                           args.force)
             return
         if args.command == "iterate":
-            from stages.commands.iterate import iterate, table
+            from stages.commands.iterate import iterate, more_seeds, seeds_table, table
+            from stages.commands.seeds import seed_list, with_settings
 
             if args.rounds is not None and args.rounds < 1:
                 raise ConfigError(["--rounds: give 1 or more (round 1 is the teacher's)"])
             run = RunFolder.at(args.runs_dir, args.run)
+            seeds = seed_list(args.seeds) if args.seeds else []
+            if seeds:
+                cfg = with_settings(cfg, train={"seed": seeds[0]})
             done = iterate(cfg, run, args.rounds or cfg.iterate.rounds, args.force)
+            if len(seeds) > 1:
+                done = more_seeds(cfg, run, done, seeds)
             print(table(done["rounds"]))
+            if len(seeds) > 1:
+                print(seeds_table(done["rounds"]))
             for r in done["reference"]:
                 print(f"{r['system']}: {100 * r['accuracy']:.1f}%")
             print(f"stopped: {done['stopped']}")

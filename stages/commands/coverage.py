@@ -34,12 +34,11 @@ the teacher made and what the filter kept, without training).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import statistics
 import sys
 import time
 
 from stages.commands.cli import run_options
+from stages.commands.seeds import seed_list, show, spread, train_seeds, with_settings
 
 RUNGS = {  # rung -> (run folder suffix, its settings on top of the config's)
     "fixed": ("fixed", ["generate.max_samples=0", "generate.hint_template=null",
@@ -59,25 +58,11 @@ def copy_generated(source, target) -> None:
         copy_finished(source, target, name)
 
 
-def seed_name(seeds: list[int], seed: int) -> str:
-    """The student of `seed`: the first seed trains the rung's own `train/`."""
-    return "" if seed == seeds[0] else f"seed{seed}"
-
-
 def rung_row(rung: str, run, scores: dict[int, dict] | None, votes: dict | None = None) -> dict:
     """One line of the table: what the rung's filter counted and its students' accuracy
     (`scores`: seed -> {system: accuracy}; `votes`: the first seed's maj@k result)."""
     counters = run.stage("filter").manifest()["counters"]
     scores = scores or {}
-
-    def spread(system: str) -> dict | None:
-        values = [s[system] for s in scores.values() if s.get(system) is not None]
-        if not values:
-            return None
-        return {"mean": statistics.fmean(values),
-                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "per_seed": {str(seed): s.get(system) for seed, s in scores.items()}}
-
     teacher = counters.get("teacher_tokens") or 0
     covered = counters.get("covered") or 0
     return {"rung": rung, "teacher_tokens": teacher,
@@ -87,7 +72,7 @@ def rung_row(rung: str, run, scores: dict[int, dict] | None, votes: dict | None 
             "covered_wanted": counters.get("covered_wanted"), "kept": counters.get("kept"),
             "hinted_kept": counters.get("hinted_kept", 0),
             "student_kept": counters.get("student_kept", 0),
-            "predict": spread("predict"), "explain": spread("explain"),
+            "predict": spread(scores, "predict"), "explain": spread(scores, "explain"),
             "explain_votes": votes["accuracy"] if votes else None,
             "votes": votes.get("votes") if votes else None}
 
@@ -98,20 +83,12 @@ def table(rows: list[dict], reference: list[dict], wanted: int) -> str:
             f"{'tok/covered':>12}{'kept':>7}{'hinted':>7}{'by student':>11}"
             f"{'predict':>16}{'explain':>16}" + (f"{f'maj@{votes}':>9}" if votes else ""))
     lines = [head, "-" * len(head)]
-
-    def acc(v) -> str:
-        if v is None:
-            return f"{'-':>16}"
-        text = f"{100 * v['mean']:.1f}%" + (f" ± {100 * v['sd']:.1f}"
-                                            if len(v["per_seed"]) > 1 else "")
-        return f"{text:>16}"
-
     for r in rows:
         share = f"{r['covered']} ({100 * r['covered'] / max(1, r['questions']):.0f}%)"
         per = f"{r['tokens_per_covered']:,.0f}" if r["tokens_per_covered"] else "-"
         line = (f"{r['rung']:<16}{r['teacher_tokens']:>16,}{share:>14}{r['covered_wanted']:>8}"
                 f"{per:>12}{r['kept']:>7}{r['hinted_kept']:>7}{r.get('student_kept', 0):>11}"
-                f"{acc(r['predict'])}{acc(r['explain'])}")
+                f"{show(r['predict'])}{show(r['explain'])}")
         if votes:
             line += (f"{100 * r['explain_votes']:>8.1f}%" if r.get("explain_votes") is not None
                      else f"{'-':>9}")
@@ -123,46 +100,6 @@ def table(rows: list[dict], reference: list[dict], wanted: int) -> str:
         lines.append(f"{r['system']} ({'few-shot CoT' if r['system'] == 'teacher' else 'predict'})"
                      f": {100 * r['accuracy']:.1f}%")
     return "\n".join(lines)
-
-
-def _results(run, name: str) -> dict:
-    """{system: accuracy} of student `name` in `run`'s last eval, and its maj@k result."""
-    results = run.stage("eval").read_json("report.json")["results"]
-    mine = [r for r in results if r.get("variant", "") == name]
-    scores = {r["system"]: r["accuracy"] for r in mine if "@" not in r["system"]}
-    return scores, next((r for r in mine if r["system"].startswith("explain@")), None)
-
-
-def _with(cfg, **sections):
-    """`cfg` with fields of some sections replaced: `_with(cfg, train={"seed": 1})`."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)
-                                       for name, fields in sections.items()})
-
-
-def train_seeds(cfg, run, seeds: list[int], votes: int, extra_systems: list[str],
-                skip_first: bool = False) -> tuple[dict, dict | None, list[dict]]:
-    """Each seed's student on `run`'s pool, trained and scored (`predict:`, `explain:`; maj@k
-    of the first seed with `votes`): (seed -> scores, the first seed's maj@k, the results of
-    `extra_systems` such as the teacher). `skip_first`: the first seed's student is trained and
-    scored already (the loop did it)."""
-    from stages.commands.running import run_stages
-
-    scores, voted, extra = {}, None, []
-    for seed in seeds:
-        name = seed_name(seeds, seed)
-        first = seed == seeds[0]
-        systems = ["predict", "explain"] + (extra_systems if first else [])
-        c = _with(cfg, train={"seed": seed, "name": name},
-                  eval={"systems": systems, "variants": [name],
-                        "vote_samples": votes if first else 0})
-        if not (first and skip_first):
-            run_stages(["train", "eval"], c, run)
-        scores[seed], maj = _results(run, name)
-        if first:
-            voted = maj
-            results = run.stage("eval").read_json("report.json")["results"]
-            extra = [r for r in results if r["system"] in extra_systems]
-    return scores, voted, extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     reference: list[dict] = []
 
     def work() -> None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            seeds = []
-        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ConfigError([f"--seeds {args.seeds!r}: give distinct non-negative integers, "
-                               "comma-separated (e.g. 0,1,2)"])
+        seeds = seed_list(args.seeds)
         if args.loop_rounds < 0 or args.votes < 0:
             raise ConfigError(["--loop-rounds and --votes take 0 or more"])
         base = load_config(args.config, args.overrides)
@@ -240,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         gold = RunFolder.at(args.runs_dir, f"{args.run}-gold")
         cfg = load_config(args.config, args.overrides + RUNGS[GOLD][1])
-        cfg = _with(cfg, train={"seed": seeds[0]}, iterate={"until_flat": False},
-                    eval={"systems": ["predict", "explain"], "vote_samples": args.votes})
+        cfg = with_settings(cfg, train={"seed": seeds[0]}, iterate={"until_flat": False},
+                            eval={"systems": ["predict", "explain"],
+                                  "vote_samples": args.votes})
         loop = iterate(cfg, gold, 1 + args.loop_rounds)
         say(f"==> the loop: {loop['stopped']}")
         for r in loop["rounds"]:
@@ -251,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["explain"] is None:  # the round stopped before training: nothing to score
                 rows.append(rung_row(rung, here, None))
                 continue
-            scores, voted, _ = train_seeds(_with(cfg, eval={"vote_samples": args.votes}),
-                                           here, seeds, args.votes, [], skip_first=True)
+            scores, voted, _ = train_seeds(cfg, here, seeds, args.votes, [], skip_first=True)
             rows.append(rung_row(rung, here, scores, voted))
 
     code = reported(work)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 
 from pipeline.log import log
+from stages.commands.running import say
 
 LOOP_FILE = "iterate.json"
 
@@ -162,6 +163,41 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
                    f"{now['covered']}){judged} (iterate.until_flat)")
             break
     return _save(run, rows, reference, cfg, why, t0)
+
+
+def more_seeds(cfg, run, done: dict, seeds: list[int]) -> dict:
+    """Every trained round's pool trained again at the other `seeds` (`train-seed<s>/` in the
+    round's folder, scored by its eval): each row gains `predict_seeds` and `explain_seeds`
+    (mean, sd, per seed; the first seed is the loop's own student). Saved to iterate.json."""
+    from stages.commands.seeds import spread, train_seeds
+    from stages.iterate import round_run
+
+    later = _with(cfg, ["predict", "explain"])
+    for row in done["rounds"]:
+        if row["explain"] is None:  # stopped before training
+            continue
+        say(f"==> iterate round {row['round']}: its pool at seeds {seeds}")
+        scores, _, _ = train_seeds(later, round_run(run, row["round"]), seeds, 0, [],
+                                   skip_first=True)
+        row["predict_seeds"], row["explain_seeds"] = (spread(scores, "predict"),
+                                                      spread(scores, "explain"))
+    run.write_json(LOOP_FILE, done)
+    return done
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """Per round: `predict:` and `explain:` over the seeds (mean ± sd, then each seed)."""
+    from stages.commands.seeds import show
+
+    lines = [f"{'round':>5}{'predict':>16}{'explain':>16}   per seed (predict / explain)"]
+    for r in rows:
+        if r.get("explain_seeds") is None:
+            continue
+        each = "  ".join(f"{100 * p:.1f}/{100 * e:.1f}" for p, e in zip(
+            r["predict_seeds"]["per_seed"].values(), r["explain_seeds"]["per_seed"].values()))
+        lines.append(f"{r['round']:>5}{show(r['predict_seeds'])}{show(r['explain_seeds'])}"
+                     f"   {each}")
+    return "\n".join(lines)
 
 
 def _top_reasons(counters: dict, n: int = 3) -> str:
