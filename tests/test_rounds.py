@@ -322,6 +322,17 @@ def test_the_coverage_ladder_copies_the_rounds_and_tabulates_each_rung(tmp_path)
     assert untrained["predict"] is None and table([untrained], [], 1).rstrip().endswith("-")
 
 
+def test_the_ladder_refuses_unknown_rungs_and_a_loop_without_the_gold_rung(tmp_path, capsys):
+    from stages.commands.coverage import main
+
+    common = ["--config", "configs/harder.yaml", "--runs-dir", str(tmp_path), "--run", "x"]
+    assert main(common + ["--rungs", "fixed,best"]) != 0
+    assert "--rungs 'fixed,best': name rungs by their folder suffix" in capsys.readouterr().err
+    assert main(common + ["--rungs", "fixed", "--loop-rounds", "1"]) != 0
+    assert "add gold to --rungs" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "generate").exists()  # refused before the teacher ran
+
+
 def test_a_job_array_does_one_round_per_pass(tmp_path, capsys):
     """Workers and --finalize of round 1, then the same commands again for round 2 and so
     on; the traces are those of one process doing every round."""

@@ -22,6 +22,8 @@ trained for more steps, never a fixed count); `--seeds` trains each rung's stude
 seeds on the same pool (the first seed is the rung's `train/` student, the others
 `train-seed<s>/`), and the table gives each accuracy as the mean and the spread over them.
 `--votes K` also scores the first seed's `explain:` mode by a majority vote over K samples.
+`--rungs gold` trains only the named rungs' students (the others show what their filter kept):
+on a big set each student costs what the teacher did.
 
 A rung's run folder (`<run>-<rung>/`) gets a copy of the generate folders, so the teacher is
 paid once and each filter reads only the rounds its settings ask for. Finished stages are
@@ -125,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--votes", type=int, default=0,
                         help="also score the first seed's explain: mode by a majority vote "
                         "over this many samples (maj@k; default 0: off)")
+    parser.add_argument("--rungs", default=",".join(r[0] for r in RUNGS.values()),
+                        help="the rungs whose students are trained and scored, by folder "
+                        "suffix, comma-separated (default all: fixed,adaptive,hints,gold); "
+                        "the others show what their filter kept")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every rung (e.g. train.epochs=3)")
     args = parser.parse_args(argv)
@@ -149,8 +155,17 @@ def main(argv: list[str] | None = None) -> int:
                                "unset"])
         if base.train.name:
             raise ConfigError(["the ladder names its students itself: leave train.name unset"])
+        trained = [r.strip() for r in args.rungs.split(",") if r.strip()]
+        unknown = sorted(set(trained) - {suffix for suffix, _ in RUNGS.values()})
+        if unknown or not trained:
+            raise ConfigError([f"--rungs {args.rungs!r}: name rungs by their folder suffix, "
+                               "from fixed, adaptive, hints, gold"])
+        if args.loop_rounds and RUNGS[GOLD][0] not in trained:
+            raise ConfigError(["--loop-rounds starts from the gold rung's student: add gold "
+                               "to --rungs"])
         run_stages(["generate"], base, run)
         done_folders = set()
+        refs = ["teacher", "base"]  # scored once, beside the first student
         for i, (rung, (suffix, extra)) in enumerate(RUNGS.items()):
             say(f"==> rung {i + 1}/{len(RUNGS) + args.loop_rounds}: {rung}")
             target = RunFolder.at(args.runs_dir, f"{args.run}-{suffix}")
@@ -158,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides + extra)
             run_stages(["filter"] if suffix not in done_folders else [], cfg, target)
             done_folders.add(suffix)
-            if args.no_students:
+            if args.no_students or suffix not in trained:
                 rows.append(rung_row(rung, target, None))
                 continue
             if rung == GOLD and args.loop_rounds:
                 break  # the loop trains this rung's student as its round 1
-            refs = ["teacher", "base"] if i == 0 else []
             scores, voted, extra_results = train_seeds(cfg, target, seeds, args.votes, refs)
             reference.extend(extra_results)
+            refs = []
             rows.append(rung_row(rung, target, scores, voted))
         if args.no_students or not args.loop_rounds:
             return
@@ -183,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             if r["explain"] is None:  # the round stopped before training: nothing to score
                 rows.append(rung_row(rung, here, None))
                 continue
-            scores, voted, _ = train_seeds(cfg, here, seeds, args.votes, [], skip_first=True)
+            scores, voted, extra_results = train_seeds(cfg, here, seeds, args.votes,
+                                                       refs if number == 1 else [],
+                                                       skip_first=True)
+            reference.extend(extra_results)
             rows.append(rung_row(rung, here, scores, voted))
 
     code = reported(work)

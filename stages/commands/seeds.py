@@ -50,7 +50,7 @@ def train_seeds(cfg, run, seeds: list[int], votes: int, extra_systems: list[str]
     """Each seed's student on `run`'s pool, trained and scored (`predict:`, `explain:`; maj@k
     of the first seed with `votes`): (seed -> {system: accuracy}, the first seed's maj@k, the
     results of `extra_systems` such as the teacher). `skip_first`: the first seed's student
-    is trained and scored already (the loop did it)."""
+    is trained and scored already (the loop did it); only `extra_systems` are scored then."""
     from stages.commands.running import run_stages
 
     scores, voted, extra = {}, None, []
@@ -63,6 +63,8 @@ def train_seeds(cfg, run, seeds: list[int], votes: int, extra_systems: list[str]
                                 "vote_samples": votes if first else 0})
         if not (first and skip_first):
             run_stages(["train", "eval"], c, run)
+        elif extra_systems:
+            run_stages(["eval"], c, run)
         scores[seed], maj = student_results(run, name)
         if first:
             voted = maj
