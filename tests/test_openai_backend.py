@@ -23,15 +23,32 @@ def backend(tmp_path, url, **over):
     return OpenAIBackend(cfg.generate, tmp_path / "requests.sqlite")
 
 
+def _settled(server, limit: float = 60.0) -> None:
+    """Waits until the server has answered every request it accepted (a request the client
+    gave up on may still be read after the client's call returned)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with server.lock:
+            before = sum(server.attempts.values())
+        time.sleep(0.5)
+        with server.lock:
+            if sum(server.attempts.values()) == before:
+                return
+
+
 def test_failures_are_retried_or_recorded_and_nothing_is_generated_twice(tmp_path):
     scripts = {"rate": ["429", "ok"], "flaky": ["500", "500", "ok"], "slow": ["stall", "ok"],
                "garbled": ["malformed", "ok"], "cut": ["truncated", "ok"], "bad": ["400"],
                "down": ["500"] * 10}
     prompts = list(scripts) + ["fine"]
-    with FakeServer(scripts, stall_seconds=2.5) as server:
-        be = backend(tmp_path, server.base_url)
+    # a timeout far above an answer's time on a loaded machine, the stall far above the timeout
+    with FakeServer(scripts, stall_seconds=12.0) as server:
+        be = backend(tmp_path, server.base_url, request_timeout=6.0)
         out = be.generate(prompts, SETTINGS)
         by_prompt = dict(zip(prompts, out))
+        _settled(server)
         for p in ["rate", "flaky", "slow", "garbled", "cut", "fine"]:
             gens = by_prompt[p]
             assert isinstance(gens, list) and len(gens) == 2, (p, gens)
