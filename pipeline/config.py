@@ -151,6 +151,17 @@ class TaskConfig(Section):
             errors.append("task.kind=hub needs task.dataset (a hub dataset id)")
 
 
+def _looks_like_a_variable_name(name: str | None) -> bool:
+    """True for an environment variable's name (`OPENAI_API_KEY`); False for what looks like
+    a secret: other characters (`sk-...`), or 20 and more letters and digits without an
+    underscore."""
+    if not name:
+        return True  # no key at all (a local server)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+        return False
+    return not (len(name) >= 20 and "_" not in name and re.search(r"\d", name))
+
+
 @dataclass
 class GenerateConfig(Section):
     NAME: ClassVar[str] = "generate"
@@ -275,6 +286,13 @@ class GenerateConfig(Section):
                                le=4096, fingerprint=NEVER)
 
     def _check(self, errors: list[str]) -> None:
+        if not _looks_like_a_variable_name(self.api_key_env):
+            # never echoed: a secret pasted where its variable's name belongs
+            errors.append("generate.api_key_env: give the name of the environment variable "
+                          "that holds the API key (letters, digits and _, such as "
+                          "OPENAI_API_KEY), never the key itself; the value given does not "
+                          "look like a variable name, so it is not shown and nothing was "
+                          "written")
         # the chosen backend checks what it reads (an API's top-k limit, its endpoints)
         BACKENDS.get(self.backend).check(self, errors)
         api = BACKENDS.get(self.backend).request_cache

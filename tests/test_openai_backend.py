@@ -101,6 +101,22 @@ def test_key_and_k_limits(tmp_path, monkeypatch):
         load_config(None, ["generate.backend=openai", "generate.top_k=50"])
 
 
+@pytest.mark.parametrize("secret", ["sk-proj-4fT9xQ2mL8vR1cZ7", "a1b2c3d4e5f6a7b8c9d0e1f2"])
+def test_a_key_given_where_its_variables_name_belongs_is_refused_unshown_and_unwritten(
+        tmp_path, capsys, secret):
+    from stages.commands.cli import main as cli
+
+    for name in ["OPENAI_API_KEY", "MY_TEAM_KEY_2", "together"]:
+        load_config(None, ["generate.backend=openai", f"generate.api_key_env={name}"])
+    code = cli(["generate", "--config", "configs/demo.yaml", "--run", "r", "--runs-dir",
+                str(tmp_path), "generate.backend=openai", f"generate.api_key_env={secret}"])
+    said = capsys.readouterr()
+    assert code != 0 and "generate.api_key_env: give the name of the environment" in said.err
+    assert secret not in said.err + said.out
+    assert not any(secret in f.read_text(errors="ignore")
+                   for f in tmp_path.rglob("*") if f.is_file())
+
+
 def test_sigkilled_generate_run_resumes_without_resending_finished_requests(tmp_path):
     import os
     import signal
