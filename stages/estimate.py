@@ -51,9 +51,9 @@ def _cached(cfg: Config, run: RunFolder, shards: list[Shard],
     g = cfg.generate
     if not BACKENDS.get(g.backend).request_cache or not run.is_local:
         return 0, 0, 0
-    path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
-    if not path.is_file():
+    if not run.stage("generate").exists(REQUEST_CACHE):  # (asking makes no folder)
         return 0, 0, 0
+    path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
     from stages.backends.openai_api import request_body_for
     from stages.backends.request_cache import RequestCache, request_key
     from stages.generate import first_round_sampling

@@ -185,7 +185,8 @@ def _ledger(teacher, before: dict, prompts: list[str], tokens: int,
     now = _used(teacher)
     if "cost" in now:  # an API backend keeps its own ledger
         out = {k: now[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
-                                                    "batch_tokens", "cost", "usage_estimated")}
+                                                    "batch_tokens", "cost", "usage_estimated",
+                                                    "usage_by_bytes")}
         out["cost"] = round(out["cost"], 9)
         return out
     seconds = now["engine_s"] - before.get("engine_s", 0.0)
@@ -216,8 +217,8 @@ def _merge_retried(shard: Shard, previous: pa.Table, retried: pa.Table,
            "truncated": int(pc.sum(pc.equal(both.column("finish_reason"), "length")).as_py()
                             or 0)}
     for key, value in counters.items():
-        if key.startswith("kd_") or key in LEDGER_KEYS or key in ("usage_estimated",
-                                                                   "requests", "cached"):
+        if key.startswith("kd_") or key in LEDGER_KEYS or key in (
+                "usage_estimated", "usage_by_bytes", "requests", "cached"):
             out[key] = value + (shard.previous_counters or {}).get(key, 0)
     return both, out
 
@@ -582,8 +583,13 @@ def _said(manifest: dict, what: str = "generate") -> None:
         log(what, f"requests: {c.get('requests', 0)} sent, {c.get('cached', 0)} answered from "
             "the request cache (paid before, not again)")
     if c.get("usage_estimated"):
-        log(what, f"{c['usage_estimated']} responses had no usage: their tokens are counted by "
-            "the tokenizer (set generate.tokenizer for exact prompt counts)")
+        by_bytes = c.get("usage_by_bytes", 0)
+        how = ("their completion tokens are the tokens of their log-probabilities, and the "
+               + (f"prompt tokens of {by_bytes} of them are estimated as UTF-8 bytes / 4, "
+                  "without a tokenizer (set generate.tokenizer for exact counts; the bill may "
+                  "differ)" if by_bytes else "prompt tokens are counted by the teacher's "
+                  "tokenizer"))
+        log(what, f"{c['usage_estimated']} responses had no usage: {how}")
     if not manifest["facts"].get("usable_for_kd", True):
         log(what, "the log-probabilities are not usable for KD: "
             + manifest["facts"].get("kd_unusable_because", ""))

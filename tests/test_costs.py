@@ -108,12 +108,17 @@ def test_the_ledger_counts_every_response_down_to_the_kept_trace(tmp_path, capsy
         assert again["counters"]["requests"] == 0 and again["counters"]["cached"] == 24
 
 
-def test_a_server_without_usage_is_counted_by_its_tokens(tmp_path):
+def test_a_server_without_usage_is_counted_by_its_tokens(tmp_path, capsys):
     with FakeServer(usage=False) as server:
         manifest = generate.main(config(server.base_url, *PRICES), tmp_path)
         c = manifest["counters"]
         assert c["usage_estimated"] == 24
         assert c["completion_tokens"] == c["tokens"] > 0 and c["prompt_tokens"] > 0
+        # no tokenizer was set: the notice says how the prompts were counted instead
+        assert c["usage_by_bytes"] == 24
+        said = capsys.readouterr().err
+        assert "prompt tokens of 24 of them are estimated as UTF-8 bytes / 4" in said
+        assert "counted by the teacher's tokenizer" not in said
 
 
 def test_a_budget_stops_before_passing_and_a_higher_one_finishes_with_nothing_sent_twice(
@@ -188,6 +193,11 @@ def test_the_estimate_sends_nothing_or_a_pilot_the_run_reuses(tmp_path, capsys):
         assert e["cost"] == pytest.approx(Prices(2.5, 10).cost(e["prompt_tokens"],
                                                                e["completion_tokens"]))
         assert "pilot" not in " ".join(lines(e, cfg))
+        # --estimate after the overrides; asking without a pilot leaves no folder behind
+        assert cli(["generate", "--config", "configs/demo.yaml", "--runs-dir", str(tmp_path),
+                    "--run", "asked", *overrides(server.base_url, *PRICES), "--estimate"]) == 0
+        assert "requests: 24" in capsys.readouterr().out and sent(server) == 0
+        assert not (tmp_path / "asked").exists()
 
         code = cli(["generate", "--estimate", "--config", "configs/demo.yaml", "--runs-dir",
                     str(tmp_path), "--run", "est",

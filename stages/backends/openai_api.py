@@ -332,7 +332,7 @@ class OpenAIBackend:
         # the ledger: tokens and cost of every response a call used (sent or from the cache)
         self.prices = Prices.of(cfg)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "batch_tokens": 0,
-                      "cost": 0.0, "usage_estimated": 0}
+                      "cost": 0.0, "usage_estimated": 0, "usage_by_bytes": 0}
         self.budget = Budget(cfg, self.prices, self.cache.totals())
         self.batches = None
         if cfg.transport == "batch":
@@ -391,7 +391,9 @@ class OpenAIBackend:
         if estimated:
             self.usage["usage_estimated"] += 1
             prompt = self._prompt_tokens(body)
-            prompt = self._prompt_bytes(body) // 4 if prompt is None else prompt
+            if prompt is None:
+                self.usage["usage_by_bytes"] += 1
+                prompt = self._prompt_bytes(body) // 4
         return prompt, completion
 
     def _count(self, prompt: int, completion: int, batch: bool) -> None:

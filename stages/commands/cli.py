@@ -237,8 +237,23 @@ def array_role(args: argparse.Namespace) -> ArrayRole | None:
         raise ConfigError([str(e)]) from None
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a command's options after its overrides read as well
+    (`distill generate --run r generate.model=x --estimate`)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # options after the overrides: the command's own parser reads them intermixed
+        argv = list(sys.argv[1:] if argv is None else argv)
+        commands = next(a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)).choices
+        at = argv.index(args.command)
+        args = commands[args.command].parse_intermixed_args(argv[at + 1:],
+                                                            argparse.Namespace(**vars(args)))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     set_verbosity(args.verbosity)
 
     def work() -> None:
