@@ -3,7 +3,8 @@ real HTTP on 127.0.0.1, scripted failures.
 
 Each request's user message selects its script (`SCRIPTS`), a list of what to do on the first,
 second, ... attempt: "ok", "429" (with Retry-After), "500", "400" (permanent), "stall" (answer
-after the client's timeout), "malformed" (200 with a body that is not JSON), "truncated"
+after the client's timeout), "malformed" (200 with a body that is not JSON), "html" (200 with
+a proxy's HTML page, Content-Type text/html), "truncated"
 (200 whose body stops short of its Content-Length), "drop" (the connection closed with no
 answer), "401" (a rejected key, whose message echoes the key it was sent, as some servers do)
 or "404" (no such model). Unscripted prompts get `default` ("ok" unless told).
@@ -94,9 +95,10 @@ class FakeServer:
             def do_GET(self):
                 self._send(200, json.dumps({"data": [{"id": "fake"}]}).encode())
 
-            def _send(self, status, body, headers=None, length=None):
+            def _send(self, status, body, headers=None, length=None,
+                      kind="application/json"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(length or len(body)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -140,6 +142,9 @@ class FakeServer:
                                                           endpoint)).encode())
                 elif action == "malformed":
                     self._send(200, b"{this is not json")
+                elif action == "html":
+                    self._send(200, b"<html><body>Gateway sign-in</body></html>",
+                               kind="text/html; charset=utf-8")
                 elif action == "truncated":
                     self._send(200, b'{"id": "x", "choi', length=500)
                     self.close_connection = True

@@ -155,6 +155,40 @@ def test_a_kill_after_submitting_resumes_the_same_batch_by_its_id(tmp_path):
         assert len(server.submitted()) == 3 and server.calls["upload"] == 3
 
 
+def test_a_damaged_batch_record_or_input_file_stops_the_stage_naming_it(tmp_path, capsys):
+    """A record cut short, or an input file emptied, while its batch runs at the provider:
+    one line naming the file, and nothing submitted again (an empty input file once made the
+    same requests a new request set: paid twice)."""
+    from stages.commands.cli import main as cli
+
+    run = tmp_path / "r"
+    args = ["generate", "--config", "configs/demo.yaml", "--runs-dir", str(tmp_path), "--run",
+            "r", *overrides("URL")]
+    with FakeBatchServer(hold=True) as server:
+        args = [a.replace("URL", server.base_url) for a in args]
+        child = _distill(run, server.base_url)
+        try:
+            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
+        finally:
+            _kill(child)
+        record = sorted((run / "generate" / "batches").glob("*.json"))[0]
+        whole = record.read_text()
+        record.write_text(whole[:len(whole) // 2])
+        capsys.readouterr()
+        assert cli(args) == 1
+        err = capsys.readouterr().err
+        assert f"{record} is damaged (JSONDecodeError" in err and "nothing was submitted" in err
+        record.write_text(whole)
+        inputs = record.with_suffix(".jsonl")
+        inputs.write_text("")
+        assert cli(args) == 1
+        err = capsys.readouterr().err
+        assert f"{inputs} is damaged (0 requests where its record says 8)" in err
+        assert len(server.submitted()) == 1 and server.calls["upload"] == 1
+        assert "Traceback" not in err
+        server.release()
+
+
 def test_a_kill_between_upload_and_submit_submits_once(tmp_path):
     run = tmp_path / "r"
     with FakeBatchServer(faults={"hang_create"}, hold=True) as server:

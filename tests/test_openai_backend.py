@@ -23,6 +23,20 @@ def backend(tmp_path, url, **over):
     return OpenAIBackend(cfg.generate, tmp_path / "requests.sqlite")
 
 
+def test_an_answer_that_is_not_json_is_retried_then_named(tmp_path):
+    """A gateway's HTML page with status 200: retried like a 5xx; when it keeps coming, the
+    row's error names the endpoint and what came back, not a Python traceback."""
+    scripts = {"once": ["html", "ok"], "always": ["html"] * 10}
+    with FakeServer(scripts) as server:
+        out = dict(zip(scripts, backend(tmp_path, server.base_url).generate(list(scripts),
+                                                                             SETTINGS)))
+    assert isinstance(out["once"], list) and out["once"][0].text == "answer 0 to once"
+    error = str(out["always"])
+    assert not isinstance(out["always"], list) and server.attempts["always"] == 4
+    assert "/completions answered 200 with a body that is not JSON" in error
+    assert "<html><body>Gateway" in error and "AttributeError" not in error
+
+
 def _settled(server, limit: float = 60.0) -> None:
     """Waits until the server has answered every request it accepted (a request the client
     gave up on may still be read after the client's call returned)."""

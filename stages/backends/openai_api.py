@@ -53,11 +53,17 @@ def _retry_after(error) -> float | None:
         return None
 
 
+class NotJSONAnswer(Exception):
+    """A 2xx answer whose body is not the JSON the endpoint promises (a proxy's or a
+    gateway's HTML page, say): transient, like a 5xx."""
+
+
 def _is_retryable(error) -> bool:
     import openai
 
     if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError,
-                          openai.APIResponseValidationError, json.JSONDecodeError)):
+                          openai.APIResponseValidationError, json.JSONDecodeError,
+                          NotJSONAnswer)):
         return True
     if isinstance(error, openai.APIStatusError):
         return error.status_code in _RETRYABLE_STATUS
@@ -429,6 +435,8 @@ class OpenAIBackend:
                     try:
                         self.stats["requests"] += 1
                         response = await self.create(**body)
+                        if not hasattr(response, "model_dump"):  # the client's raw text
+                            raise NotJSONAnswer(self._not_json(response))
                         result = response.model_dump()
                         if not result.get("choices"):
                             raise json.JSONDecodeError("response has no choices", "", 0)
@@ -455,6 +463,13 @@ class OpenAIBackend:
                 self.budget.release(*worst)
         self.stats["failed"] += 1
         return last
+
+    def _not_json(self, body) -> str:
+        where = self.cfg.base_url or "the OpenAI API"
+        route = "chat/completions" if self.cfg.endpoint == "chat" else "completions"
+        start = " ".join(str(body).split())[:60]
+        return (f"{where}/{route} answered 200 with a body that is not JSON (it starts "
+                f"{start!r}): is a proxy or a gateway answering instead of the server?")
 
     def _fatal(self, status: int, error: str) -> str:
         where = self.cfg.base_url or "the OpenAI API"

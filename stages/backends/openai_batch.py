@@ -42,6 +42,21 @@ METADATA_KEY = "distill_request_set"
 class BatchInterrupted(TeacherUnavailable):
     """A batch step that cannot go on now (a submit that failed, a download not whole): the
     stage stops, its record kept, and the same command resumes it."""
+
+
+class DamagedBatchRecord(TeacherUnavailable):
+    """A batch's record or input file cannot be read: the stage stops before anything is
+    submitted again (the batch it records may be running, and paid for, at the provider)."""
+
+    def __init__(self, path: Path, why: str, name: str):
+        super().__init__(
+            f"{path} is damaged ({why}). It records request set {name}, whose batch may be "
+            f"running at the provider: nothing was submitted. Look for a batch whose metadata "
+            f"holds {METADATA_KEY}={name} in the provider's batch list; restore the file from "
+            "a backup, or move it and its .json/.jsonl partner aside to submit the set again "
+            "(paid again if that batch was already run)")
+
+
 DOWNLOAD_TRIES = 3
 
 
@@ -110,8 +125,23 @@ class BatchTransport:
     # -- the record ------------------------------------------------------------------------
     def _save(self, path: Path, record: dict) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        with open(tmp, "w") as f:  # on disk before it replaces the record (a power cut)
+            f.write(json.dumps(record, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        """A batch record, checked: a damaged one names itself and stops the stage."""
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not {"request_set", "input"} <= set(record):
+                raise ValueError("not a batch record")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise DamagedBatchRecord(path, f"{type(error).__name__}: {error}",
+                                     path.stem) from None
+        return record
 
     def _call(self, what: str, fn):
         """A Files/Batches call, retried on what a retry can fix (not used for `create`)."""
@@ -153,7 +183,7 @@ class BatchTransport:
         if not missing:
             return
         for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
-            record = json.loads(path.read_text())
+            record = self._read(path)
             if record.get("state") == "downloaded":
                 continue
             held = self._keys(record)
@@ -194,9 +224,19 @@ class BatchTransport:
         self.failed.update(record.get("failed", {}))
 
     def _keys(self, record: dict) -> set[str]:
-        """The request keys of a request set (from its input file)."""
-        return {json.loads(line)["custom_id"] for line in
-                (self.folder / record["input"]).read_text().splitlines() if line.strip()}
+        """The request keys of a request set (from its input file, checked against the count
+        its record holds: an input file cut short would let its requests be sent again)."""
+        path = self.folder / record["input"]
+        try:
+            keys = {json.loads(line)["custom_id"] for line in
+                    path.read_text().splitlines() if line.strip()}
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise DamagedBatchRecord(path, f"{type(error).__name__}: {error}",
+                                     record["request_set"]) from None
+        if record.get("requests") is not None and len(keys) != record["requests"]:
+            raise DamagedBatchRecord(path, f"{len(keys)} requests where its record says "
+                                     f"{record['requests']}", record["request_set"])
+        return keys
 
     def _finish(self, path: Path, record: dict) -> None:
         """Upload, submit, wait for and download a request set, from where its record says
