@@ -8,7 +8,9 @@ in vLLM's batch runner) and is `in_progress` for at least `polls` looks.
 Faults (`faults`, each once unless said): "drop_create_after" (the batch is made, then the
 connection is closed with no answer), "drop_create_before" (closed before anything is made),
 "hang_create" (the create waits until `release()`, then closes without making the batch),
-"cut_download" (the first download of an output file stops mid-line), "expire" (every batch
+"cut_download" (the first download of an output file stops mid-line), "cut_line_always"
+(every download of an output file has its first line cut in half), "junk_line" (every output
+file ends with a line for a request never asked), "expire" (every batch
 ends `expired` with only its first half answered), "fail" (every batch ends `failed` with a
 validation error). `hold`: batches stay in progress until `release()`. `fail_prompts`: requests
 whose user message contains one of these strings get HTTP 400 in the error file, with a message
@@ -89,6 +91,13 @@ class FakeBatchServer:
                     if "cut_download" in server.faults and parts[2].startswith("file-out"):
                         server.faults.discard("cut_download")
                         data = data[:len(data) // 2 + 7]  # mid-line, Content-Length to match
+                    if parts[2].startswith("file-out"):
+                        if "cut_line_always" in server.faults:
+                            first, rest = data.split(b"\n", 1)
+                            data = first[:len(first) // 2] + b"\n" + rest
+                        if "junk_line" in server.faults:
+                            data += json.dumps({"custom_id": "never-asked", "response": {
+                                "status_code": 200, "body": {"choices": []}}}).encode() + b"\n"
                     return self._send(200, None, raw=data)
                 if parts[1:2] == ["batches"] and len(parts) == 3:
                     server.calls["retrieve"] += 1

@@ -214,6 +214,30 @@ def test_a_download_cut_short_is_downloaded_again(tmp_path, capsys):
         assert len(server.submitted()) == 3
 
 
+def test_a_line_cut_on_every_download_fails_its_request_and_the_stage_finishes(tmp_path,
+                                                                              capsys):
+    """One output line cut in half on every download: that request is failed with its reason
+    (for --retry-failed) after the tries, the rest are answered; a line for a request never
+    asked is ignored and counted; the retry counter stops at its limit."""
+    from stages.backends.openai_batch import DOWNLOAD_TRIES
+
+    with FakeBatchServer(faults={"cut_line_always", "junk_line"}) as server:
+        cfg = config(server.base_url, "generate.max_failed_share=0.5")
+        manifest = generate.main(cfg, tmp_path)
+        err = capsys.readouterr().err
+        c = manifest["counters"]
+        assert c["errors"] == 3 * 2 and c["traces"] == 48 - 3 * 2  # a request (2 samples) a batch
+        assert f"({DOWNLOAD_TRIES + 1} of {DOWNLOAD_TRIES})" not in err
+        assert f"({DOWNLOAD_TRIES} of {DOWNLOAD_TRIES})" in err
+        assert err.count("1 result line(s) for requests this set never asked were ignored") == 3
+        assert "could not be read in 3 downloads" in err
+        assert len(server.submitted()) == 3
+        # the failed requests go again with --retry-failed, a new batch of one per shard
+        server.faults.clear()
+        again = generate.main(cfg, tmp_path, retry_failed=True)
+        assert again["counters"]["errors"] == 0 and len(server.submitted()) == 3 + 3
+
+
 def test_expired_and_failed_requests_go_to_retry_failed_in_a_new_batch(tmp_path):
     # two questions fail, and the batch expires half done
     cfg = config("http://unused", "generate.rows_per_shard=24")

@@ -339,7 +339,7 @@ class BatchTransport:
             requests[item["custom_id"]] = item["body"]
         cache, answered, failed = self.backend.cache, set(), {}
         for attempt in range(DOWNLOAD_TRIES):
-            problems = []
+            cut = strangers = 0
             for which in ("output_file_id", "error_file_id"):
                 file_id = getattr(batch, which, None)
                 if not file_id:
@@ -348,11 +348,11 @@ class BatchTransport:
                     file_id).text)
                 self.stats["downloads"] += 1
                 items, bad = read_lines(text)
-                if bad:
-                    problems.append(f"{bad} line(s) of {file_id} are not whole")
+                cut += bad
                 for item in items:
                     key = item["custom_id"]
                     if key not in requests:
+                        strangers += 1
                         continue
                     response = item.get("response") or {}
                     body = response.get("body")
@@ -367,20 +367,28 @@ class BatchTransport:
                             failed.pop(key, None)
                     elif key not in answered:
                         failed[key] = scrub(_error_text(item))
+            # downloaded again only while requests are missing and the files say why: lines
+            # not whole, or fewer answers than the batch counts as completed
+            missing = [k for k in requests if k not in answered and k not in failed]
             counts = batch.request_counts
-            if counts is not None and len(answered) < (counts.completed or 0):
-                problems.append(f"{len(answered)} answers read, the batch counts "
-                                f"{counts.completed}")
-            if not problems:
+            short = counts is not None and len(answered) < (counts.completed or 0)
+            if not missing or not (cut or short):
                 break
-            log("generate", f"batch {batch.id}: the download was cut short ("
-                f"{'; '.join(problems)}); downloading again ({attempt + 2} of {DOWNLOAD_TRIES})")
-        else:
-            raise BatchInterrupted(
-                f"the results of batch {batch.id} could not be downloaded whole in "
-                f"{DOWNLOAD_TRIES} tries ({'; '.join(problems)}); the {len(answered)} answers "
-                f"read are in the request cache and the batch id is kept in {path}: run the "
-                "same command again to download the rest (nothing is submitted again)")
+            if attempt + 1 < DOWNLOAD_TRIES:
+                log("generate", f"batch {batch.id}: the download was cut short ({cut} line(s) "
+                    f"not whole, {len(missing)} request(s) without a line); downloading again "
+                    f"({attempt + 2} of {DOWNLOAD_TRIES})")
+        else:  # still unreadable after every try: those requests fail, the rest go on
+            for key in missing:
+                failed[key] = (f"its line in the results of batch {batch.id} could not be read "
+                               f"in {DOWNLOAD_TRIES} downloads (the provider may have billed "
+                               "it)")
+            log("generate", f"batch {batch.id}: {len(missing)} request(s) whose result line "
+                f"could not be read in {DOWNLOAD_TRIES} downloads are recorded as failed "
+                "(`distill generate --retry-failed` sends them again)")
+        if strangers:
+            log("generate", f"batch {batch.id}: {strangers} result line(s) for requests this "
+                "set never asked were ignored")
         why = f"the batch ended {batch.status} without an answer for this request"
         if batch.status == "failed" and getattr(batch, "errors", None):
             data = getattr(batch.errors, "data", None) or []
