@@ -10,7 +10,8 @@ connection is closed with no answer), "drop_create_before" (closed before anythi
 "hang_create" (the create waits until `release()`, then closes without making the batch),
 "cut_download" (the first download of an output file stops mid-line), "cut_line_always"
 (every download of an output file has its first line cut in half), "junk_line" (every output
-file ends with a line for a request never asked), "expire" (every batch
+file ends with a line for a request never asked), "html_retrieve" (a look at a batch answered
+200 with an HTML page), "expire" (every batch
 ends `expired` with only its first half answered), "fail" (every batch ends `failed` with a
 validation error). `hold`: batches stay in progress until `release()`. `fail_prompts`: requests
 whose user message contains one of these strings get HTTP 400 in the error file, with a message
@@ -68,10 +69,11 @@ class FakeBatchServer:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, payload, raw: bytes | None = None):
+            def _send(self, status: int, payload, raw: bytes | None = None,
+                      kind: str = "application/json"):
                 body = raw if raw is not None else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -101,6 +103,10 @@ class FakeBatchServer:
                     return self._send(200, None, raw=data)
                 if parts[1:2] == ["batches"] and len(parts) == 3:
                     server.calls["retrieve"] += 1
+                    if "html_retrieve" in server.faults:
+                        server.faults.discard("html_retrieve")
+                        return self._send(200, None, raw=b"<html>Gateway sign-in</html>",
+                                          kind="text/html")
                     with server.lock:
                         batch = server.batches.get(parts[2])
                         if batch is None:

@@ -238,6 +238,13 @@ def test_a_line_cut_on_every_download_fails_its_request_and_the_stage_finishes(t
         assert again["counters"]["errors"] == 0 and len(server.submitted()) == 3 + 3
 
 
+def test_a_look_at_the_batch_answered_with_a_web_page_is_retried(tmp_path, capsys):
+    with FakeBatchServer(faults={"html_retrieve"}) as server:
+        manifest = generate.main(config(server.base_url), tmp_path)
+        assert manifest["counters"]["errors"] == 0 and len(server.submitted()) == 3
+        assert "request_counts" not in capsys.readouterr().err
+
+
 def test_expired_and_failed_requests_go_to_retry_failed_in_a_new_batch(tmp_path):
     # two questions fail, and the batch expires half done
     cfg = config("http://unused", "generate.rows_per_shard=24")

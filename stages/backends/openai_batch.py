@@ -33,6 +33,7 @@ from pathlib import Path
 from pipeline.log import log
 from pipeline.secrets import scrub
 from stages.backends.base import BudgetReached, TeacherUnavailable
+from stages.backends.openai_api import NotJSONAnswer
 from stages.backends.request_cache import request_key
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
@@ -91,6 +92,13 @@ def read_lines(text: str) -> tuple[list[dict], int]:
     return good, bad
 
 
+def _not_an_object(cfg, what: str, answer) -> str:
+    start = " ".join(str(answer).split())[:60]
+    return (f"the batch API at {cfg.base_url or 'the OpenAI API'} answered the call to {what} "
+            f"with a body that is not JSON (it starts {start!r}): is a proxy or a gateway "
+            "answering instead of the server?")
+
+
 def _error_text(item: dict) -> str:
     """Why a batch line holds no answer, from its `error` or its response's status."""
     error = item.get("error") or {}
@@ -143,13 +151,20 @@ class BatchTransport:
                                      path.stem) from None
         return record
 
-    def _call(self, what: str, fn):
-        """A Files/Batches call, retried on what a retry can fix (not used for `create`)."""
+    def _call(self, what: str, fn, expect: str | None = None):
+        """A Files/Batches call, retried on what a retry can fix (not used for `create`);
+        `expect`: an attribute the answer must have (an answer that is not the JSON object
+        the endpoint promises, such as a gateway's HTML page, is retried like a 5xx)."""
         import openai
 
         for attempt in range(self.cfg.max_retries + 1):
             try:
-                return fn()
+                result = fn()
+                if expect is not None and not hasattr(result, expect):
+                    raise NotJSONAnswer(_not_an_object(self.cfg, what, result))
+                return result
+            except NotJSONAnswer as error:
+                last = error
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status in (401, 403, 404) or status < 500 and status not in (408, 409, 429):
@@ -251,7 +266,7 @@ class BatchTransport:
             return
         data = (self.folder / record["input"]).read_bytes()
         uploaded = self._call("upload the batch input file", lambda: self.client.files.create(
-            file=(record["input"], data), purpose="batch"))
+            file=(record["input"], data), purpose="batch"), expect="id")
         self.stats["uploads"] += 1
         record["input_file_id"] = uploaded.id
         self._save(path, record)
@@ -262,7 +277,10 @@ class BatchTransport:
         since = record.get("created", 0) - 3600
 
         def look():
-            for batch in self.client.batches.list(limit=100):
+            page = self.client.batches.list(limit=100)
+            if isinstance(page, (str, bytes)):
+                raise NotJSONAnswer(_not_an_object(self.cfg, "list batches", page))
+            for batch in page:
                 if (batch.metadata or {}).get(METADATA_KEY) == record["request_set"]:
                     return batch
                 if (batch.created_at or 0) < since:
@@ -315,7 +333,7 @@ class BatchTransport:
         while True:
             if batch is None or batch.status not in TERMINAL:
                 batch = self._call("look at the batch", lambda: self.client.batches.retrieve(
-                    record["batch_id"]))
+                    record["batch_id"]), expect="request_counts")
             counts = batch.request_counts
             line = (f"batch {batch.id}: {batch.status}" + (
                 f", {counts.completed} of {counts.total} requests answered, {counts.failed} "
