@@ -189,6 +189,24 @@ def test_a_damaged_batch_record_or_input_file_stops_the_stage_naming_it(tmp_path
         server.release()
 
 
+def test_a_lost_record_of_a_running_batch_is_found_at_the_provider_not_submitted_again(
+        tmp_path, capsys):
+    run = tmp_path / "r"
+    with FakeBatchServer(hold=True) as server:
+        child = _distill(run, server.base_url)
+        try:
+            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
+        finally:
+            _kill(child)
+        for path in (run / "generate" / "batches").iterdir():
+            path.unlink()  # the records lost: only the provider knows the batch now
+        server.release()
+        manifest = generate.main(config(server.base_url), run)
+        assert manifest["counters"]["errors"] == 0
+        assert len(server.submitted()) == 3  # the running batch and the two other shards'
+        assert "already holds request set" in capsys.readouterr().err
+
+
 def test_a_kill_between_upload_and_submit_submits_once(tmp_path):
     run = tmp_path / "r"
     with FakeBatchServer(faults={"hang_create"}, hold=True) as server:

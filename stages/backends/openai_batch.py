@@ -273,8 +273,9 @@ class BatchTransport:
 
     def _find(self, record: dict):
         """The batch submitted for the record's request set, if the provider has one: the
-        batches listed newest first, back to an hour before the record was made."""
-        since = record.get("created", 0) - 3600
+        batches listed newest first, back to a day and two hours before the record was made
+        (a batch's completion window and a margin)."""
+        since = record.get("created", 0) - 26 * 3600
 
         def look():
             page = self.client.batches.list(limit=100)
@@ -294,7 +295,12 @@ class BatchTransport:
 
         if record.get("batch_id"):
             return None
-        found = self._find(record) if record.get("submitting") else None
+        # before any submission, the provider's own list: a batch of this request set made
+        # by a create whose answer was lost, or by a run whose record was lost, is resumed
+        found = self._find(record)
+        if found is not None:
+            log("generate", f"batch {found.id} at the provider already holds request set "
+                f"{record['request_set']} ({found.status}): resumed, not submitted again")
         if found is None:
             record["submitting"] = True  # written before the batch exists: see `_find`
             self._save(path, record)
