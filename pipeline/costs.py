@@ -71,7 +71,15 @@ def ledger(manifests: list[tuple[str, dict]]) -> dict:
             total[key] += row[key]
     prices = next((m.get("facts", {}).get("prices") for _, m in manifests
                    if m.get("facts", {}).get("prices")), None)
-    return {"rounds": rounds, "total": total, "prices": prices}
+    # the rounds share one request cache: its requests sent without a stored answer, as the
+    # last round to finish counted them (the count only grows)
+    unconfirmed = max((m.get("facts", {}).get("unconfirmed") or {} for _, m in manifests),
+                      key=lambda u: (u.get("requests", 0), u.get("cost", 0.0)), default={})
+    book = {"rounds": rounds, "total": total, "prices": prices}
+    if unconfirmed:
+        book["unconfirmed"] = unconfirmed
+        book["bill_at_most"] = round(total["cost"] + unconfirmed.get("cost", 0.0), 9)
+    return book
 
 
 def ledger_lines(book: dict | None, kept: int | None = None,
@@ -97,5 +105,14 @@ def ledger_lines(book: dict | None, kept: int | None = None,
             line += f", {money(cost / max(1, kept))} per kept trace"
         if covered is not None:
             line += f", {money(cost / max(1, covered))} per covered question"
+        lines.append(line)
+    u = book.get("unconfirmed")
+    if u:
+        line = (f"unconfirmed: {u['requests']} request(s) sent without an answer stored (a "
+                "kill, a timeout, a lost connection), at most "
+                f"{u['prompt_tokens']:,} prompt + {u['completion_tokens']:,} completion tokens")
+        if u.get("cost"):
+            line += (f", up to {money(u['cost'])}: the provider may have billed them, so the "
+                     f"bill is at most {money(book['bill_at_most'])} (the budget counts them)")
         lines.append(line)
     return lines

@@ -313,6 +313,30 @@ def teacher_factory(cfg: Config, folder: StageFolder,
     return build
 
 
+def unconfirmed_fact(folder: StageFolder, g: GenerateConfig) -> dict | None:
+    """The requests the run's request cache records as sent without a stored answer (a kill,
+    a timeout, a lost connection: the provider may have billed them), at their worst case:
+    the ledger's unconfirmed part. None when there are none (or no local cache)."""
+    from stages.backends.request_cache import RequestCache
+
+    if not folder.run.is_local or not folder.exists(REQUEST_CACHE):
+        return None
+    cache = RequestCache(folder.local.path(REQUEST_CACHE, "the request cache"))
+    try:
+        open_ = cache.unconfirmed()
+    finally:
+        cache.db.close()
+    requests = sum(n for n, _, _ in open_.values())
+    if not requests:
+        return None
+    prices = Prices.of(g)
+    return {"requests": requests,
+            "prompt_tokens": sum(p for _, p, _ in open_.values()),
+            "completion_tokens": sum(c for _, _, c in open_.values()),
+            "cost": round(sum(prices.cost(p, c, batch) for batch, (_, p, c) in open_.items()),
+                          9)}
+
+
 def merge_worker_caches(folder: StageFolder) -> None:
     """Merge the request caches the workers published into the run's `requests.sqlite` (then
     remove the merged copies; the responses live on in the merged cache)."""
@@ -394,6 +418,9 @@ def _finalizer(g: GenerateConfig, cache_folder: StageFolder) -> Callable[[dict],
         kd_usability(manifest)
         if BACKENDS.get(g.backend).request_cache:
             merge_worker_caches(cache_folder)
+            unconfirmed = unconfirmed_fact(cache_folder, g)
+            if unconfirmed:
+                manifest["facts"]["unconfirmed"] = unconfirmed
         too_many_failed(manifest, g.max_failed_share)
 
     return finalize

@@ -74,6 +74,7 @@ class FakeServer:
                  delay: float = 0.0, stop_token: bool = False, strings: bool = False,
                  default: str = "ok", usage: bool = True):
         self.usage = usage
+        self.billed: list[tuple[int, int]] = []  # (prompt, completion) of each answer sent
         self.scripts = scripts or {}
         self.default = default
         self.stop_token = stop_token
@@ -155,6 +156,9 @@ class FakeServer:
                                          server.stop_token, server.strings, server.usage)
                     with server.lock:
                         server.successes[prompt] += 1
+                        usage = payload.get("usage") or {}
+                        server.billed.append((usage.get("prompt_tokens", 0),
+                                              usage.get("completion_tokens", 0)))
                     self._send(200, json.dumps(payload).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

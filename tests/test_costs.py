@@ -7,6 +7,8 @@ request it answers, so "no request is sent twice" is checked against the server 
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import re
@@ -17,7 +19,7 @@ import stages.filter as filter_stage
 import stages.generate as generate
 from fake_openai import FakeServer
 from pipeline.config import ConfigError, load_config
-from pipeline.costs import Prices, ledger_lines, money
+from pipeline.costs import Prices, ledger, ledger_lines, money
 from pipeline.prompts import PromptTemplate
 from pipeline.tasks import load_split
 from stages.backends.base import BudgetReached
@@ -119,6 +121,66 @@ def test_a_server_without_usage_is_counted_by_its_tokens(tmp_path, capsys):
         said = capsys.readouterr().err
         assert "prompt tokens of 24 of them are estimated as UTF-8 bytes / 4" in said
         assert "counted by the teacher's tokenizer" not in said
+
+
+def test_kills_right_after_answers_never_let_the_bill_pass_the_budget(tmp_path):
+    """SIGKILL just after the server has sent answers that were not yet stored, five times,
+    each rerun with the same budget: the write-ahead record counts every request sent without
+    a stored answer at its worst case, so the server's bill stays within the budget and the
+    ledger (confirmed + unconfirmed) never falls below the bill."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    short = "generate.max_new_tokens=8"  # a worst case near the real cost: room for kills
+    with FakeServer(delay=0.3) as server:
+        full = generate.main(config(server.base_url, *PRICES, short), tmp_path / "full")
+        server.billed.clear()
+        cap = full["counters"]["cost"] * 0.9
+        args = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",
+                "configs/demo.yaml", "--run", "r", "--runs-dir", str(tmp_path),
+                *overrides(server.base_url, *PRICES, short, f"generate.budget={cap}")]
+        kills = 0
+        for _ in range(5):
+            before = len(server.billed)
+            child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while len(server.billed) < before + 4 and child.poll() is None:
+                time.sleep(0.01)
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+                kills += 1
+            child.wait()
+        assert kills >= 1
+        subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # answers sent into a dead pipe are billed all the same
+        prices = Prices(2.5, 10)
+        billed = sum(prices.cost(p, c) for p, c in server.billed)
+        assert 0 < billed <= cap
+        cache = RequestCache(tmp_path / "r" / "generate" / "requests.sqlite")
+        confirmed = sum(prices.cost(p, c) for p, c in cache.totals().values())
+        unconfirmed = sum(prices.cost(p, c) for _, p, c in cache.unconfirmed().values())
+        cache.db.close()
+        assert unconfirmed > 0 and confirmed + unconfirmed >= billed
+
+
+def test_the_ledger_says_the_unconfirmed_part_apart_and_bounds_the_bill():
+    unconfirmed = {"requests": 3, "prompt_tokens": 900, "completion_tokens": 48, "cost": 0.0027}
+    manifests = [("generate", {"counters": {"prompt_tokens": 1000, "completion_tokens": 100,
+                                            "cost": 0.0035},
+                               "facts": {"unconfirmed": {**unconfirmed, "requests": 1}}}),
+                 ("generate-round-2", {"counters": {"prompt_tokens": 500, "completion_tokens": 50,
+                                                    "cost": 0.00175},
+                                       "facts": {"unconfirmed": unconfirmed}})]
+    book = ledger(manifests)
+    assert book["unconfirmed"] == unconfirmed  # one cache for all rounds: its latest count
+    assert book["bill_at_most"] == pytest.approx(0.0035 + 0.00175 + 0.0027)
+    said = "\n".join(ledger_lines(book))
+    assert "teacher cost: 0.00525 in all" in said
+    assert "unconfirmed: 3 request(s) sent without an answer stored" in said
+    assert "the bill is at most 0.00795" in said
+    assert "unconfirmed" not in ledger([(n, {"counters": m["counters"]})
+                                        for n, m in manifests])
 
 
 def test_a_budget_stops_before_passing_and_a_higher_one_finishes_with_nothing_sent_twice(

@@ -220,15 +220,22 @@ _CHAT_OVERHEAD = 32  # tokens a chat template may add around one user message (a
 
 class Budget:
     """The spend cap of one backend: spent (every response in the request cache, at its
-    price) plus the worst case of the requests in flight plus the worst case of the next one
-    must stay within the cap, so no answer can pass it. A request's worst case: its prompt's
+    price, and every request recorded as sent without a stored answer, at its worst case,
+    across kills and reruns) plus the worst case of the requests in flight plus the worst
+    case of the next one must stay within the cap, so no answer can pass it. A request's worst case: its prompt's
     tokens (the tokenizer's count, or its UTF-8 bytes, which no byte-level tokenizer exceeds)
     plus `n * max_tokens`."""
 
-    def __init__(self, cfg, prices: Prices, totals: dict[bool, tuple[int, int]]):
+    def __init__(self, cfg, prices: Prices, totals: dict[bool, tuple[int, int]],
+                 unconfirmed: dict[bool, tuple[int, int, int]] | None = None):
         self.cap, self.cap_tokens, self.prices = cfg.budget, cfg.budget_tokens, prices
         self.spent = sum(prices.cost(p, c, batch) for batch, (p, c) in totals.items())
         self.spent_tokens = sum(p + c for p, c in totals.values())
+        # requests sent before (by this run, killed or timed out) without a stored answer:
+        # spent at their worst case, since the provider may have billed them
+        for batch, (_, p, c) in (unconfirmed or {}).items():
+            self.spent += prices.cost(p, c, batch)
+            self.spent_tokens += p + c
         self.reserved, self.reserved_tokens = 0.0, 0
         self.refused: tuple[float, int] | None = None  # the worst case that did not fit
         self._event: asyncio.Event | None = None  # set when a request in flight answers
@@ -339,7 +346,7 @@ class OpenAIBackend:
         self.prices = Prices.of(cfg)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "batch_tokens": 0,
                       "cost": 0.0, "usage_estimated": 0, "usage_by_bytes": 0}
-        self.budget = Budget(cfg, self.prices, self.cache.totals())
+        self.budget = Budget(cfg, self.prices, self.cache.totals(), self.cache.unconfirmed())
         self.batches = None
         if cfg.transport == "batch":
             from stages.backends.openai_batch import BatchTransport
@@ -424,6 +431,7 @@ class OpenAIBackend:
         if self.batches is not None:  # batch mode never sends a request live
             return self.batches.failed.get(key, "the batch returned no answer for this request")
         last, worst = "no attempt", None
+        bound = self.prompt_bound(body), body["n"] * body["max_tokens"]
         try:
             for attempt in range(self.cfg.max_retries + 1):
                 async with semaphore:
@@ -432,8 +440,11 @@ class OpenAIBackend:
                         if not await self.budget.admit(*worst):
                             worst = None
                             return _BLOCKED
+                    sent = None
                     try:
                         self.stats["requests"] += 1
+                        # write-ahead: on disk before the request leaves, open until answered
+                        sent = self.cache.sending(key, *bound)
                         response = await self.create(**body)
                         if not hasattr(response, "model_dump"):  # the client's raw text
                             raise NotJSONAnswer(self._not_json(response))
@@ -441,8 +452,14 @@ class OpenAIBackend:
                         if not result.get("choices"):
                             raise json.JSONDecodeError("response has no choices", "", 0)
                     except Exception as error:  # sorted below into retryable and permanent
+                        if isinstance(error, OSError) and sent is None:
+                            raise  # the record could not be written: nothing was sent
                         last = scrub(f"{type(error).__name__}: {error}")
                         status = getattr(error, "status_code", None)
+                        if status is not None:  # an error answer: no provider bills it
+                            self.cache.refused(sent)
+                        else:  # a timeout, a lost connection, a body cut short: maybe billed
+                            self.budget.spend(*bound)
                         if status in _FATAL_STATUS:
                             raise TeacherUnavailable(self._fatal(status, last)) from None
                         if not _is_retryable(error) or attempt == self.cfg.max_retries:
@@ -450,7 +467,7 @@ class OpenAIBackend:
                         wait = _retry_after(error)
                     else:
                         used = self.usage_of(body, result)
-                        self.cache.put(key, result, used)
+                        self.cache.put(key, result, used, sent=sent)
                         self.budget.spend(*used)
                         self._count(*used, False)
                         return result

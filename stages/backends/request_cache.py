@@ -40,9 +40,16 @@ class RequestCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS usage (key TEXT PRIMARY KEY, "
                         "prompt_tokens INTEGER, completion_tokens INTEGER, batch INTEGER)")
+        # the write-ahead record of spending: one row per request sent, written before it
+        # leaves, with its worst case; `open` until its answer is stored (`answered`) or the
+        # server answered with an error, which no provider bills (`refused`)
+        self.db.execute("CREATE TABLE IF NOT EXISTS sent (id INTEGER PRIMARY KEY "
+                        "AUTOINCREMENT, key TEXT, prompt_tokens INTEGER, completion_tokens "
+                        "INTEGER, batch INTEGER, state TEXT)")
         self.db.commit()
         self._backfill()
         self.seeded = False
@@ -97,6 +104,34 @@ class RequestCache:
             out[bool(batch)] = (int(prompt or 0), int(completion or 0))
         return out
 
+    def sending(self, key: str, prompt: int, completion: int, batch: bool = False) -> int:
+        """Record a request about to leave with its worst case (durable before it is sent:
+        a kill after the server billed it still finds it); returns the record's id."""
+        try:
+            cursor = self.db.execute("INSERT INTO sent (key, prompt_tokens, completion_tokens, "
+                                     "batch, state) VALUES (?, ?, ?, ?, 'open')",
+                                     (key, prompt, completion, int(batch)))
+            self.db.commit()
+        except sqlite3.OperationalError as e:
+            raise OSError(f"the request cache cannot be written ({e})") from None
+        return int(cursor.lastrowid)
+
+    def refused(self, sent: int) -> None:
+        """The server answered the request with an error status: nothing was billed."""
+        self.db.execute("UPDATE sent SET state = 'refused' WHERE id = ?", (sent,))
+        self.db.commit()
+
+    def unconfirmed(self) -> dict[bool, tuple[int, int, int]]:
+        """Requests sent without an answer stored or an error received (a kill, a timeout, a
+        connection lost), live (False) and batch (True): (requests, worst-case prompt tokens,
+        worst-case completion tokens). The provider may have billed each."""
+        out = {False: (0, 0, 0), True: (0, 0, 0)}
+        for batch, n, prompt, completion in self.db.execute(
+                "SELECT batch, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM sent "
+                "WHERE state = 'open' GROUP BY batch"):
+            out[bool(batch)] = (int(n), int(prompt or 0), int(completion or 0))
+        return out
+
     def snapshot(self, dest: Path) -> None:
         """A consistent copy of this worker's own entries in `dest` (SQLite's backup API)."""
         dest.unlink(missing_ok=True)
@@ -107,16 +142,19 @@ class RequestCache:
             target.close()
 
     def put(self, key: str, body: dict, usage: tuple[int, int] | None = None,
-            batch: bool = False) -> None:
-        """Store a response and its usage (default: read from the body); a cache that cannot be
-        written (a full disk) stops the stage: a paid-for response that cannot be kept must not
-        be taken for a failed row."""
+            batch: bool = False, sent: int | None = None) -> None:
+        """Store a response and its usage (default: read from the body), closing its record
+        `sent` (`sending`) in the same transaction; a cache that cannot be written (a full
+        disk) stops the stage: a paid-for response that cannot be kept must not be taken for
+        a failed row."""
         prompt, completion = usage if usage is not None else response_usage(body)[:2]
         try:
             self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)",
                             (key, json.dumps(body)))
             self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)",
                             (key, prompt, completion, int(batch)))
+            if sent is not None:
+                self.db.execute("UPDATE sent SET state = 'answered' WHERE id = ?", (sent,))
             self.db.commit()
         except sqlite3.OperationalError as e:
             raise OSError(f"the request cache cannot be written ({e})") from None
@@ -136,6 +174,12 @@ def merge_request_caches(dest: Path, sources: list[Path]) -> int:
             if has_usage:
                 cache.db.execute("INSERT OR IGNORE INTO usage SELECT key, prompt_tokens, "
                                  "completion_tokens, batch FROM other.usage")
+            has_sent = cache.db.execute("SELECT 1 FROM other.sqlite_master WHERE "
+                                        "type = 'table' AND name = 'sent'").fetchone()
+            if has_sent:  # a worker's requests sent without an answer stay counted
+                cache.db.execute("INSERT INTO sent (key, prompt_tokens, completion_tokens, "
+                                 "batch, state) SELECT key, prompt_tokens, completion_tokens, "
+                                 "batch, state FROM other.sent WHERE state = 'open'")
             cache.db.commit()
             cache.db.execute("DETACH DATABASE other")
         cache._backfill()
