@@ -207,6 +207,35 @@ def test_a_lost_record_of_a_running_batch_is_found_at_the_provider_not_submitted
         assert "already holds request set" in capsys.readouterr().err
 
 
+def test_a_submitted_batch_counts_at_its_worst_case_until_its_answers_are_stored(tmp_path):
+    """Write-ahead in batch mode: a request set is recorded as spent (worst case) before its
+    batch is made, so a rerun's budget counts a batch still running after a kill; its records
+    close when the answers are stored."""
+    from stages.backends.request_cache import RequestCache
+
+    run = tmp_path / "r"
+
+    def open_batch_requests() -> int:
+        cache = RequestCache(run / "generate" / "requests.sqlite")
+        try:
+            return cache.unconfirmed()[True][0]
+        finally:
+            cache.db.close()
+
+    with FakeBatchServer(hold=True) as server:
+        child = _distill(run, server.base_url)
+        try:
+            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
+        finally:
+            _kill(child)
+        assert open_batch_requests() == 8 and records(run)[0]["spending_recorded"]
+        server.release()
+        manifest = generate.main(config(server.base_url), run)
+        assert manifest["counters"]["errors"] == 0 and len(server.submitted()) == 3
+        assert open_batch_requests() == 0
+        assert "unconfirmed" not in manifest["facts"]
+
+
 def test_a_kill_between_upload_and_submit_submits_once(tmp_path):
     run = tmp_path / "r"
     with FakeBatchServer(faults={"hang_create"}, hold=True) as server:

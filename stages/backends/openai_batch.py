@@ -238,6 +238,11 @@ class BatchTransport:
         self._finish(path, record)
         self.failed.update(record.get("failed", {}))
 
+    def _items(self, record: dict) -> list[dict]:
+        """The lines of a request set's input file (checked by `_keys` first)."""
+        return [json.loads(line) for line in
+                (self.folder / record["input"]).read_text().splitlines() if line.strip()]
+
     def _keys(self, record: dict) -> set[str]:
         """The request keys of a request set (from its input file, checked against the count
         its record holds: an input file cut short would let its requests be sent again)."""
@@ -302,6 +307,12 @@ class BatchTransport:
             log("generate", f"batch {found.id} at the provider already holds request set "
                 f"{record['request_set']} ({found.status}): resumed, not submitted again")
         if found is None:
+            if not record.get("spending_recorded"):  # write-ahead, once per request set
+                self.backend.cache.sending_many([
+                    (item["custom_id"], self.backend.prompt_bound(item["body"]),
+                     item["body"]["n"] * item["body"]["max_tokens"])
+                    for item in self._items(record)])
+                record["spending_recorded"] = True
             record["submitting"] = True  # written before the batch exists: see `_find`
             self._save(path, record)
             try:
@@ -385,6 +396,7 @@ class BatchTransport:
                         if key not in answered:
                             used = self.backend.usage_of(requests[key], body)
                             cache.put(key, body, used, batch=True)
+                            cache.settle(key, "answered")
                             self.backend.budget.spend(*used, True)
                             answered.add(key)
                             self.fresh.add(key)
@@ -421,6 +433,9 @@ class BatchTransport:
         for key in requests:
             if key not in answered and key not in failed:
                 failed[key] = why
+        unread = {k for k, v in failed.items() if v.startswith("its line in the results")}
+        for key in set(failed) - unread:  # failed or expired in the batch: not billed
+            cache.settle(key, "refused")
         record.update(state="downloaded", failed=failed, answered=len(answered))
         self._save(path, record)
         log("generate", f"batch {batch.id}: {len(answered)} answers in the request cache, "

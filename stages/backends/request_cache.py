@@ -116,6 +116,23 @@ class RequestCache:
             raise OSError(f"the request cache cannot be written ({e})") from None
         return int(cursor.lastrowid)
 
+    def settle(self, key: str, state: str) -> None:
+        """Close the open batch records of `key`: `answered` (its answer stored) or `refused`
+        (the batch failed or expired it: not billed)."""
+        self.db.execute("UPDATE sent SET state = ? WHERE key = ? AND batch = 1 AND "
+                        "state = 'open'", (state, key))
+        self.db.commit()
+
+    def sending_many(self, rows: list[tuple[str, int, int]], batch: bool = True) -> None:
+        """`sending` for a whole request set in one transaction (a batch about to be made)."""
+        try:
+            self.db.executemany("INSERT INTO sent (key, prompt_tokens, completion_tokens, "
+                                "batch, state) VALUES (?, ?, ?, ?, 'open')",
+                                [(k, p, c, int(batch)) for k, p, c in rows])
+            self.db.commit()
+        except sqlite3.OperationalError as e:
+            raise OSError(f"the request cache cannot be written ({e})") from None
+
     def refused(self, sent: int) -> None:
         """The server answered the request with an error status: nothing was billed."""
         self.db.execute("UPDATE sent SET state = 'refused' WHERE id = ?", (sent,))
