@@ -133,14 +133,21 @@ def test_kills_right_after_answers_never_let_the_bill_pass_the_budget(tmp_path):
     import sys
     import time
 
-    short = "generate.max_new_tokens=8"  # a worst case near the real cost: room for kills
+    # a worst case near the real cost (room for kills); a round and a hinted round, whose
+    # requests go the same way (the fake teacher's answers are wrong: every question is short)
+    short = ["generate.max_new_tokens=8", "generate.max_samples=4",
+             "generate.hint_template=data/prompts/add_subtract_hint.txt"]
     with FakeServer(delay=0.3) as server:
-        full = generate.main(config(server.base_url, *PRICES, short), tmp_path / "full")
+        generate.main(config(server.base_url, *PRICES, *short), tmp_path / "full")
+        paid = RequestCache(tmp_path / "full" / "generate" / "requests.sqlite")
+        total = sum(Prices(2.5, 10).cost(p, c) for p, c in paid.totals().values())
+        paid.db.close()
+        assert len(server.billed) > 24 * 2  # the first round, round 2 and the hinted round
         server.billed.clear()
-        cap = full["counters"]["cost"] * 0.9
+        cap = total * 0.9
         args = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",
                 "configs/demo.yaml", "--run", "r", "--runs-dir", str(tmp_path),
-                *overrides(server.base_url, *PRICES, short, f"generate.budget={cap}")]
+                *overrides(server.base_url, *PRICES, *short, f"generate.budget={cap}")]
         kills = 0
         for _ in range(5):
             before = len(server.billed)
