@@ -21,6 +21,11 @@ from pipeline.secrets import scrub
 LOGPROB_SOURCE = "raw_logits"  # log_softmax of the logits before temperature / top-p
 
 
+class NotJSONAnswer(Exception):
+    """A 2xx answer whose body is not the JSON the endpoint promises (a proxy's or a
+    gateway's HTML page, say): transient, like a 5xx."""
+
+
 class TeacherUnavailable(RuntimeError):
     """The teacher cannot answer any request (a rejected key, a missing model): the stage
     stops at once instead of recording the same error on every row."""

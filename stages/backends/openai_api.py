@@ -31,7 +31,7 @@ from pipeline.kept_aside import BATCHES
 from pipeline.models import tokens_within
 from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
-from stages.backends.base import (BackendKind, BudgetReached, Generation,
+from stages.backends.base import (BackendKind, BudgetReached, Generation, NotJSONAnswer,
                                   SamplingSettings, TeacherUnavailable)
 from stages.backends.request_cache import RequestCache, request_key, response_usage
 
@@ -51,11 +51,6 @@ def _retry_after(error) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-class NotJSONAnswer(Exception):
-    """A 2xx answer whose body is not the JSON the endpoint promises (a proxy's or a
-    gateway's HTML page, say): transient, like a 5xx."""
 
 
 def _is_retryable(error) -> bool:

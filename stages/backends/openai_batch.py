@@ -32,8 +32,7 @@ from pathlib import Path
 
 from pipeline.log import log
 from pipeline.secrets import scrub
-from stages.backends.base import BudgetReached, TeacherUnavailable
-from stages.backends.openai_api import NotJSONAnswer
+from stages.backends.base import BudgetReached, NotJSONAnswer, TeacherUnavailable
 from stages.backends.request_cache import request_key
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
