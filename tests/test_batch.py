@@ -139,14 +139,19 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait(10)
 
 
+def _killed_after_submitting(run, server) -> None:
+    """`distill generate` in batch mode, SIGKILLed once its first batch is submitted."""
+    child = _distill(run, server.base_url)
+    try:
+        _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
+    finally:
+        _kill(child)
+
+
 def test_a_kill_after_submitting_resumes_the_same_batch_by_its_id(tmp_path):
     run = tmp_path / "r"
     with FakeBatchServer(hold=True) as server:
-        child = _distill(run, server.base_url)
-        try:
-            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
-        finally:
-            _kill(child)
+        _killed_after_submitting(run, server)
         assert len(server.submitted()) == 1
         server.release()
         # even --force (the stage's output set aside) keeps the batch records where they are
@@ -166,11 +171,7 @@ def test_a_damaged_batch_record_or_input_file_stops_the_stage_naming_it(tmp_path
             "r", *overrides("URL")]
     with FakeBatchServer(hold=True) as server:
         args = [a.replace("URL", server.base_url) for a in args]
-        child = _distill(run, server.base_url)
-        try:
-            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
-        finally:
-            _kill(child)
+        _killed_after_submitting(run, server)
         record = sorted((run / "generate" / "batches").glob("*.json"))[0]
         whole = record.read_text()
         record.write_text(whole[:len(whole) // 2])
@@ -193,11 +194,7 @@ def test_a_lost_record_of_a_running_batch_is_found_at_the_provider_not_submitted
         tmp_path, capsys):
     run = tmp_path / "r"
     with FakeBatchServer(hold=True) as server:
-        child = _distill(run, server.base_url)
-        try:
-            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
-        finally:
-            _kill(child)
+        _killed_after_submitting(run, server)
         for path in (run / "generate" / "batches").iterdir():
             path.unlink()  # the records lost: only the provider knows the batch now
         server.release()
@@ -223,11 +220,7 @@ def test_a_submitted_batch_counts_at_its_worst_case_until_its_answers_are_stored
             cache.db.close()
 
     with FakeBatchServer(hold=True) as server:
-        child = _distill(run, server.base_url)
-        try:
-            _wait_for(lambda: any(r.get("batch_id") for r in records(run)))
-        finally:
-            _kill(child)
+        _killed_after_submitting(run, server)
         assert open_batch_requests() == 8 and records(run)[0]["spending_recorded"]
         server.release()
         manifest = generate.main(config(server.base_url), run)

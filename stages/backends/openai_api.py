@@ -431,7 +431,7 @@ class OpenAIBackend:
             for attempt in range(self.cfg.max_retries + 1):
                 async with semaphore:
                     if worst is None and self.budget.on:
-                        worst = self.worst_case(body)
+                        worst = self.prices.cost(*bound, False), sum(bound)
                         if not await self.budget.admit(*worst):
                             worst = None
                             return _BLOCKED

@@ -367,10 +367,7 @@ class BatchTransport:
 
     def _download(self, path: Path, record: dict, batch) -> None:
         """The output and error files into the cache; failures recorded per request."""
-        requests = {}
-        for line in (self.folder / record["input"]).read_text().splitlines():
-            item = json.loads(line)
-            requests[item["custom_id"]] = item["body"]
+        requests = {item["custom_id"]: item["body"] for item in self._items(record)}
         cache, answered, failed = self.backend.cache, set(), {}
         for attempt in range(DOWNLOAD_TRIES):
             cut = strangers = 0
@@ -413,7 +410,9 @@ class BatchTransport:
                 log("generate", f"batch {batch.id}: the download was cut short ({cut} line(s) "
                     f"not whole, {len(missing)} request(s) without a line); downloading again "
                     f"({attempt + 2} of {DOWNLOAD_TRIES})")
-        else:  # still unreadable after every try: those requests fail, the rest go on
+        unread = set()
+        if missing and (cut or short):  # still unreadable after every try: those requests
+            unread = set(missing)        # fail (maybe billed), the rest go on
             for key in missing:
                 failed[key] = (f"its line in the results of batch {batch.id} could not be read "
                                f"in {DOWNLOAD_TRIES} downloads (the provider may have billed "
@@ -432,7 +431,6 @@ class BatchTransport:
         for key in requests:
             if key not in answered and key not in failed:
                 failed[key] = why
-        unread = {k for k, v in failed.items() if v.startswith("its line in the results")}
         for key in set(failed) - unread:  # failed or expired in the batch: not billed
             cache.settle(key, "refused")
         record.update(state="downloaded", failed=failed, answered=len(answered))
