@@ -13,7 +13,8 @@ connection is closed with no answer), "drop_create_before" (closed before anythi
 file ends with a line for a request never asked), "html_retrieve" (a look at a batch answered
 200 with an HTML page), "expire" (every batch
 ends `expired` with only its first half answered), "fail" (every batch ends `failed` with a
-validation error). `hold`: batches stay in progress until `release()`. `fail_prompts`: requests
+validation error). `billed` holds the usage of every answered request of a finished batch,
+as a provider bills it, downloaded or not. `hold`: batches stay in progress until `release()`. `fail_prompts`: requests
 whose user message contains one of these strings get HTTP 400 in the error file, with a message
 that echoes the caller's API key (as some servers do).
 """
@@ -55,6 +56,7 @@ class FakeBatchServer:
         self.batches: dict[str, dict] = {}
         self.looks: Counter = Counter()
         self.calls: Counter = Counter()
+        self.billed: list[tuple[int, int]] = []  # (prompt, completion) of each answer made
         self.lock = threading.Lock()
         self.released = threading.Event()
         if not hold:
@@ -87,6 +89,8 @@ class FakeBatchServer:
                 parts = url.path.strip("/").split("/")  # v1, files|batches, id, content
                 if parts[1:2] == ["files"] and len(parts) == 4:
                     server.calls["download"] += 1
+                    if parts[2].startswith("file-out"):
+                        server.calls["download_output"] += 1
                     data = server.files.get(parts[2])
                     if data is None:
                         return self._send(404, {"error": {"message": "no such file"}})
@@ -214,6 +218,13 @@ class FakeBatchServer:
                                                       for e in errors).encode()
                 batch["error_file_id"] = f"file-err-{n}"
             ok = sum(1 for a in answers if a["response"]["status_code"] == 200)
+            # the provider bills a batch's answered requests when the batch ends, whether or
+            # not their output file is ever downloaded
+            for a in answers:
+                if a["response"]["status_code"] == 200:
+                    usage = a["response"]["body"].get("usage") or {}
+                    self.billed.append((usage.get("prompt_tokens", 0),
+                                        usage.get("completion_tokens", 0)))
             batch["request_counts"] = {"total": len(lines), "completed": ok,
                                        "failed": len(lines) - ok}
             batch["status"] = "expired" if "expire" in self.faults else "completed"

@@ -338,3 +338,45 @@ def test_eval_asks_an_api_teacher_live_outside_the_generate_budget(tmp_path):
         assert sum(server.successes.values()) == 5
     assert report["results"][0]["n"] == 5
     assert not (tmp_path / "eval" / "batches").exists()
+
+
+def test_kills_right_after_downloads_never_let_the_bill_pass_the_budget(tmp_path):
+    """Batch mode under the live kill loop's faults: SIGKILL right after an output file was
+    sent (its batch billed, its answers not yet stored), five times, each rerun with the same
+    budget, with a round and a hinted round: a request set counts at its worst case from
+    before its batch is made until its answers are stored, so the provider's bill stays
+    within the budget and the ledger (confirmed + unconfirmed) never falls below it."""
+    from pipeline.costs import Prices
+    from stages.backends.request_cache import RequestCache
+
+    short = ["generate.max_new_tokens=8", "generate.max_samples=4",
+             "generate.hint_template=data/prompts/add_subtract_hint.txt"]
+    prices = Prices(2, 8, 0.5)
+    with FakeBatchServer() as server:
+        generate.main(config(server.base_url, *short), tmp_path / "full")
+        assert len(server.submitted()) > 3  # the first round, round 2 and the hinted round
+        total = sum(prices.cost(p, c, True) for p, c in server.billed)
+    cap = total * 0.9
+    run = tmp_path / "r"
+    # a provider of its own: the first one would hand the same request sets' batches back
+    with FakeBatchServer() as server:
+        kills = 0
+        for _ in range(5):
+            before = server.calls["download_output"]
+            child = _distill(run, server.base_url, *short, f"generate.budget={cap}")
+            _wait_for(lambda: server.calls["download_output"] > before
+                      or child.poll() is not None)
+            if child.poll() is None:
+                _kill(child)
+                kills += 1
+            child.wait()
+        assert kills >= 1
+        _distill(run, server.base_url, *short, f"generate.budget={cap}").wait(120)
+        billed = sum(prices.cost(p, c, True) for p, c in server.billed)
+        assert 0 < billed <= cap
+        cache = RequestCache(run / "generate" / "requests.sqlite")
+        confirmed = sum(prices.cost(p, c, True) for p, c in cache.totals().values())
+        unconfirmed = sum(prices.cost(p, c, True) for _, p, c in cache.unconfirmed().values())
+        cache.db.close()
+        assert confirmed + unconfirmed >= billed - 1e-12  # sums in another order
+        assert len({b["id"] for b in server.submitted()}) == len(server.submitted())
