@@ -218,11 +218,16 @@ def mapped_rows(records: list[dict], cfg: TaskConfig, split: str, source: str) -
     return pa.table({"id": ids, "question": questions, "gold": golds}, schema=TASK_SCHEMA)
 
 
+def hash_unit(text: str) -> float:
+    """A place in [0, 1) from a hash of `text`: the same on every machine and every run."""
+    digest = hashlib.sha256(str(text).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
 def validation_row(row_id: str) -> float:
     """A training row's place in [0, 1) by a hash of its id: the rows at or above
     `1 - task.validation_share` are the validation split."""
-    digest = hashlib.sha256(f"validation\x1f{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
+    return hash_unit(f"validation\x1f{row_id}")
 
 
 def cut_validation(rows: pa.Table, share: float, split: str) -> pa.Table:

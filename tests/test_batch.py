@@ -21,7 +21,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-import stages.generate as generate
+import stages.generate.stage as generate
 from conftest import ROOT
 from fake_batch import FakeBatchServer
 from fake_openai import FakeServer
@@ -329,7 +329,7 @@ def test_a_budget_below_a_batch_stops_before_submitting_it(tmp_path):
 
 
 def test_eval_asks_an_api_teacher_live_outside_the_generate_budget(tmp_path):
-    from stages import eval as eval_stage
+    from stages.eval import stage as eval_stage
 
     with FakeServer() as server:  # a live server only: a batch would find no Batches API
         cfg = config(server.base_url, "task.n_test=5", "eval.n=5", "eval.systems=[teacher]",

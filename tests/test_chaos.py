@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from fake_openai import FakeServer
 from pipeline.schema import logical
 from pipeline.config import load_config

@@ -4,8 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from pipeline.config import load_config
 from pipeline.run_folder import RunFolder
 
@@ -41,7 +41,7 @@ def test_a_student_trained_before_keeps_its_fingerprint():
     """The train fingerprint is what the code before the current layout computed on the same
     filter output (recorded from commit 2281697), so its trained students are up to date."""
     from pipeline.fingerprints import fingerprint
-    from stages.train import train_fingerprinted
+    from stages.train.stage import train_fingerprinted
     from trainer.students.causal_lm import CausalLMStudent
 
     upstream = RunFolder(FIXTURE).stage("filter").manifest()

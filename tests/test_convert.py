@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from pipeline.config import load_config
 from pipeline.run_folder import RunFolder, StageFolder
 from pipeline.schema import shard_format
 from stages.commands.cli import main as cli
 from stages.commands.convert import ConversionError, convert_run, verify
-from stages.train import kept_rows
+from stages.train.stage import kept_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-before-house"   # format 1, k = 3
 OVERRIDES = ["task.n_train=8", "generate.rows_per_shard=4", "generate.n_samples=2",
@@ -122,7 +122,7 @@ def test_an_unfinished_generate_stage_is_not_converted(tmp_path):
 def test_a_student_trains_with_kd_on_format_1_shards_and_alike_after_conversion(tmp_path):
     """A real (hf) teacher's run written in format 1, trained with KD; then its shards
     converted and the same student trained again: the KD loss moves by the grid's error only."""
-    import stages.train as train_stage
+    import stages.train.stage as train_stage
     from stages.commands.cli import run_stages
 
     cfg = load_config("configs/demo.yaml", [

@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from fake_openai import FakeServer
 from pipeline.config import ConfigError, load_config
 from pipeline.costs import Prices, ledger, ledger_lines, money
@@ -25,7 +25,7 @@ from pipeline.tasks import load_split
 from stages.backends.base import BudgetReached
 from stages.backends.request_cache import RequestCache
 from stages.commands.cli import main as cli
-from stages.estimate import estimate, lines
+from stages.generate.estimate import estimate, lines
 from test_paid_work import sent
 from test_report import CHROMIUM, _browser_dom
 

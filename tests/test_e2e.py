@@ -46,8 +46,8 @@ class Recording:
 
 
 def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, capsys):
-    import stages.filter as filter_stage
-    import stages.generate as generate
+    import stages.filter.stage as filter_stage
+    import stages.generate.stage as generate
     from stages.backends.hf import HFBackend
 
     cfg = load_config("configs/demo.yaml", SMALL)
@@ -106,7 +106,7 @@ def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, cap
 
 
 def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, embedded_path):
-    import stages.generate as generate
+    import stages.generate.stage as generate
     from stages.backends.hf import HFBackend
 
     cfg = load_config("configs/demo.yaml", SMALL + ["generate.batch_size=2"])
@@ -149,7 +149,7 @@ def test_topk_capture_sees_the_raw_logits(embedded_path):
 def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeypatch):
     import json
 
-    import stages.train as train
+    import stages.train.stage as train
     from trainer.dss import JsonlLogCallback
 
     cfg = load_config("configs/demo.yaml", SMALL + ["train.max_steps=4", "train.save_steps=2",
@@ -187,7 +187,7 @@ def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
     import json
 
     from pipeline.models import load_tokenizer
-    from stages import eval as eval_stage
+    from stages.eval import stage as eval_stage
     from trainer.examples import build_examples
     from trainer.students.causal_lm import CausalLMStudent
 

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from pipeline.config import ConfigError, load_config
 from pipeline.registry import BACKENDS, EXECUTORS, STUDENT_KINDS
 from stages.checks.traces import CHECKS

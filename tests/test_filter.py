@@ -11,7 +11,7 @@ from pipeline.stage import Shard
 from stages.backends.base import Generation
 from stages.checks.answers import AnswerChecker
 from stages.checks.traces import count_steps, repeat_share
-from stages.filter import FilterSettings, filter_shard, funnel_table
+from stages.filter.stage import FilterSettings, filter_shard, funnel_table
 
 _ids = itertools.count()
 NUMERIC = AnswerChecker("numeric")
@@ -163,7 +163,7 @@ def test_multiple_choice_and_labels_in_the_filter():
 
 
 def test_funnel_png_and_json_are_written():
-    from stages.filter import draw_funnel
+    from stages.filter.stage import draw_funnel
 
     c = _filter([c[0] for c in CASES], FilterConfig(max_tokens=256)).counters
     assert draw_funnel(c)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.fingerprints import fingerprint
 from pipeline.run_folder import RunFolder
-from stages.filter import filter_fingerprinted
-from stages.generate import generate_fingerprinted
-from stages.train import train_fingerprinted
+from stages.filter.stage import filter_fingerprinted
+from stages.generate.stage import generate_fingerprinted
+from stages.train.stage import train_fingerprinted
 from trainer.students.causal_lm import CausalLMStudent
 
 FIXTURE = "tests/fixtures/run-before-house"

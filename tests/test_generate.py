@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import stages.generate as generate
+import stages.generate.stage as generate
 from pipeline.schema import logical
 from pipeline.config import ConfigError, load_config
 from pipeline.prompts import PromptTemplate
@@ -126,7 +126,7 @@ def test_prompt_template_errors_are_clear(tmp_path):
 
 def test_only_the_settings_of_the_chosen_backend_are_fingerprinted():
     from pipeline.fingerprints import fingerprint
-    from stages.generate import generate_fingerprinted
+    from stages.generate.stage import generate_fingerprinted
 
     def fp(*over):
         return fingerprint(generate_fingerprinted(load_config("configs/demo.yaml", list(over))))
@@ -189,7 +189,7 @@ def test_a_hint_and_a_predict_target_write_the_gold_answer_as_the_traces_do(teac
     prompt = len(task_prompt(PREDICT, "Mia has 2.5 m and 3.5 m."))
     assert [t for t in example["labels"] if t != -100] == [ord("6"), 0]
     assert example["input_ids"][prompt:] == [ord("6"), 0]
-    from stages.train import _predict_text
+    from stages.train.stage import _predict_text
 
     sentence = _predict_text("The answer is {answer}.", canonical)
     assert sentence("6.0") == "The answer is 6." and sentence("{answer}") == "The answer is {answer}."

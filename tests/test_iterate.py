@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.run_folder import RunFolder
 from pipeline.schema import logical
 from stages.checks.answers import NO_ANSWER, answer_checker
-from stages.eval import majority_vote
+from stages.eval.stage import majority_vote
 
 
 def test_majority_vote_counts_equal_answers_as_one_and_breaks_ties_by_the_first_sample():
@@ -57,7 +57,7 @@ def test_the_teacher_scores_a_trace_as_it_generated_it(embedded_path):
 def test_a_student_rationale_needs_no_answer_marker_a_teacher_trace_does():
     """The student learnt `explain:` targets without the teacher's answer sentence: its
     traces are read like eval reads its answers (the last number), the teacher's are not."""
-    from stages.keep import check_trace
+    from stages.checks.keep import check_trace
 
     cfg = load_config("configs/demo.yaml")
     checker = answer_checker(cfg, cfg.filter.extractors)
@@ -148,11 +148,11 @@ def _one_right_sample(real, golds: dict, embedded_path):
 
 @pytest.mark.slow
 def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, monkeypatch):
-    import stages.generate as generate
-    import stages.iterate as iterate_stages
+    import stages.generate.stage as generate
+    import stages.iterate.stage as iterate_stages
     from pipeline.tasks import load_split
     from stages.commands.iterate import iterate
-    from stages.iterate import round_run
+    from stages.iterate.stage import round_run
 
     cfg = load_config("configs/demo.yaml", TINY)
     run = RunFolder(tmp_path / "loop")
@@ -253,7 +253,7 @@ def test_until_flat_reads_the_validation_split_and_a_round_that_kept_nothing_new
     """The loop judges its rounds on the validation split (cut from the training questions,
     never generated for), never on the held-out one; a round whose student wrote nothing the
     filter keeps stops before training, and says why."""
-    import stages.generate as generate
+    import stages.generate.stage as generate
     from pipeline.tasks import load_split
     from stages.commands.iterate import iterate, table
 
@@ -281,7 +281,7 @@ def test_until_flat_reads_the_validation_split_and_a_round_that_kept_nothing_new
     assert second["kept"] == first["kept"] and second["explain"] is None
     assert done["stopped"].startswith("round 2 kept no new trace: none of the ")
     assert "stopped before training" in done["stopped"]
-    from stages.iterate import round_run
+    from stages.iterate.stage import round_run
 
     assert round_run(run, 2).stage("train").manifest() is None  # no student trained
     assert "valid." in table(done["rounds"])
@@ -307,7 +307,7 @@ def test_the_validation_split_is_cut_from_the_training_questions_by_id(tmp_path)
     more = load_config("configs/demo.yaml", base + ["task.validation_share=0.4"])
     assert set(valid.column("id").to_pylist()) <= set(
         load_split(more.task, "validation").column("id").to_pylist())
-    from stages.eval import plan
+    from stages.eval.stage import plan
 
     with pytest.raises(ValueError, match="validation split is empty: set task.validation_share"):
         plan(load_config("configs/demo.yaml", base + ["eval.split=validation"]),
@@ -325,7 +325,7 @@ def test_eval_counts_reasoning_answers_without_a_step_and_says_when_most_have_no
     from pipeline.prompts import PromptTemplate
     from pipeline.stage import Shard
     from stages.backends.base import Generation
-    from stages.eval import EvalSettings, Job, _results, eval_shard, no_step_warnings
+    from stages.eval.stage import EvalSettings, Job, _results, eval_shard, no_step_warnings
 
     outputs = iter([" 10", " Sam has 9 stickers and gives away 5, so 9 - 5 = 4."])
 

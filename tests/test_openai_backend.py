@@ -232,7 +232,7 @@ def test_completions_with_a_chat_template_is_refused():
 
 def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_path):
     from pipeline.run_folder import RunFolder
-    from stages import generate
+    from stages.generate import stage as generate
 
     with FakeServer(strings=True) as server:
         cfg = load_config("configs/demo.yaml", [
@@ -248,7 +248,7 @@ def test_a_run_whose_token_strings_have_no_ids_says_it_is_not_usable_for_kd(tmp_
 
 def test_eval_scores_an_api_teacher_through_its_api_and_records_failed_requests(tmp_path):
     from pipeline.prompts import PromptTemplate
-    from stages import eval as eval_stage
+    from stages.eval import stage as eval_stage
 
     with FakeServer(stop_token=True) as server:  # ids and the stop token, as vLLM sends them
         cfg = load_config("configs/demo.yaml", [

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from fake_openai import FakeServer
 from pipeline.config import load_config
 from pipeline.lock import StageLock, StageLocked
@@ -86,7 +86,7 @@ def test_a_flipped_shard_is_found_by_the_up_to_date_check_and_redone_alone(tmp_p
 
 
 def test_a_truncated_kept_shard_is_caught_by_train_with_the_file_named(tmp_path):
-    import stages.train as train
+    import stages.train.stage as train
 
     with FakeServer() as server:
         cfg = config(server.base_url, "filter.require_answer_marker=false",

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
 from pipeline.config import ConfigError, load_config
 from pipeline.run_folder import RunFolder
 from pipeline.schema import logical
@@ -237,7 +237,7 @@ def test_round_settings_are_checked():
     with pytest.raises(ConfigError, match="no {answer} placeholder"):
         load_config("configs/demo.yaml",
                     ["generate.hint_template=data/prompts/add_subtract_cot.txt"])
-    from stages.rounds import check
+    from stages.generate.rounds import check
     with pytest.raises(ConfigError, match="above filter.max_per_question"):
         check(load_config("configs/demo.yaml", ["generate.max_samples=4",
                                                 "generate.wanted_per_question=3",
@@ -274,7 +274,7 @@ def test_the_student_trains_on_every_round_with_gold_predict_examples(tmp_path, 
                                                                       capsys):
     """Train reads the kept traces of every round (hinted ones too) and, with
     train.predict_on=labelled, makes predict: examples of every labelled question."""
-    import stages.train as train
+    import stages.train.stage as train
 
     cfg, teacher = setup(tmp_path, ["generate.max_samples=4",
                                     "generate.hint_template=data/prompts/add_subtract_hint.txt",

@@ -174,8 +174,8 @@ def test_convert_shards_on_s3(s3):
 
     import s3fs
 
-    import stages.filter as filter_stage
-    import stages.generate as generate
+    import stages.filter.stage as filter_stage
+    import stages.generate.stage as generate
     from pipeline.config import load_config
     from pipeline.schema import shard_format
     from stages.commands.convert import convert_run

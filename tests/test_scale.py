@@ -120,7 +120,7 @@ def _same_rows(a: pa.Table, b: pa.Table) -> None:
 def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path):
     """Ray: the rows of every round (a second round samples the questions still short of a
     kept trace); a job array: the rows of the first."""
-    import stages.generate as generate
+    import stages.generate.stage as generate
 
     rounds = ["generate.max_samples=4"]
     generate.main(load_config("configs/demo.yaml", TINY + rounds), tmp_path / "local")
@@ -233,7 +233,7 @@ def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embe
 def test_filter_on_ray_writes_the_files_of_a_local_filter(tmp_path):
     import shutil
 
-    import stages.filter as filter_stage
+    import stages.filter.stage as filter_stage
 
     over = ["task.n_train=8", "generate.rows_per_shard=4", "generate.n_samples=2",
             "generate.top_k=3", "generate.backend=hf", "filter.min_steps=1"]

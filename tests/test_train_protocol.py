@@ -9,9 +9,9 @@ import errno
 
 import pytest
 
-import stages.filter as filter_stage
-import stages.generate as generate
-import stages.train as train
+import stages.filter.stage as filter_stage
+import stages.generate.stage as generate
+import stages.train.stage as train
 from fake_openai import FakeServer
 from pipeline.config import load_config
 from pipeline.lock import StageLock, StageLocked

@@ -296,7 +296,7 @@ def test_kd_refuses_a_student_with_another_tokenizer_and_falls_back_when_unusabl
         embedded_path, capsys):
     from pipeline.config import load_config
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
-    from stages.train import target_plan
+    from stages.train.stage import target_plan
 
     tok = load_tokenizer(embedded_path)
     cfg = load_config("configs/demo.yaml", ["train.kd_lam=0.3"])
@@ -325,7 +325,7 @@ def test_explain_targets_follow_the_tokenizer(embedded_path):
     is refused; text always text; KD with text targets is a config error."""
     from pipeline.config import ConfigError, load_config
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
-    from stages.train import target_plan
+    from stages.train.stage import target_plan
 
     tok = load_tokenizer(embedded_path)
     facts = {"teacher": "t", "tokenizer_fingerprint": tokenizer_fingerprint(tok),

@@ -71,7 +71,7 @@ def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, c
 def test_a_held_out_share_gives_a_held_out_loss_while_training(imported_run):
     """`train.heldout_share` keeps whole questions out of training; their loss (every term)
     is computed every eval_steps and logged as eval_loss."""
-    from stages.train import hold_out, keep_share
+    from stages.train.stage import hold_out, keep_share
 
     rows = [{"id": f"q{i}"} for i in range(400)]
     train, held = hold_out(rows, 0.25)

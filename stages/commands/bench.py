@@ -75,7 +75,7 @@ def generate_once(backend: str, rows: int, base_url: str | None = None) -> dict:
 
     from pipeline.config import load_config
     from pipeline.run_folder import RunFolder
-    from stages import generate
+    from stages.generate import stage as generate
     from stages.backends.base import SamplingSettings
 
     over = [f"task.n_train={rows}", f"generate.backend={backend}",
@@ -157,7 +157,7 @@ def scale_once(executor: str, rows: int) -> dict:
 
     from pipeline.config import load_config
     from pipeline.run_folder import RunFolder
-    from stages import generate
+    from stages.generate import stage as generate
 
     over = [f"task.n_train={rows}", "generate.backend=hf", "generate.dtype=float32",
             "generate.rows_per_shard=4", "generate.batch_size=8"]
@@ -236,7 +236,7 @@ def bench_filter() -> list[tuple[str, str]]:
     from pipeline.stage import Shard
     from stages.backends.base import Generation
     from stages.checks.answers import AnswerChecker
-    from stages.filter import FilterSettings, filter_shard, funnel_table
+    from stages.filter.stage import FilterSettings, filter_shard, funnel_table
 
     gsm = Path(__file__).resolve().parents[2].parent / "shared/datasets/gsm8k/train.jsonl"
     if gsm.is_file():
@@ -296,7 +296,7 @@ def verification_cost(recs: list[dict], gens: list, params) -> tuple[str, str]:
     from pipeline.schema import traces_table
     from pipeline.stage import Shard
     from stages.backends.base import Generation
-    from stages.filter import filter_shard
+    from stages.filter.stage import filter_shard
 
     rng = np.random.default_rng(0)
     k = 20
@@ -375,11 +375,9 @@ def train_once(variant: str, steps: int) -> dict:
     same 8 traces per step: 8 predict + 8 explain sequences (TRL: one batch of those 16).
     """
     import tempfile
-    import warnings
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
 
     from pipeline.config import TrainConfig
@@ -403,19 +401,6 @@ def train_once(variant: str, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     times: list[float] = []
 
-    def clocked(cls):
-        class Clock(cls):
-            def training_step(self, *a, **k):
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                result = super().training_step(*a, **k)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-                return result
-        return Clock
-
     common = dict(report_to="none", use_cpu=not cuda, remove_unused_columns=False,
                   max_steps=steps + 1, save_strategy="no", disable_tqdm=True,
                   logging_steps=1000, dataloader_num_workers=0, seed=0)
@@ -428,36 +413,13 @@ def train_once(variant: str, steps: int) -> dict:
             args = SFTConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size,
                              bf16=False, gradient_checkpointing=False,
                              dataset_kwargs={"skip_prepare_dataset": True}, **common)
-            trainer = clocked(DSSTrainer)(
+            trainer = _clocked(DSSTrainer, times)(
                 model=model, args=args, terms=terms, student=student, processing_class=tok,
                 train_dataset=Dataset.from_list(examples),
                 data_collator=DSSCollator(student, tok.pad_token_id))
         elif variant == "trl":
-            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-            from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
-            flat = [{"input_ids": ex[p]["input_ids"], "labels": ex[p]["labels"]}
-                    for ex in examples for p in ("predict", "explain")]
-
-            def collate(features):
-                width = max(len(f["input_ids"]) for f in features)
-                pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
-                return {"input_ids": torch.tensor([pad(f["input_ids"], tok.pad_token_id)
-                                                   for f in features]),
-                        "labels": torch.tensor([pad(f["labels"], -100) for f in features]),
-                        "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0)
-                                                        for f in features])}
-
-            args = GKDConfig(output_dir=tmp, per_device_train_batch_size=2 * cfg.batch_size,
-                             lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, bf16=False,
-                             gradient_checkpointing=False, max_length=cfg.max_length,
-                             learning_rate=cfg.learning_rate, shuffle_dataset=False, **common)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trainer = clocked(GKDTrainer)(model=model, teacher_model=teacher, args=args,
-                                              train_dataset=Dataset.from_list(flat),
-                                              data_collator=collate, processing_class=tok)
+            trainer = _gkd_trainer(times, model, path, cfg, examples, tok,
+                                   dict(output_dir=tmp, **common))
         else:
             raise ValueError(f"unknown training variant {variant!r}")
         trainer.remove_callback(PrinterCallback)
@@ -471,6 +433,62 @@ def train_once(variant: str, steps: int) -> dict:
     if cuda:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _clocked(cls, times: list[float]):
+    """A trainer class that appends the seconds of each optimizer step to `times`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+
+    class Clock(cls):
+        def training_step(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            result = super().training_step(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            return result
+    return Clock
+
+
+def _gkd_trainer(times: list[float], model, path, cfg, examples: list[dict], tok, common: dict):
+    """TRL's GKDTrainer on the same records (lmbda=0, beta=0: forward KL on the dataset's
+    completions), its teacher the embedded model itself."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+    flat = [{"input_ids": ex[p]["input_ids"], "labels": ex[p]["labels"]}
+            for ex in examples for p in ("predict", "explain")]
+
+    def collate(features):
+        width = max(len(f["input_ids"]) for f in features)
+        pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(f["input_ids"], tok.pad_token_id)
+                                           for f in features]),
+                "labels": torch.tensor([pad(f["labels"], -100) for f in features]),
+                "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0)
+                                                for f in features])}
+
+    args = GKDConfig(per_device_train_batch_size=2 * cfg.batch_size,
+                     lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, bf16=False,
+                     gradient_checkpointing=False, max_length=cfg.max_length,
+                     learning_rate=cfg.learning_rate, shuffle_dataset=False, **common)
+    from datasets import Dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _clocked(GKDTrainer, times)(model=model, teacher_model=teacher, args=args,
+                                           train_dataset=Dataset.from_list(flat),
+                                           data_collator=collate, processing_class=tok)
 
 
 def _in_child(args: list[str], what: str, env: dict | None = None) -> dict:

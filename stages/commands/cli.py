@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                "embedded default\n  distill config --keys             # every setting\n  "
                "distill <command> --help          # a command's options and examples")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _stage_commands(sub)
+    _run_commands(sub)
+    _other_commands(sub)
+    return parser
+
+
+def _stage_commands(sub) -> None:
+    """`distill generate`, `filter`, `train`, `eval` and `all`."""
     for name in STAGES + ["all"]:
         p = _command(sub, name, "run all four stages" if name == "all" else
                      f"run the {name} stage")
@@ -139,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "setting its previous output aside); run once before an array")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="settings that override the config file")
+
+
+def _run_commands(sub) -> None:
+    """The commands that work on a run's folders: gc, convert-shards, import, report, export."""
     p = _command(sub, "gc", "list (and with --yes remove) the output a run keeps "
                        "aside: other settings' output and quarantined files")
     run_options(p)
@@ -190,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="also upload the folder to this Hub repository (token from HF_TOKEN "
                    "or `hf auth login`); a path or file:// URL copies it there instead")
+
+
+def _other_commands(sub) -> None:
+    """`distill iterate` and `distill config`."""
     p = _command(sub, "iterate", "the student beyond its teacher: each round's distilled "
                  "student samples the questions still short of kept traces, the teacher scores "
                  "them, the next student trains on the pool (ReST-EM); a table per round")
@@ -211,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true",
                    help="list every key of every section with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return parser
 
 
 def array_role(args: argparse.Namespace) -> ArrayRole | None:
@@ -252,97 +267,111 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _gc(args: argparse.Namespace) -> None:
+    from stages.commands.gc import gc
+
+    gc(RunFolder.at(args.runs_dir, args.run), args.yes, args.quarantine)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from stages.commands.report import write_report
+
+    write_report(RunFolder.at(args.runs_dir, args.run), args.examples)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from stages.commands.export import export
+
+    run = RunFolder.at(args.runs_dir, args.run)
+    if not run.fs.isdir(run.root):
+        raise FileNotFoundError(f"no run folder {run.url}; check --run and --runs-dir")
+    export(run, args.student, Path(args.out) if args.out else None,
+           args.adapter_only, args.dtype, args.push_to_hub, args.check)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from stages.commands.convert import convert_run
+
+    convert_run(RunFolder.at(args.runs_dir, args.run), args.to)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from stages.commands.import_traces import import_traces
+
+    # `--from a.json b.json key=value`: the settings apart
+    setting = re.compile(r"[A-Za-z_]+\.[A-Za-z_]+=")
+    moved = [x for x in args.sources if setting.match(x) and not Path(x).exists()]
+    args.sources = [x for x in args.sources if x not in moved]
+    args.overrides = moved + args.overrides
+    if not args.sources:
+        raise ConfigError(["distill import: give the file(s) to import after --from"])
+    cfg = load_config(args.config, args.overrides)
+    mapping = {}
+    for item in args.map:
+        field, sep, column = item.partition("=")
+        if not sep or not column:
+            raise ConfigError([f"--map {item!r}: write FIELD=COLUMN, e.g. question=problem"])
+        mapping[field] = column
+    run = RunFolder.at(args.runs_dir, args.run)
+    run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    import_traces(cfg, run, args.kind, args.sources, args.questions, mapping, args.force)
+
+
+def _iterate(args: argparse.Namespace) -> None:
+    from stages.commands.iterate import iterate, more_seeds, seeds_table, table
+    from stages.commands.seeds import seed_list, with_settings
+
+    cfg = load_config(args.config, args.overrides)
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(["--rounds: give 1 or more (round 1 is the teacher's)"])
+    run = RunFolder.at(args.runs_dir, args.run)
+    seeds = seed_list(args.seeds) if args.seeds else []
+    if seeds:
+        cfg = with_settings(cfg, train={"seed": seeds[0]})
+    done = iterate(cfg, run, args.rounds or cfg.iterate.rounds, args.force)
+    if len(seeds) > 1:
+        done = more_seeds(cfg, run, done, seeds)
+    print(table(done["rounds"]))
+    if len(seeds) > 1:
+        print(seeds_table(done["rounds"]))
+    for r in done["reference"]:
+        print(f"{r['system']}: {100 * r['accuracy']:.1f}%")
+    print(f"stopped: {done['stopped']}")
+
+
+def _config(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    if args.keys:
+        for name, section in SECTION_TYPES.items():
+            print(f"{name}:\n{describe(section)}\n")
+    else:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def _stages(args: argparse.Namespace) -> None:
+    """A stage (`distill generate`, ...) or the four in order (`distill all`)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "generate" and args.estimate:
+        from stages.generate.estimate import estimate, lines
+
+        for line in lines(estimate(cfg, RunFolder.at(args.runs_dir, args.run)), cfg):
+            print(line)
+        return
+    names = STAGES if args.command == "all" else [args.command]
+    run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,
+               role=array_role(args), separate_processes=args.command == "all",
+               retry_failed=getattr(args, "retry_failed", False))
+
+
+# what each command runs; a stage's name (and `all`) runs `_stages`
+COMMANDS = {"gc": _gc, "report": _report, "export": _export, "convert-shards": _convert,
+            "import": _import, "iterate": _iterate, "config": _config}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     set_verbosity(args.verbosity)
-
-    def work() -> None:
-        if args.command == "gc":
-            from stages.commands.gc import gc
-
-            gc(RunFolder.at(args.runs_dir, args.run), args.yes, args.quarantine)
-            return
-        if args.command == "report":
-            from stages.commands.report import write_report
-
-            write_report(RunFolder.at(args.runs_dir, args.run), args.examples)
-            return
-        if args.command == "export":
-            from stages.commands.export import export
-
-            run = RunFolder.at(args.runs_dir, args.run)
-            if not run.fs.isdir(run.root):
-                raise FileNotFoundError(f"no run folder {run.url}; check --run and --runs-dir")
-            export(run, args.student, Path(args.out) if args.out else None,
-                   args.adapter_only, args.dtype, args.push_to_hub, args.check)
-            return
-        if args.command == "convert-shards":
-            from stages.commands.convert import convert_run
-
-            convert_run(RunFolder.at(args.runs_dir, args.run), args.to)
-            return
-        if args.command == "import":  # `--from a.json b.json key=value`: the settings apart
-            setting = re.compile(r"[A-Za-z_]+\.[A-Za-z_]+=")
-            moved = [x for x in args.sources if setting.match(x) and not Path(x).exists()]
-            args.sources = [x for x in args.sources if x not in moved]
-            args.overrides = moved + args.overrides
-            if not args.sources:
-                raise ConfigError(["distill import: give the file(s) to import after --from"])
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "import":
-            from stages.commands.import_traces import import_traces
-
-            mapping = {}
-            for item in args.map:
-                field, sep, column = item.partition("=")
-                if not sep or not column:
-                    raise ConfigError([f"--map {item!r}: write FIELD=COLUMN, e.g. "
-                                       "question=problem"])
-                mapping[field] = column
-            run = RunFolder.at(args.runs_dir, args.run)
-            run.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            import_traces(cfg, run, args.kind, args.sources, args.questions, mapping,
-                          args.force)
-            return
-        if args.command == "iterate":
-            from stages.commands.iterate import iterate, more_seeds, seeds_table, table
-            from stages.commands.seeds import seed_list, with_settings
-
-            if args.rounds is not None and args.rounds < 1:
-                raise ConfigError(["--rounds: give 1 or more (round 1 is the teacher's)"])
-            run = RunFolder.at(args.runs_dir, args.run)
-            seeds = seed_list(args.seeds) if args.seeds else []
-            if seeds:
-                cfg = with_settings(cfg, train={"seed": seeds[0]})
-            done = iterate(cfg, run, args.rounds or cfg.iterate.rounds, args.force)
-            if len(seeds) > 1:
-                done = more_seeds(cfg, run, done, seeds)
-            print(table(done["rounds"]))
-            if len(seeds) > 1:
-                print(seeds_table(done["rounds"]))
-            for r in done["reference"]:
-                print(f"{r['system']}: {100 * r['accuracy']:.1f}%")
-            print(f"stopped: {done['stopped']}")
-            return
-        if args.command == "config":
-            if args.keys:
-                for name, section in SECTION_TYPES.items():
-                    print(f"{name}:\n{describe(section)}\n")
-            else:
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-            return
-        if args.command == "generate" and args.estimate:
-            from stages.estimate import estimate, lines
-
-            for line in lines(estimate(cfg, RunFolder.at(args.runs_dir, args.run)), cfg):
-                print(line)
-            return
-        names = STAGES if args.command == "all" else [args.command]
-        run_stages(names, cfg, RunFolder.at(args.runs_dir, args.run), force=args.force,
-                   role=array_role(args), separate_processes=args.command == "all",
-                   retry_failed=getattr(args, "retry_failed", False))
-
-    return reported(work)
+    return reported(lambda: COMMANDS.get(args.command, _stages)(args))
 
 
 if __name__ == "__main__":

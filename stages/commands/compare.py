@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         configs = variant_configs(args.config, args.overrides, args.variants, args.seeds,
                                   args.kd_lam)
-        from stages.generate import imported
+        from stages.generate.stage import imported
 
         run_stages(["filter"] if imported(run) else ["generate", "filter"], base, run)
         for i, ((v, s), cfg) in enumerate(configs.items(), 1):

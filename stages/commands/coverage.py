@@ -39,6 +39,7 @@ import argparse
 import sys
 import time
 
+from pipeline.config import Config
 from stages.commands.cli import run_options
 from stages.commands.seeds import seed_list, show, spread, train_seeds, with_settings
 
@@ -54,7 +55,7 @@ GOLD = "+gold-predict"  # the rung the loop starts from (its round 1)
 
 def copy_generated(source, target) -> None:
     """The generate folders of `source` (every round) into `target` (a stale copy replaced)."""
-    from stages.iterate import copy_finished, teacher_folders
+    from stages.iterate.stage import copy_finished, teacher_folders
 
     for name in teacher_folders(source):
         copy_finished(source, target, name)
@@ -104,15 +105,7 @@ def table(rows: list[dict], reference: list[dict], wanted: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError, load_config
-    from pipeline.run_folder import RunFolder
-    from stages.commands.cli import reported
-    from stages.commands.iterate import iterate
-    from stages.commands.running import run_stages, say
-    from stages.iterate import round_run
-    from stages.rounds import wanted
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/harder.yaml")
     run_options(parser)
@@ -133,7 +126,103 @@ def main(argv: list[str] | None = None) -> int:
                         "the others show what their filter kept")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="settings for every rung (e.g. train.epochs=3)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _checked(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The ladder's base settings and the rungs it trains, or a clear error."""
+    from pipeline.config import ConfigError, load_config
+
+    if args.loop_rounds < 0 or args.votes < 0:
+        raise ConfigError(["--loop-rounds and --votes take 0 or more"])
+    base = load_config(args.config, args.overrides)
+    if not base.generate.max_samples or not base.generate.hint_template:
+        raise ConfigError(["the ladder compares rounds and hints: set generate.max_samples "
+                           "above generate.n_samples and generate.hint_template (see "
+                           "configs/harder.yaml)"])
+    if base.train.max_steps > 0:
+        raise ConfigError([f"train.max_steps={base.train.max_steps}: the ladder trains "
+                           "every student for train.epochs over its own pool, so that a "
+                           "bigger pool is not trained less per trace; leave max_steps "
+                           "unset"])
+    if base.train.name:
+        raise ConfigError(["the ladder names its students itself: leave train.name unset"])
+    trained = [r.strip() for r in args.rungs.split(",") if r.strip()]
+    unknown = sorted(set(trained) - {suffix for suffix, _ in RUNGS.values()})
+    if unknown or not trained:
+        raise ConfigError([f"--rungs {args.rungs!r}: name rungs by their folder suffix, "
+                           "from fixed, adaptive, hints, gold"])
+    if args.loop_rounds and RUNGS[GOLD][0] not in trained:
+        raise ConfigError(["--loop-rounds starts from the gold rung's student: add gold "
+                           "to --rungs"])
+    return base, trained
+
+
+def _rungs(args: argparse.Namespace, run, trained: list[str], seeds: list[int],
+           rows: list[dict], reference: list[dict]) -> list[str]:
+    """Filter (and train and score) each rung; the reference systems still to score."""
+    from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages.commands.running import run_stages, say
+
+    done_folders = set()
+    refs = ["teacher", "base"]  # scored once, beside the first student
+    for i, (rung, (suffix, extra)) in enumerate(RUNGS.items()):
+        say(f"==> rung {i + 1}/{len(RUNGS) + args.loop_rounds}: {rung}")
+        target = RunFolder.at(args.runs_dir, f"{args.run}-{suffix}")
+        copy_generated(run, target)
+        cfg = load_config(args.config, args.overrides + extra)
+        run_stages(["filter"] if suffix not in done_folders else [], cfg, target)
+        done_folders.add(suffix)
+        if args.no_students or suffix not in trained:
+            rows.append(rung_row(rung, target, None))
+            continue
+        if rung == GOLD and args.loop_rounds:
+            break  # the loop trains this rung's student as its round 1
+        scores, voted, extra_results = train_seeds(cfg, target, seeds, args.votes, refs)
+        reference.extend(extra_results)
+        refs = []
+        rows.append(rung_row(rung, target, scores, voted))
+    return refs
+
+
+def _loop_rungs(args: argparse.Namespace, seeds: list[int], refs: list[str],
+                rows: list[dict], reference: list[dict]) -> None:
+    """The gold rung's student as round 1 of the loop, and each later round's student."""
+    from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages.commands.iterate import iterate
+    from stages.commands.running import say
+    from stages.iterate.stage import round_run
+
+    gold = RunFolder.at(args.runs_dir, f"{args.run}-gold")
+    cfg = load_config(args.config, args.overrides + RUNGS[GOLD][1])
+    cfg = with_settings(cfg, train={"seed": seeds[0]}, iterate={"until_flat": False},
+                        eval={"systems": ["predict", "explain"], "vote_samples": args.votes})
+    loop = iterate(cfg, gold, 1 + args.loop_rounds)
+    say(f"==> the loop: {loop['stopped']}")
+    for r in loop["rounds"]:
+        number = r["round"]
+        here = round_run(gold, number)
+        rung = GOLD if number == 1 else f"+loop round {number}"
+        if r["explain"] is None:  # the round stopped before training: nothing to score
+            rows.append(rung_row(rung, here, None))
+            continue
+        scores, voted, extra_results = train_seeds(cfg, here, seeds, args.votes,
+                                                   refs if number == 1 else [],
+                                                   skip_first=True)
+        reference.extend(extra_results)
+        rows.append(rung_row(rung, here, scores, voted))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import load_config
+    from pipeline.run_folder import RunFolder
+    from stages.commands.cli import reported
+    from stages.commands.running import run_stages
+    from stages.generate.rounds import wanted
+
+    args = _parser().parse_args(argv)
     run = RunFolder.at(args.runs_dir, args.run)
     t0 = time.time()
     rows: list[dict] = []
@@ -141,68 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         seeds = seed_list(args.seeds)
-        if args.loop_rounds < 0 or args.votes < 0:
-            raise ConfigError(["--loop-rounds and --votes take 0 or more"])
-        base = load_config(args.config, args.overrides)
-        if not base.generate.max_samples or not base.generate.hint_template:
-            raise ConfigError(["the ladder compares rounds and hints: set generate.max_samples "
-                               "above generate.n_samples and generate.hint_template (see "
-                               "configs/harder.yaml)"])
-        if base.train.max_steps > 0:
-            raise ConfigError([f"train.max_steps={base.train.max_steps}: the ladder trains "
-                               "every student for train.epochs over its own pool, so that a "
-                               "bigger pool is not trained less per trace; leave max_steps "
-                               "unset"])
-        if base.train.name:
-            raise ConfigError(["the ladder names its students itself: leave train.name unset"])
-        trained = [r.strip() for r in args.rungs.split(",") if r.strip()]
-        unknown = sorted(set(trained) - {suffix for suffix, _ in RUNGS.values()})
-        if unknown or not trained:
-            raise ConfigError([f"--rungs {args.rungs!r}: name rungs by their folder suffix, "
-                               "from fixed, adaptive, hints, gold"])
-        if args.loop_rounds and RUNGS[GOLD][0] not in trained:
-            raise ConfigError(["--loop-rounds starts from the gold rung's student: add gold "
-                               "to --rungs"])
+        base, trained = _checked(args)
         run_stages(["generate"], base, run)
-        done_folders = set()
-        refs = ["teacher", "base"]  # scored once, beside the first student
-        for i, (rung, (suffix, extra)) in enumerate(RUNGS.items()):
-            say(f"==> rung {i + 1}/{len(RUNGS) + args.loop_rounds}: {rung}")
-            target = RunFolder.at(args.runs_dir, f"{args.run}-{suffix}")
-            copy_generated(run, target)
-            cfg = load_config(args.config, args.overrides + extra)
-            run_stages(["filter"] if suffix not in done_folders else [], cfg, target)
-            done_folders.add(suffix)
-            if args.no_students or suffix not in trained:
-                rows.append(rung_row(rung, target, None))
-                continue
-            if rung == GOLD and args.loop_rounds:
-                break  # the loop trains this rung's student as its round 1
-            scores, voted, extra_results = train_seeds(cfg, target, seeds, args.votes, refs)
-            reference.extend(extra_results)
-            refs = []
-            rows.append(rung_row(rung, target, scores, voted))
-        if args.no_students or not args.loop_rounds:
-            return
-        gold = RunFolder.at(args.runs_dir, f"{args.run}-gold")
-        cfg = load_config(args.config, args.overrides + RUNGS[GOLD][1])
-        cfg = with_settings(cfg, train={"seed": seeds[0]}, iterate={"until_flat": False},
-                            eval={"systems": ["predict", "explain"],
-                                  "vote_samples": args.votes})
-        loop = iterate(cfg, gold, 1 + args.loop_rounds)
-        say(f"==> the loop: {loop['stopped']}")
-        for r in loop["rounds"]:
-            number = r["round"]
-            here = round_run(gold, number)
-            rung = GOLD if number == 1 else f"+loop round {number}"
-            if r["explain"] is None:  # the round stopped before training: nothing to score
-                rows.append(rung_row(rung, here, None))
-                continue
-            scores, voted, extra_results = train_seeds(cfg, here, seeds, args.votes,
-                                                       refs if number == 1 else [],
-                                                       skip_first=True)
-            reference.extend(extra_results)
-            rows.append(rung_row(rung, here, scores, voted))
+        refs = _rungs(args, run, trained, seeds, rows, reference)
+        if not args.no_students and args.loop_rounds:
+            _loop_rungs(args, seeds, refs, rows, reference)
 
     code = reported(work)
     if code:

@@ -70,8 +70,8 @@ def _vllm_lines(base_id: str, adapter_only: bool) -> str:
 def model_card(run: RunFolder, variant: str, manifest: dict, base_id: str,
                adapter_only: bool) -> str:
     """The model card: front matter for the Hub, then what the student is and how it was made."""
-    from stages.filter import funnel_table
-    from stages.keep import coverage_lines
+    from stages.filter.stage import funnel_table
+    from stages.checks.keep import coverage_lines
 
     facts, settings = manifest["facts"], manifest["settings"]["train"]
     gen = (run.stage("generate").manifest() or {}).get("facts", {})

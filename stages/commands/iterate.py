@@ -7,7 +7,7 @@ Round 1 is the run's pipeline (generate, filter, train, eval; finished stages ar
 Each later round r: the student of round r - 1 samples the training questions still short of
 kept traces, the teacher scores its traces (top-k for KD), the filter pools every round's
 kept traces, a new student trains from the base model on the pool, and eval scores it
-(`stages.iterate`; its stages live in `<run>/iterate/round-<r>/`). The loop stops after
+(`stages.iterate.stage`; its stages live in `<run>/iterate/round-<r>/`). The loop stops after
 `--rounds` (default `iterate.rounds`), or, with `iterate.until_flat`, after a round that
 raised neither question coverage nor the `explain:` held-out accuracy, or when no question is
 left to sample; it says which. `until_flat` judges accuracy on the validation split
@@ -56,8 +56,8 @@ def validation_explain(cfg, run, force: bool = False) -> float | None:
     import dataclasses
 
     from pipeline.tasks import load_split
-    from stages.eval import folder_name
-    from stages.eval import main as evaluate
+    from stages.eval.stage import folder_name
+    from stages.eval.stage import main as evaluate
 
     if load_split(cfg.task, "validation").num_rows == 0:
         return None
@@ -73,10 +73,10 @@ def iterate(cfg, run, rounds: int, force: bool = False) -> dict:
     """The loop on `run` (see the module docstring); returns what `iterate.json` holds."""
     from pipeline.executors import run_stage
     from stages.commands.running import run_stages, say
-    from stages.iterate import (coverage_row, copy_pool, plan_round, round_run, sample_stage,
+    from stages.iterate.stage import (coverage_row, copy_pool, plan_round, round_run, sample_stage,
                                 score_stage)
-    from stages.pool import scored
-    from stages.rounds import wanted
+    from stages.filter.pool import scored
+    from stages.generate.rounds import wanted
 
     t0 = time.time()
     it = cfg.iterate
@@ -170,7 +170,7 @@ def more_seeds(cfg, run, done: dict, seeds: list[int]) -> dict:
     round's folder, scored by its eval): each row gains `predict_seeds` and `explain_seeds`
     (mean, sd, per seed; the first seed is the loop's own student). Saved to iterate.json."""
     from stages.commands.seeds import spread, train_seeds
-    from stages.iterate import round_run
+    from stages.iterate.stage import round_run
 
     later = _with(cfg, ["predict", "explain"])
     for row in done["rounds"]:

@@ -21,7 +21,7 @@ import time
 from pipeline.costs import money
 from pipeline.log import log
 from pipeline.run_folder import RunFolder
-from stages.figures import png, pyplot
+from pipeline.figures import png, pyplot
 
 _MAX_ROWS = 5000  # rejected traces listed in the table at most (the funnel counts them all)
 
@@ -253,27 +253,46 @@ def _optional_json(read, name: str):
         return None
 
 
+class _Parts(list):
+    """The report's sections as they are written, and how many plots they hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.plots = 0
+
+    def plot(self, b64: str | None, caption: str, name: str) -> None:
+        if b64:
+            self.append(_figure(b64, caption, name))
+            self.plots += 1
+
+
 def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
     """(the page's HTML, how many plots it holds)."""
-    from stages.filter import draw_funnel
-
-    gen = run.stage("generate").manifest() or {}
+    parts = _Parts()
     filt = run.stage("filter")
-    filt_manifest = filt.manifest()
+    funnel = _optional_json(filt.read_json, "funnel.json") if filt.manifest() else None
+    students = [n for n in run.students() if run.student(n).manifest()]
+    _summary(parts, run, funnel, students)
+    for section in (_accuracy, _compared, _loop, _sweep):
+        section(parts, run)
+    _training(parts, run, students)
+    _the_filter(parts, run, funnel, examples)
+    title = f"Distillation report: {run.url.rstrip('/').rsplit('/', 1)[-1]}"
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
+            f"</title><meta name=viewport content='width=device-width,initial-scale=1'>"
+            f"<style>{_STYLE}</style></head><body><main><h1>{_e(title)}</h1>"
+            f"<p class=sub>{_e(run.url)} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"
+            + "".join(parts) + f"</main><script>{_SCRIPT}</script></body></html>")
+    return page, parts.plots
+
+
+def _summary(parts: _Parts, run: RunFolder, funnel: dict | None, students: list[str]) -> None:
+    """The cards at the top of the page."""
+    gen = run.stage("generate").manifest() or {}
     facts = gen.get("facts", {})
-    parts, n_plots = [], 0
-
-    def plot(b64: str | None, caption: str, name: str) -> None:
-        nonlocal n_plots
-        if b64:
-            parts.append(_figure(b64, caption, name))
-            n_plots += 1
-
-    # ---- summary
     cards = [("teacher", facts.get("teacher", "?")),
              ("traces generated", gen.get("counters", {}).get("traces", "?")),
              ("top-k per token", facts.get("k", "?"))]
-    funnel = _optional_json(filt.read_json, "funnel.json") if filt_manifest else None
     if funnel:
         c = funnel["counters"]
         if "questions" in c:  # the headline: training questions with a kept trace
@@ -283,12 +302,13 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                           f"{c.get('teacher_tokens', 0) / max(1, c['covered']):,.0f}"))
         share = 100 * c.get("kept", 0) / max(1, c.get("traces_in", 0))
         cards.append(("kept by the filter", f"{c.get('kept', 0):,} ({share:.0f}%)"))
-    students = [n for n in run.students() if run.student(n).manifest()]
     cards.append(("students trained", len(students)))
     parts.append('<div class="cards">' + "".join(
         f'<div class="card">{_e(k)}<b>{_e(v)}</b></div>' for k, v in cards) + "</div>")
 
-    # ---- accuracy
+
+def _accuracy(parts: _Parts, run: RunFolder) -> None:
+    plot = parts.plot
     report = _optional_json(run.stage("eval").read_json, "report.json")
     parts.append("<h2>Accuracy on the held-out split</h2>")
     if report:
@@ -305,6 +325,9 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
              "(grey: teacher and base student; blue: predict:, orange: explain:)", "accuracy")
     else:
         parts.append("<p>No eval yet: run <code>make eval</code>.</p>")
+
+
+def _compared(parts: _Parts, run: RunFolder) -> None:
     compare = _optional_json(run.read_json, "compare.json")
     if compare:
         parts.append(f"<h2>Variants compared over seeds {_e(compare['seeds'])}</h2>")
@@ -322,6 +345,10 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                                 [[r["variant"], r["both"], r["explain_only"],
                                   r["predict_only"], r["neither"]]
                                  for r in compare["mode_agreement"]], {1, 2, 3, 4}))
+
+
+def _loop(parts: _Parts, run: RunFolder) -> None:
+    plot = parts.plot
     loop = _optional_json(run.read_json, "iterate.json")
     if loop and loop.get("rounds"):
         parts.append("<h2>The loop (<code>distill iterate</code>)</h2>")
@@ -342,6 +369,10 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                                                                "explain_votes",
                                                                "validation_explain")]
              for r in loop["rounds"]], {0, 1, 4, 5, 6, 7, 8, 9}, tid="loop"))
+
+
+def _sweep(parts: _Parts, run: RunFolder) -> None:
+    plot = parts.plot
     sweep = _optional_json(run.read_json, "sweep.json")
     if sweep:
         parts.append("<h2>Data efficiency (answer-only SFT vs Distilling Step-by-Step)</h2>")
@@ -355,7 +386,9 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                               " ".join(f"{100 * a:.1f}" for a in r["accuracy"])]
                              for r in rows], {2, 3, 4}, cls="sortable"))
 
-    # ---- training
+
+def _training(parts: _Parts, run: RunFolder, students: list[str]) -> None:
+    plot = parts.plot
     parts.append("<h2>Training</h2>")
     logs = _read_logs(run)
     plot(loss_curves(logs), "the loss terms of every student (each term's mean between "
@@ -373,7 +406,13 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
                              "steps", "final loss", "seconds"], rows, {4, 5, 6, 7},
                             cls="sortable"))
 
-    # ---- the filter and the traces
+
+def _the_filter(parts: _Parts, run: RunFolder, funnel: dict | None, examples: int) -> None:
+    from stages.filter.stage import draw_funnel
+
+    plot = parts.plot
+    filt = run.stage("filter")
+    filt_manifest = filt.manifest()
     parts.append("<h2>The filter</h2>")
     if funnel:
         for line in funnel.get("coverage") or []:
@@ -432,14 +471,6 @@ def build_report(run: RunFolder, examples: int = 4) -> tuple[str, int]:
             + "</div>")
     else:
         parts.append("<p>No filter yet: run <code>make filter</code>.</p>")
-
-    title = f"Distillation report: {run.url.rstrip('/').rsplit('/', 1)[-1]}"
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
-            f"</title><meta name=viewport content='width=device-width,initial-scale=1'>"
-            f"<style>{_STYLE}</style></head><body><main><h1>{_e(title)}</h1>"
-            f"<p class=sub>{_e(run.url)} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"
-            + "".join(parts) + f"</main><script>{_SCRIPT}</script></body></html>")
-    return page, n_plots
 
 
 def write_report(run: RunFolder, examples: int = 4) -> str:

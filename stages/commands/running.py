@@ -25,13 +25,13 @@ STAGES = ["generate", "filter", "train", "eval"]
 
 def _stage_main(name: str):
     if name == "generate":
-        from stages.generate import main
+        from stages.generate.stage import main
     elif name == "filter":
-        from stages.filter import main
+        from stages.filter.stage import main
     elif name == "train":
-        from stages.train import main
+        from stages.train.stage import main
     else:
-        from stages.eval import main
+        from stages.eval.stage import main
     return main
 
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         configs = sweep_configs(args.config, args.overrides, args.methods, args.shares,
                                 args.seeds)
-        from stages.generate import imported
+        from stages.generate.stage import imported
 
         run_stages(["filter"] if imported(run) else ["generate", "filter"], base, run)
         for i, ((m, p, s), cfg) in enumerate(configs.items(), 1):

@@ -1,5 +1,5 @@
 """What a run's filter reads: the teacher's traces of every generate round and, in a round of
-`distill iterate` (`stages.iterate`), the traces its distilled students sampled (scored by the
+`distill iterate` (`stages.iterate.stage`), the traces its distilled students sampled (scored by the
 teacher where it scores). The filter and the loop's planning both read it from here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pipeline.config import Config
 from pipeline.fingerprints import manifest_digest
 from pipeline.registry import BACKENDS
 from pipeline.run_folder import RunFolder, StageFolder
-from stages.rounds import Part, finished_rounds
+from stages.generate.rounds import Part, finished_rounds
 
 STUDENT_ROUND = "student-round-{}"
 SCORED_ROUND = "scored-round-{}"
@@ -73,8 +73,8 @@ def add_student_parts(cfg: Config, run: RunFolder, parts: dict[str, list[Part]])
 def pool(cfg: Config, run: RunFolder, upstream: dict):
     """(first-round shard -> the parts the filter reads, generate's rounds or None, the
     student rounds' digests by folder): the traces of generate's later rounds
-    (`stages.rounds`) when the settings ask for them, and those a distilled student sampled
-    in this run folder (`stages.iterate`, a round of `distill iterate`)."""
+    (`stages.generate.rounds`) when the settings ask for them, and those a distilled student sampled
+    in this run folder (`stages.iterate.stage`, a round of `distill iterate`)."""
     generated = run.stage("generate")
     rounds = finished_rounds(cfg, run, upstream) \
         if not upstream.get("facts", {}).get("imported") else None

@@ -56,7 +56,7 @@ def _cached(cfg: Config, run: RunFolder, shards: list[Shard],
     path = run.stage("generate").local.path(REQUEST_CACHE, "the request cache")
     from stages.backends.openai_api import request_body_for
     from stages.backends.request_cache import RequestCache, request_key
-    from stages.generate import first_round_sampling
+    from stages.generate.stage import first_round_sampling
 
     cache = RequestCache(path)
     try:
@@ -77,10 +77,10 @@ def _cached(cfg: Config, run: RunFolder, shards: list[Shard],
 def _pilot(cfg: Config, run: RunFolder, shard: Shard) -> dict:
     """The first `pilot_questions` of `shard` through the teacher as the stage sends them;
     their traces through the filter's checks."""
-    from stages.generate import GenerateSettings, generate_shard, teacher_factory
-    from stages.keep import FilterSettings, decide, kept_per_question
+    from stages.generate.stage import GenerateSettings, generate_shard, teacher_factory
+    from stages.checks.keep import FilterSettings, decide, kept_per_question
     from stages.checks.answers import answer_checker
-    from stages.rounds import wanted
+    from stages.generate.rounds import wanted
 
     g = cfg.generate
     live = dataclasses.replace(cfg, generate=dataclasses.replace(g, transport="live"))
@@ -108,7 +108,7 @@ def _pilot(cfg: Config, run: RunFolder, shard: Shard) -> dict:
 
 def estimate(cfg: Config, run: RunFolder) -> dict:
     """The estimate (printed by `distill generate --estimate`, returned for tests)."""
-    from stages.generate import task_shards
+    from stages.generate.stage import task_shards
 
     g = cfg.generate
     prices = Prices.of(g)

@@ -10,7 +10,6 @@ the sum of the loss terms the settings switch on (`trainer.losses`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from pipeline.log import log
 from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import logical, topk_columns
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
+from pipeline.tasks import hash_unit
 from stages.checks.answers import answer_checker
 from trainer.lora import lora_targets
 from trainer.students.base import Student
@@ -158,18 +158,12 @@ def _predict_text(template: str, canonical: Callable[[str], str]) -> Callable[[s
     return lambda gold: template.replace("{answer}", canonical(gold))
 
 
-def _unit(row_id: str) -> float:
-    """A question's place in [0, 1), from a hash of its id."""
-    digest = hashlib.sha256(str(row_id).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
-
-
 def keep_share(rows: list[dict], share: float) -> list[dict]:
     """The rows of a `share` of the questions, chosen by a hash of their id: the same for
     every seed, and a smaller share is a subset of a larger one."""
     if share >= 1:
         return rows
-    return [r for r in rows if _unit(r["id"]) < share]
+    return [r for r in rows if hash_unit(r["id"]) < share]
 
 
 def hold_out(rows: list[dict], share: float) -> tuple[list[dict], list[dict]]:
@@ -177,8 +171,8 @@ def hold_out(rows: list[dict], share: float) -> tuple[list[dict], list[dict]]:
     are held out, so a `keep_share` of the rest never takes one of them."""
     if share <= 0:
         return rows, []
-    return ([r for r in rows if _unit(r["id"]) < 1 - share],
-            [r for r in rows if _unit(r["id"]) >= 1 - share])
+    return ([r for r in rows if hash_unit(r["id"]) < 1 - share],
+            [r for r in rows if hash_unit(r["id"]) >= 1 - share])
 
 
 @dataclass
@@ -290,21 +284,36 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     """Train the student on the kept traces (from its last complete checkpoint, if any) and
     save its adapter into a folder of this machine, which the executor publishes."""
     import torch
-    from datasets import Dataset
 
     from pipeline.models import model_revision, tokenizer_fingerprint
-    from trainer.arguments import sft_config, tensorboard_dir
-    from pipeline.sealed import last_complete_checkpoint
-    from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints
-    from trainer.examples import DSSCollator, build_examples, pair_cycled, predict_example
     from trainer.lora import lora_student
 
-    t, used, folder = settings.cfg, settings.used, settings.folder
+    t, used, name = settings.cfg, settings.used, settings.folder.name
     student, tokenizer, terms = settings.student, settings.tokenizer, settings.terms
-    name = folder.name
+    rows, heldout = _training_rows(t, traces.load().to_pylist(), name)
+    examples, heldout_examples = _examples(settings, rows, heldout)
 
-    # ---- the examples
-    rows = traces.load().to_pylist()
+    torch.manual_seed(t.seed)
+    model = lora_student(settings.student_path, t, student)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log(name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
+    steps, train_loss, built = _train(settings, model, examples, heldout_examples)
+    progress(traces.rows)
+    return ShardOutput(
+        {}, {"traces": len(rows), "steps": steps, "train_loss": round(train_loss, 4)},
+        {"student_revision": model_revision(settings.student_path),
+         "student_kind": student.name,
+         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+         "trainable_parameters": n_trainable, "kd_lam_used": used.kd_lam,
+         "explain_targets": "tokens" if settings.token_targets else "text",
+         "loss_terms": {term.name: term.weight for term in terms}},
+        folders={"adapter": built} if built is not None else {})
+
+
+def _training_rows(t: TrainConfig, rows: list[dict], name: str) -> tuple[list[dict], list[dict]]:
+    """(the kept traces trained on, those held out for the held-out loss), after
+    `train.heldout_share` and `train.data_fraction`, with a clear error where none is left."""
     rows, heldout = hold_out(rows, t.heldout_share)
     n_kept = len(rows)
     rows = keep_share(rows, t.data_fraction)
@@ -324,6 +333,17 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
         raise ValueError("the filter kept no traces, so there is nothing to train on; see "
                          "the filter's funnel.json for why they were dropped, and loosen "
                          "the filter or generate more (task.n_train, generate.n_samples)")
+    return rows, heldout
+
+
+def _examples(settings: TrainSettings, rows: list[dict],
+              heldout: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The training records (a `predict:` and an `explain:` example each) and the held-out
+    ones, with what they hold said in the log."""
+    from trainer.examples import build_examples, pair_cycled, predict_example
+
+    t, used, name = settings.cfg, settings.used, settings.folder.name
+    student, tokenizer, terms = settings.student, settings.tokenizer, settings.terms
     topk_parts = {term.part for term in terms if "topk" in term.needs}
 
     def examples_of(part: list[dict]) -> list[dict]:
@@ -352,16 +372,7 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
                 "" if t.kd_hinted or not topk_parts else
                 ", no KD from their top-k (train.kd_hinted=false)"))
     if used.answer_kd_lam > 0:
-        import math
-
-        top1 = [math.exp(lps[0]) for ex in examples
-                for ids, lps in zip(ex["predict"]["topk_ids"], ex["predict"]["topk_logprobs"])
-                if ids and ids[0] >= 0]
-        found = sum(any(ids and ids[0] >= 0 for ids in ex["predict"]["topk_ids"])
-                    for ex in examples)
-        log(name, f"answer KD: {found} of {len(examples)} traces write their answer as is "
-            f"(their targets are the teacher's answer tokens); the teacher's top-1 "
-            f"probability there is {sum(top1) / max(1, len(top1)):.3f} on average")
+        _log_answer_kd(name, examples)
     log(name, ("explain targets: the teacher's own rationale tokens" + (
         f"; KD on them: lam={used.kd_lam}, T={t.kd_temperature}, beta={t.kd_beta}, "
         f"tail={t.kd_tail}" if used.kd_lam > 0 else "")) if settings.token_targets else
@@ -369,13 +380,37 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     log(name, f"{len(rows)} kept traces -> {n_predict} predict + {len(rows)} explain "
         f"examples; student {t.student}; loss terms: "
         + ", ".join(f"{term.name} x {term.weight:g}" for term in terms))
+    return examples, examples_of(heldout) if heldout else []
 
-    # ---- the student and the trainer
-    torch.manual_seed(t.seed)
-    model = lora_student(settings.student_path, t, student)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    log(name, f"LoRA r={t.lora_r}: {n_trainable:,} trainable of {n_total:,} parameters")
+
+def _log_answer_kd(name: str, examples: list[dict]) -> None:
+    """How many traces give answer KD its targets, and how sure the teacher was there."""
+    import math
+
+    top1 = [math.exp(lps[0]) for ex in examples
+            for ids, lps in zip(ex["predict"]["topk_ids"], ex["predict"]["topk_logprobs"])
+            if ids and ids[0] >= 0]
+    found = sum(any(ids and ids[0] >= 0 for ids in ex["predict"]["topk_ids"])
+                for ex in examples)
+    log(name, f"answer KD: {found} of {len(examples)} traces write their answer as is "
+        f"(their targets are the teacher's answer tokens); the teacher's top-1 "
+        f"probability there is {sum(top1) / max(1, len(top1)):.3f} on average")
+
+
+def _train(settings: TrainSettings, model, examples: list[dict],
+           heldout_examples: list[dict]) -> tuple[int, float, Path | None]:
+    """Train (from the last complete checkpoint), then save the adapter: (steps, training
+    loss, the adapter's folder on this machine; None in a process that does not write)."""
+    import torch
+    from datasets import Dataset
+
+    from pipeline.sealed import last_complete_checkpoint
+    from trainer.arguments import sft_config, tensorboard_dir
+    from trainer.dss import DSSTrainer, JsonlLogCallback, OnSave, SealCheckpoints
+    from trainer.examples import DSSCollator
+
+    t, folder, name = settings.cfg, settings.folder, settings.folder.name
+    student, tokenizer = settings.student, settings.tokenizer
     ckpt_dir = folder.local.working_dir("checkpoints")
     tb_dir = folder.local.working_dir("tensorboard")
     args = sft_config(t, ckpt_dir, use_cpu=not torch.cuda.is_available())
@@ -401,12 +436,11 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
     with tensorboard_dir(tb_dir):
         trainer = DSSTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(examples),
-                             eval_dataset=Dataset.from_list(examples_of(heldout))
-                             if heldout else None,
+                             eval_dataset=Dataset.from_list(heldout_examples)
+                             if heldout_examples else None,
                              data_collator=DSSCollator(student, tokenizer.pad_token_id),
-                             terms=terms, student=student, callbacks=callbacks)
+                             terms=settings.terms, student=student, callbacks=callbacks)
 
-    # ---- train (from the last complete checkpoint), then save the adapter
     last = last_complete_checkpoint(ckpt_dir, lambda line: log(name, line))
     t0 = time.time()
     state = _trainer_state(last)
@@ -424,30 +458,22 @@ def train_shard(settings: TrainSettings, traces: Shard, resources=None,
             log(name, f"resuming from {last}")
         result = trainer.train(resume_from_checkpoint=last)
         steps, train_loss = result.global_step, result.training_loss
-    built = folder.local.working_dir("adapter.tmp") if main_process else None
-    if built is not None:
-        shutil.rmtree(built, ignore_errors=True)
-        if finished:
-            built.mkdir(parents=True)
-            for file in Path(last).iterdir():
-                if file.name.startswith("adapter_") or file.name == "README.md":
-                    shutil.copy2(file, built / file.name)
-        else:
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
-        tokenizer.save_pretrained(built)
-        if tb_dir.is_dir():
-            folder.local.mirror_up(tb_dir, "tensorboard")
-        log(name, f"done: {steps} steps, loss {train_loss:.4f}, {time.time() - t0:.0f}s")
-    progress(traces.rows)
-    return ShardOutput(
-        {}, {"traces": len(rows), "steps": steps, "train_loss": round(train_loss, 4)},
-        {"student_revision": model_revision(settings.student_path),
-         "student_kind": student.name,
-         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-         "trainable_parameters": n_trainable, "kd_lam_used": used.kd_lam,
-         "explain_targets": "tokens" if settings.token_targets else "text",
-         "loss_terms": {term.name: term.weight for term in terms}},
-        folders={"adapter": built} if built is not None else {})
+    if not main_process:
+        return steps, train_loss, None
+    built = folder.local.working_dir("adapter.tmp")
+    shutil.rmtree(built, ignore_errors=True)
+    if finished:
+        built.mkdir(parents=True)
+        for file in Path(last).iterdir():
+            if file.name.startswith("adapter_") or file.name == "README.md":
+                shutil.copy2(file, built / file.name)
+    else:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(built)
+    tokenizer.save_pretrained(built)
+    if tb_dir.is_dir():
+        folder.local.mirror_up(tb_dir, "tensorboard")
+    log(name, f"done: {steps} steps, loss {train_loss:.4f}, {time.time() - t0:.0f}s")
+    return steps, train_loss, built
 
 
 def _trainer_state(checkpoint: str | None) -> dict | None:

@@ -34,13 +34,13 @@ from pipeline.schema import (FILTER_COLUMNS, TRACE_SCHEMA, TRACE_SCHEMA_V2, kept
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from stages.checks.answers import answer_checker
 from stages.checks.traces import ordered_checks
-from stages.dataset_card import CARD, write_dataset_card
-from stages.figures import png, pyplot
-# what decides a trace's fate lives in stages.keep (generate's rounds count with it too)
-from stages.keep import (FilterSettings, coverage_counters, coverage_lines, decide, explained,
+from stages.filter.dataset_card import CARD, write_dataset_card
+from pipeline.figures import png, pyplot
+# what decides a trace's fate lives in stages.checks.keep (generate's rounds count with it too)
+from stages.checks.keep import (FilterSettings, coverage_counters, coverage_lines, decide, explained,
                          reasons)
-from stages.pool import pool
-from stages.rounds import load_parts, parts_checksum, wanted
+from stages.filter.pool import pool
+from stages.generate.rounds import load_parts, parts_checksum, wanted
 
 
 def filter_shard(settings: FilterSettings, shard: Shard, resources: None = None,
@@ -212,7 +212,7 @@ def write_reports(folder, manifest: dict, cfg: Config, run_name: str) -> None:
 def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
          role: ArrayRole | None = None) -> dict | None:
     """Run the filter stage, print its funnel; `funnel.json`, `funnel.png` and the folder's
-    dataset card with the SFT pairs (`stages.dataset_card`) are written before its manifest.
+    dataset card with the SFT pairs (`stages.filter.dataset_card`) are written before its manifest.
     (`role`: this process's part of a job array; None from an array worker)."""
     run = as_run_folder(run)
     folder = run.stage("filter")

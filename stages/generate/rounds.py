@@ -2,7 +2,7 @@
 
 Round 1 is the generate stage as it always was: `generate/`, `n_samples` per question, the same
 fingerprint and files. With `generate.max_samples` above `n_samples`, the filter's own checks
-(answer, steps, length, duplicates: `stages.filter.decide`) then count each question's kept
+(answer, steps, length, duplicates: `stages.filter.stage.decide`) then count each question's kept
 traces, and the questions short of `wanted_per_question` get `round_samples` more in round 2
 (`generate-round-2/`), and so on, until every question has enough or another round would pass
 `max_samples`. With `generate.hint_template`, the questions with a gold answer and still no
@@ -159,7 +159,7 @@ class Rounds:
 
     def __init__(self, cfg: Config, run: RunFolder, first: dict):
         from stages.checks.answers import answer_checker
-        from stages.keep import FilterSettings
+        from stages.checks.keep import FilterSettings
 
         check(cfg)
         self.cfg, self.run, self.k = cfg, run, wanted(cfg)
@@ -174,7 +174,7 @@ class Rounds:
     def questions(self) -> dict[str, list[Question]]:
         """First-round shard -> its questions, with their samples so far and kept traces (by
         the filter's own checks, over every round so far)."""
-        from stages.keep import DECIDED_ON, decide, kept_per_question
+        from stages.checks.keep import DECIDED_ON, decide, kept_per_question
 
         out = {}
         for name, parts in self.parts.items():

@@ -2,7 +2,7 @@
 unlabeled questions, then duplicates and the per-question cap among what the checks kept.
 
 `decide` is the whole decision for a table of whole questions' traces; the filter stage
-(`stages.filter`) writes what it decides, generate's rounds (`stages.rounds`) count with it
+(`stages.filter.stage`) writes what it decides, generate's rounds (`stages.generate.rounds`) count with it
 which questions are still short of kept traces, so the two never disagree.
 """
 

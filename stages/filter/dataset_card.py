@@ -68,7 +68,7 @@ def card_text(manifest: dict, run_name: str, sft_files: list[str]) -> str:
     drops = [(k.split(":", 1)[1], v) for k, v in counters.items()
              if k.startswith("dropped:") and v]
     funnel = "\n".join(f"| {reason} | {n} |" for reason, n in drops) or "| (none) | 0 |"
-    from stages.keep import coverage_lines
+    from stages.checks.keep import coverage_lines
 
     coverage = "".join(f"\n- {line}" for line in
                        coverage_lines(counters, facts.get("wanted_per_question"),

@@ -32,7 +32,7 @@ from pipeline.tasks import load_split
 from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
 from stages.checks.answers import answer_checker
-from stages.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
+from stages.generate.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
                            request_seed, round_fingerprinted)
 
 
@@ -55,7 +55,7 @@ def task_shards(cfg: Config) -> list[Shard]:
 @dataclass
 class GenerateSettings:
     """What `generate_shard` needs besides the shard and the teacher; a round after the first
-    (`stages.rounds`) sets its own samples and temperature, and its rows carry the index of
+    (`stages.generate.rounds`) sets its own samples and temperature, and its rows carry the index of
     their first sample (`first`), from which each request's seed is derived."""
 
     cfg: GenerateConfig
@@ -429,7 +429,7 @@ def _finalizer(g: GenerateConfig, cache_folder: StageFolder) -> Callable[[dict],
 def round_stage(cfg: Config, run: RunFolder, rnd: Round,
                 teacher: Callable[[], Backend] | None = None, per_worker: bool = False,
                 retry_failed: bool = False) -> Stage:
-    """A round after the first (`stages.rounds`) as a stage of its own folder; its teacher
+    """A round after the first (`stages.generate.rounds`) as a stage of its own folder; its teacher
     keeps its request cache in the generate folder, with the first round's."""
     g = cfg.generate
     cache_folder = run.stage("generate")
@@ -541,7 +541,7 @@ def main(cfg: Config, run: RunFolder | str | Path, force: bool = False,
 
 def _later_rounds(cfg: Config, run: RunFolder, manifest: dict, teacher, per_worker: bool,
                   force: bool, executor, role: ArrayRole | None, retry_failed: bool) -> dict:
-    """The rounds after the first (`stages.rounds`), each run like the first; a job array
+    """The rounds after the first (`stages.generate.rounds`), each run like the first; a job array
     does one round per pass (workers, then `--finalize`), so a pass stops after the round it
     worked on. Returns the first round's manifest."""
     rounds = Rounds(cfg, run, manifest)

@@ -41,9 +41,10 @@ from pipeline.registry import BACKENDS
 from pipeline.run_folder import RunFolder
 from pipeline.schema import SCHEMA_VERSION, logical, traces_table
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
+from pipeline.tasks import hash_unit
 from stages.backends.base import Generation
-from stages.pool import SCORED_ROUND, STUDENT_ROUND, pool_parts
-from stages.rounds import Round, wanted
+from stages.filter.pool import SCORED_ROUND, STUDENT_ROUND, pool_parts
+from stages.generate.rounds import Round, wanted
 
 
 
@@ -103,7 +104,6 @@ def plan_round(cfg: Config, run: RunFolder, number: int) -> Round:
     """What the student of round `number - 1` samples in round `number`: the questions the
     round before's filter left short of `wanted_per_question` kept traces (and
     `iterate.covered_share` of the others), each from its next sample index."""
-    from stages.train import _unit  # a question's place in [0, 1) by a hash
 
     it, k = cfg.iterate, wanted(cfg)
     prev = round_run(run, number - 1)
@@ -128,7 +128,7 @@ def plan_round(cfg: Config, run: RunFolder, number: int) -> Round:
                 taken[row["id"]] = max(taken.get(row["id"], 0), row["sample"] + 1)
                 first_seen.setdefault(row["id"], row)
         chosen = [q for q in first_seen if n_kept.get(q, 0) < k
-                  or _unit(f"{q}\x1f{number}") < it.covered_share]
+                  or hash_unit(f"{q}\x1f{number}") < it.covered_share]
         if chosen:
             questions[name] = [{"id": q, "question": first_seen[q]["question"],
                                 "gold": first_seen[q]["gold"], "first": taken[q]}
@@ -170,7 +170,7 @@ def student_sampler(cfg: Config, prev: RunFolder, k: int):
     in the teacher backend's engine with the LoRA adapter where that engine serves students
     (vLLM), else transformers with the adapter merged (what eval uses)."""
     def build():
-        from stages.eval import Job, Models
+        from stages.eval.stage import Job, Models
 
         folder = prev.student(cfg.train.name)
         manifest = folder.manifest()
@@ -186,7 +186,7 @@ def student_sampler(cfg: Config, prev: RunFolder, k: int):
 def sample_stage(cfg: Config, prev: RunFolder, rnd: Round) -> Stage:
     """Round `rnd.number`'s student sampling (a stage of the round's folder) by the student
     of `prev`, the round before's folder."""
-    from stages.generate import GenerateSettings, generate_shard
+    from stages.generate.stage import GenerateSettings, generate_shard
 
     it, g = cfg.iterate, cfg.generate
     folder = prev.student(cfg.train.name)
@@ -264,8 +264,8 @@ def score_shard(settings: ScoreSettings, shard: Shard, teacher,
 def score_stage(cfg: Config, run: RunFolder, number: int) -> Stage:
     """The teacher's scoring of round `number`'s student traces, a stage of `run`."""
     from pipeline.prompts import PromptTemplate
-    from stages.generate import teacher_factory
-    from stages.rounds import generate_fingerprinted
+    from stages.generate.stage import teacher_factory
+    from stages.generate.rounds import generate_fingerprinted
 
     g = cfg.generate
     sampled = run.stage(STUDENT_ROUND.format(number))
