@@ -1,5 +1,6 @@
-"""Each of the five extensions is one new file (and, for a check or a loss term, its setting):
-a throwaway teacher backend, filter check, loss term, executor and student kind, each written
+"""Each of the six extensions is one new file (a backend with its own settings in it; for a
+check or a loss term, also its setting): a throwaway teacher backend, filter check, loss term,
+executor, student kind and answer kind, each written
 into a temporary folder that joins its package (as a file dropped into `stages/backends/`
 would), then run through the real stages. No other file of the project is touched."""
 
@@ -14,7 +15,7 @@ import pytest
 
 import stages.filter.stage as filter_stage
 import stages.generate.stage as generate
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, describe, load_config, section_type
 from pipeline.registry import BACKENDS, EXECUTORS, STUDENT_KINDS
 from stages.checks.traces import CHECKS
 from trainer.losses.base import TERMS
@@ -42,17 +43,28 @@ def dropped_in(tmp_path, package: str, registry, code: str):
 
 
 BACKEND = '''
-    """A teacher that adds the numbers of the question (right for the demo's additions)."""
+    """A teacher that adds the numbers of the question (right for the demo's additions), and
+    a setting of its own (`generate.sum_offset`, added to every answer)."""
     import re
+    from dataclasses import dataclass
 
     import numpy as np
 
+    from pipeline.config import IF_READ, opt
     from pipeline.registry import BACKENDS
     from stages.backends.base import BackendKind, Generation
 
 
+    @dataclass
+    class SumSettings:
+        sum_offset: int = opt(0, "sum: added to every answer.", ge=0, fingerprint=IF_READ)
+
+
     class SumBackend:
         name = "sum"
+
+        def __init__(self, offset=0):
+            self.offset = offset
 
         def facts(self):
             return {"backend": "sum", "teacher": "sum", "teacher_revision": "1"}
@@ -61,8 +73,8 @@ BACKEND = '''
             out = []
             for prompt in prompts:
                 numbers = [int(n) for n in re.findall(r"\\d+", prompt.rsplit("Question:", 1)[-1])]
-                text = f" {' + '.join(map(str, numbers))} = {sum(numbers)}. " \\
-                    f"The answer is {sum(numbers)}."
+                total = sum(numbers) + self.offset
+                text = f" {' + '.join(map(str, numbers))} = {total}. The answer is {total}."
                 t, k = 8, max(settings.top_k, 1)
                 ids = np.arange(t, dtype=np.int32)
                 gen = Generation(text, "stop", ids, np.full(t, -0.1, np.float32),
@@ -72,7 +84,8 @@ BACKEND = '''
             return out
 
 
-    BACKENDS.register(BackendKind("sum", lambda cfg, cache, seed: SumBackend()))
+    BACKENDS.register(BackendKind(
+        "sum", lambda cfg, cache, seed: SumBackend(cfg.generate.sum_offset), settings=SumSettings))
 '''
 
 EXECUTOR = '''
@@ -165,6 +178,31 @@ STUDENT = '''
 '''
 
 
+ANSWER_KIND = '''
+    """Yes/no answers: `Yes.`, `no, because ...`."""
+    import re
+
+    from pipeline.registry import ANSWER_KINDS
+    from stages.checks.answers import AnswerKind
+
+
+    @ANSWER_KINDS.register
+    class YesNoAnswers(AnswerKind):
+        name = "yesno"
+        order = ("answer_is", "answer_colon", "last_line")
+
+        def read(self, span, question):
+            m = re.match(r"\\W*(yes|no)\\b", span.lower())
+            return (m.group(1), "") if m else None
+
+        def gold(self, gold, question):
+            return str(gold).strip().lower()
+
+        def match(self, pred, gold, question):
+            return pred == self.gold(gold, question)
+'''
+
+
 class _Chars:
     """A tiny tokenizer: one id per character, eos = 0."""
 
@@ -205,8 +243,18 @@ def test_a_backend_and_an_executor_are_one_file_each(tmp_path):
         assert [f["sha256"] for f in other["files"]] == [f["sha256"] for f in local["files"]]
         with pytest.raises(ConfigError, match="did you mean 'sum'"):
             _config("generate.backend=sums")
+        # its own setting joins the generate section: declared once, in its file
+        assert "generate.sum_offset = 0" in describe(section_type("generate"))
+        with pytest.raises(ConfigError, match="generate.sum_offset: -1 is out of range"):
+            _config("generate.sum_offset=-1")
+        shifted = generate.main(_config("generate.sum_offset=1"), tmp_path / "shifted")
+        assert shifted["fingerprint"] != made["fingerprint"]  # it decides what sum makes
+        wrong = filter_stage.main(_config("generate.sum_offset=1"), tmp_path / "shifted")
+        assert wrong["counters"]["kept"] == 0  # every answer is off by one
     with pytest.raises(ConfigError, match="available: hf, openai, vllm"):  # taken out again
         _config()
+    with pytest.raises(ConfigError, match="unknown key 'generate.sum_offset'"):
+        load_config("configs/demo.yaml", ["generate.sum_offset=1"])
 
 
 def test_a_filter_check_is_one_file(tmp_path):
@@ -232,7 +280,8 @@ def test_a_loss_term_is_one_file_and_its_setting(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.config import TrainConfig, UNLESS_DEFAULT, fingerprinted, opt
+    from pipeline.config import UNLESS_DEFAULT, fingerprinted, opt
+    from trainer.settings import TrainConfig
     from trainer.losses import terms_from_settings
     from trainer.losses.base import LossContext
     from trainer.students.causal_lm import CausalLMStudent
@@ -264,7 +313,7 @@ def test_a_student_kind_is_one_file(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.config import TrainConfig
+    from trainer.settings import TrainConfig
     from trainer.lora import lora_student
     from trainer.students import student_for
 
@@ -284,3 +333,28 @@ def test_a_student_kind_is_one_file(tmp_path):
         torch.nn.functional.cross_entropy(logits.float(), targets).backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert student_for(str(folder)).name == "causal_lm"
+
+
+def test_an_answer_kind_is_one_file(tmp_path):
+    from pipeline.registry import ANSWER_KINDS
+    from stages.checks.answers import answer_checker
+    from test_filter import _filter, _trace
+
+    data = tmp_path / "yesno.jsonl"
+    data.write_text('{"question": "Is 7 odd?", "answer": "yes"}\n')
+    overrides = ["task.kind=file", f"task.train_path={data}", "task.answer_type=yesno"]
+    with dropped_in(tmp_path, "stages.checks", ANSWER_KINDS, ANSWER_KIND) as kinds:
+        assert kinds == ["yesno"]
+        checker = answer_checker(load_config("configs/demo.yaml", overrides))
+        found = checker.extract("7 is not divisible by 2, so it is odd. The answer is Yes.")
+        assert (found.answer, found.extractor) == ("yes", "answer_is")
+        assert checker.match(found.answer, "YES") and not checker.match("no", "yes")
+        out = _filter([_trace(" 7 = 2 x 3 + 1, so it is odd. The answer is yes.", gold="Yes"),
+                       _trace(" 7 = 2 x 3 + 1, so it is odd. The answer is no.", gold="Yes"),
+                       _trace(" 7 = 2 x 3 + 1. The answer is maybe.", gold="Yes")],
+                      checker=checker)
+        assert out.tables["kept"].num_rows == 1
+        assert sorted(out.tables["rejected"].column("reason").to_pylist()) == [
+            "no_answer", "wrong_answer"]
+    with pytest.raises(ConfigError, match="task.answer_type: 'yesno' is not allowed"):
+        load_config("configs/demo.yaml", overrides)  # taken out again

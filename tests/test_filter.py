@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import FilterConfig
+from stages.checks.settings import FilterConfig
 from pipeline.schema import (KEPT_SCHEMA, REJECTED_SCHEMA, TRACE_SCHEMA_V2, kept_schema, logical,
                              rejected_schema, traces_table)
 from pipeline.stage import Shard

@@ -4,7 +4,8 @@ consistency regularisation, each against its definition, and the weights they ta
 import pytest
 import torch
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError
+from trainer.settings import TrainConfig
 from trainer.examples import DSSCollator, answer_span, build_examples
 from trainer.losses import terms_from_settings
 from trainer.losses.consistency import consistency_kl, embedding_noise

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline import topk_codec
 from pipeline.schema import logical
-from pipeline.config import Config, RayConfig, load_config
+from pipeline.config import Config, load_config
+from pipeline.executors.ray import RayConfig
 from pipeline.executors import executor_for, run_stage
 from pipeline.run_folder import RunFolder
 from pipeline.stage import Shard, ShardOutput, Stage

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.dss import DSSTrainer
 from trainer.examples import DSSCollator, build_examples, task_prompt
 from trainer.losses import terms_from_settings

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from pipeline.run_folder import RunFolder
 from stages.commands.cli import main as cli
 from trainer.arguments import check_args, sft_config

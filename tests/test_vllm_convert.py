@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.config import VLLMConfig
+from stages.backends.vllm_engine import VLLMConfig
 from stages.backends.vllm_engine import _flat_topk, engine_environment
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,

@@ -20,7 +20,10 @@ import dataclasses
 import os
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
+from typing import ClassVar
 
+from pipeline.config import Section, opt
 from pipeline.executors.base import (ExecutorKind, ShardDone, close, commit, previous_outputs,
                                      reuse, up_to_date, write_outputs, writing)
 from pipeline.executors.local import ProgressBar
@@ -202,3 +205,24 @@ def _first_sentence(error: Exception) -> str:
 
 EXECUTORS.register(ExecutorKind("ray", lambda workers, cfg: RayExecutor.from_config(workers,
                                                                                    cfg.ray)))
+
+
+@dataclass
+class RayConfig(Section):
+    """The `ray` section: the cluster and its workers, read by this executor alone."""
+
+    NAME: ClassVar[str] = "ray"
+
+    address: str = opt("", "The Ray cluster: empty = start a local one for this command (and "
+                       "stop it after); `auto` = the cluster this machine belongs to (`ray "
+                       "start`); or an address such as ray://head:10001.")
+    num_cpus_per_worker: float = opt(1.0, "CPUs each worker asks Ray for (torch in a worker "
+                                     "uses as many threads).", gt=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs each worker asks Ray for (1 for a vLLM or "
+                                     "transformers teacher on a GPU node; fractions share one).",
+                                     ge=0.0)
+    max_retries: int = opt(3, "Times a shard is tried again after its worker failed or died "
+                           "(a dead worker is replaced); then it is given up, the other shards "
+                           "are still made, and the stage ends with its error.", ge=0, le=100)
+    local_cpus: int | None = opt(None, "CPUs of the local cluster started when `address` is "
+                                 "empty; null = this machine's.", ge=1)

@@ -124,7 +124,12 @@ class BackendKind:
         `cache`: the SQLite request cache for a kind with `request_cache` (`cache_seed`: a
         read-only cache consulted after it).
     reads (`frozenset[str]`): the generate settings declared `IF_READ` that this kind reads
-        (they enter the generate fingerprint only when it is chosen).
+        (they enter the generate fingerprint only when it is chosen); those of its own
+        `settings` are added to them.
+    settings (`type | None`): a dataclass of the generate settings only this kind reads
+        (`opt` fields, each `IF_READ` or `NEVER`, and an optional `check_settings(self,
+        errors)` run on the whole generate section), declared once in its file and joined
+        into the generate section (`generate.<name>` in a config).
     sections (`tuple[str, ...]`): whole config sections it reads (and fingerprints), e.g. `vllm`.
     request_cache (`bool`): its requests are paid for: each is kept in a request cache, so a
         rerun never pays twice (a cache per worker when workers are apart, merged at the end).
@@ -142,6 +147,7 @@ class BackendKind:
     name: str
     build: Callable
     reads: frozenset = frozenset()
+    settings: type | None = None
     sections: tuple = ()
     request_cache: bool = False
     check: Callable = _no_checks
@@ -149,6 +155,19 @@ class BackendKind:
     eval_spec: Callable = _no_spec
     student_engine: Callable | None = None
     scores: bool = False
+
+    def __post_init__(self):
+        if self.settings is None:
+            return
+        from pipeline.config import IF_READ, NEVER
+
+        rules = {f.name: f.metadata.get("fingerprint") for f in dataclasses.fields(self.settings)}
+        wrong = sorted(n for n, rule in rules.items() if rule not in (IF_READ, NEVER))
+        if wrong:  # a backend's own setting must not change what another backend makes
+            raise TypeError(f"backend {self.name}: its settings {wrong} must be declared "
+                            "fingerprint=IF_READ (they decide what it makes) or NEVER")
+        object.__setattr__(self, "reads", frozenset(self.reads) | {
+            n for n, rule in rules.items() if rule == IF_READ})
 
     def teacher_for_eval(self, cfg, cache) -> "Backend":
         """The backend that scores the teacher in eval (by default: the one that generated)."""

@@ -21,11 +21,14 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import IF_READ, NEVER, opt
 from pipeline.costs import Prices, money
 from pipeline.kept_aside import BATCHES
 from pipeline.models import tokens_within
@@ -560,6 +563,85 @@ def _build(cfg, cache: Path | None, cache_seed: Path | None = None) -> OpenAIBac
     return OpenAIBackend(cfg.generate, cache, cache_seed)
 
 
+@dataclass
+class OpenAISettings:
+    """The generate settings only this backend reads (`generate.<name>` in a config): joined
+    into the generate section (`BackendKind.settings`); those declared `IF_READ` enter the
+    generate fingerprint when this backend is chosen."""
+
+    endpoint: str = opt("chat", "openai: `chat` (the prompt is one user message; the server "
+                        "applies the chat template) or `completions` (the prompt is sent as "
+                        "is, like the hf and vllm backends without chat_template).",
+                        choices=["chat", "completions"], fingerprint=IF_READ)
+    base_url: str | None = opt(None, "openai: the server's base URL, e.g. "
+                               "http://127.0.0.1:8000/v1 (null = the OpenAI API).",
+                               fingerprint=IF_READ)
+    api_key_env: str = opt("OPENAI_API_KEY", "openai: the environment variable holding the API "
+                           "key (the key itself is never written anywhere).", fingerprint=NEVER)
+    concurrency: int = opt(16, "openai: requests in flight at once.", ge=1, le=4096,
+                           fingerprint=NEVER)
+    max_retries: int = opt(6, "openai: retries of a request on 429, 5xx, timeouts, dropped "
+                           "connections and malformed bodies.", ge=0, le=100, fingerprint=NEVER)
+    request_timeout: float = opt(120.0, "openai: seconds before a request times out.", gt=0.0,
+                                 fingerprint=NEVER)
+    backoff_max: float = opt(30.0, "openai: the longest wait between retries, in seconds.",
+                             gt=0.0, fingerprint=NEVER)
+    server_token_ids: bool = opt(False, "openai: ask the server for token ids "
+                                 "(vLLM's `return_tokens_as_token_ids`).", fingerprint=IF_READ)
+    tokenizer: str | None = opt(None, "openai: the teacher's tokenizer (folder or hub id), to "
+                                "map token strings to ids when the server cannot send ids.",
+                                fingerprint=IF_READ)
+    budget: float = opt(0.0, "openai: the most the run's teacher requests may cost, at "
+                        "price_input/price_output (every response in the run's request cache "
+                        "counts: all rounds, earlier settings). The stage stops before a request "
+                        "could pass it, keeping all it has; raise it and rerun to go on. "
+                        "0 = no cap.", ge=0.0, fingerprint=NEVER)
+    budget_tokens: int = opt(0, "openai: the same cap in tokens (prompt + completion); "
+                             "0 = no cap.", ge=0, fingerprint=NEVER)
+    transport: str = opt("live", "openai: `live` (requests sent one by one, `concurrency` in "
+                         "flight) or `batch` (each shard's requests as one job of the "
+                         "provider's batch API: the OpenAI Batch API costs half, answers within "
+                         "batch_window).", choices=["live", "batch"],
+                         fingerprint=NEVER)
+    batch_window: str = opt("24h", "openai, transport=batch: the batch's completion window (the "
+                            "OpenAI Batch API accepts 24h).", fingerprint=NEVER)
+    batch_poll_seconds: float = opt(30.0, "openai, transport=batch: seconds between two looks at "
+                                    "a running batch.", gt=0.0, fingerprint=NEVER)
+
+    def check_settings(self, errors: list[str]) -> None:
+        """Rules of these settings, whatever the backend chosen (`self` is the whole generate
+        section)."""
+        if not _looks_like_a_variable_name(self.api_key_env):
+            # never echoed: a secret pasted where its variable's name belongs
+            errors.append("generate.api_key_env: give the name of the environment variable "
+                          "that holds the API key (letters, digits and _, such as "
+                          "OPENAI_API_KEY), never the key itself; the value given does not "
+                          "look like a variable name, so it is not shown and nothing was "
+                          "written")
+        api = BACKENDS.get(self.backend).request_cache
+        for name, on in (("budget", self.budget), ("budget_tokens", self.budget_tokens),
+                         ("transport", self.transport == "batch")):
+            if on and not api:
+                errors.append(f"generate.{name}: applies to an API teacher (generate.backend="
+                              f"openai), not to the {self.backend} backend; a local engine's "
+                              "tokens and engine-seconds are recorded in the ledger anyway")
+        if self.budget and not (self.price_input or self.price_output):
+            errors.append(f"generate.budget={self.budget:g} needs prices: set "
+                          "generate.price_input and generate.price_output (per million "
+                          "tokens), or cap tokens with generate.budget_tokens")
+
+
+def _looks_like_a_variable_name(name: str | None) -> bool:
+    """True for an environment variable's name (`OPENAI_API_KEY`); False for what looks like
+    a secret: other characters (`sk-...`), or 20 and more letters and digits without an
+    underscore."""
+    if not name:
+        return True  # no key at all (a local server)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+        return False
+    return not (len(name) >= 20 and "_" not in name and re.search(r"\d", name))
+
+
 def _check(g, errors: list[str]) -> None:
     if g.top_k > API_TOP_LOGPROBS_LIMIT:
         errors.append(f"generate.top_k: {g.top_k} is out of range for the openai backend, it "
@@ -580,9 +662,9 @@ def _eval_teacher(cfg, cache: Path | None) -> OpenAIBackend:
     import dataclasses
 
     g = dataclasses.replace(cfg.generate, transport="live", budget=0.0, budget_tokens=0)
-    return _build(dataclasses.replace(cfg, generate=g), cache)
+    return _build(cfg.replace(generate=g), cache)
 
 
 BACKENDS.register(BackendKind(
-    "openai", _build, reads=frozenset({"endpoint", "base_url", "server_token_ids", "tokenizer"}),
-    request_cache=True, check=_check, eval_spec=_eval_spec, eval_teacher=_eval_teacher))
+    "openai", _build, settings=OpenAISettings, request_cache=True, check=_check,
+    eval_spec=_eval_spec, eval_teacher=_eval_teacher))

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from pipeline.config import NEVER, Section, opt
 from pipeline.registry import BACKENDS
 from stages.backends.base import (LOGPROB_SOURCE, BackendKind, Generation, SamplingSettings,
                                   Scored, cut_at_stop, render_prompt)
@@ -315,6 +318,42 @@ def _student_engine(cfg, model: str, lora_rank: int) -> VLLMBackend:
     g = dataclasses.replace(cfg.generate, model=model, chat_template=False,
                             dtype=cfg.eval.dtype)
     return VLLMBackend(g, cfg.vllm, 0, lora_rank=lora_rank)
+
+
+@dataclass
+class VLLMConfig(Section):
+    """The `vllm` section: the engine's settings, read by this backend (and the local vLLM
+    server, `vllm_server.py`) alone; a whole section it fingerprints when chosen."""
+
+    NAME: ClassVar[str] = "vllm"
+
+    dtype: str | None = opt(None, "Engine dtype; null = generate.dtype.",
+                            choices=["auto", "bfloat16", "float16", "float32"])
+    max_model_len: int | None = opt(None, "Context length (prompt + generation); null = the "
+                                    "model's. Longer prompts are recorded as errors on their "
+                                    "row.", ge=16)
+    tensor_parallel_size: int = opt(1, "GPUs the model is split over.", ge=1, fingerprint=NEVER)
+    gpu_memory_utilization: float = opt(0.9, "Share of each GPU's memory the engine may take.",
+                                        gt=0.0, le=1.0, fingerprint=NEVER)
+    seed: int = opt(0, "Engine seed (every request also carries its own seed, derived from "
+                    "generate.seed).", ge=0)
+    enforce_eager: bool = opt(True, "Skip torch.compile / CUDA graphs: faster start-up (on a CPU "
+                              "compiling costs minutes at every start), slower steps on a GPU.",
+                              fingerprint=NEVER)
+    max_num_seqs: int | None = opt(None, "Sequences in flight at most; null = vLLM's default.",
+                                   ge=1, fingerprint=NEVER)
+    logprobs_mode: str = opt("raw_logprobs", "Where top-k log-probabilities come from: "
+                             "`raw_logprobs` (log-softmax of the logits before temperature / "
+                             "top-p, what KD wants) or `processed_logprobs` (after them).",
+                             choices=["raw_logprobs", "processed_logprobs"])
+    in_process: bool | None = opt(None, "Run the engine core in this process (vLLM's "
+                                  "VLLM_ENABLE_V1_MULTIPROCESSING=0); null = on a CPU only, "
+                                  "where it starts sooner at the same speed.", fingerprint=NEVER)
+    cpu_kvcache_gb: int = opt(4, "CPU only: GiB reserved for the KV cache "
+                              "(VLLM_CPU_KVCACHE_SPACE).", ge=1, fingerprint=NEVER)
+    cpu_threads: str = opt("all", "CPU only: the cores the engine binds its threads to "
+                           "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-7'); `all` = every core this "
+                           "process may use (vLLM's own default uses fewer).", fingerprint=NEVER)
 
 
 BACKENDS.register(BackendKind("vllm", _build, reads=frozenset({"dtype"}), sections=("vllm",),

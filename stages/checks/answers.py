@@ -2,7 +2,8 @@
 
 A trace's answer is found in two steps: a *span* extractor finds where the final answer is
 written (`#### N`, `\\boxed{...}`, "The answer is ...", "Answer: ...", or a fallback such as
-the last number), tried in a configured order, strict ones first; then the answer kind reads
+the last number), tried in a configured order, strict ones first; then the answer kind (an
+`AnswerKind` class registered under its name; a new one is one file in this package) reads
 the span:
 
 - `numeric`: a number, with commas, currency, units, percent signs, fractions (`3/4`,
@@ -20,9 +21,11 @@ the sentinel `NO_ANSWER`, never an empty label.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
 from pipeline.config import Config, answer_kind
 from pipeline.registry import ANSWER_KINDS, EXTRACTORS as EXTRACTOR_REGISTRY
@@ -125,23 +128,6 @@ def is_marker(extractor: str) -> bool:
     return name in EXTRACTOR_REGISTRY and EXTRACTOR_REGISTRY.get(name).marker
 
 
-@dataclass(frozen=True)
-class AnswerKind:
-    """An answer kind (`task.answer_type`) and the order its extractors are tried in."""
-
-    name: str
-    order: tuple[str, ...]
-
-
-# "####" and \boxed are only ever written as the final answer, so they go first
-for _kind in (AnswerKind("numeric", ("hash", "boxed", "answer_is", "answer_colon", "last_number")),
-              AnswerKind("math", ("boxed", "hash", "answer_is", "answer_colon", "last_number")),
-              AnswerKind("choice", ("answer_is", "answer_colon", "hash", "boxed", "last_letter")),
-              AnswerKind("label", ("answer_is", "answer_colon", "hash", "boxed", "last_line")),
-              AnswerKind("string", ("answer_is", "answer_colon", "hash", "boxed", "last_line"))):
-    ANSWER_KINDS.register(_kind)
-
-
 def extract_answer(text: str, order: list[str]) -> Extraction:
     """Try the span extractors in `order`; the first that matches gives the answer text."""
     for name in order:
@@ -227,6 +213,7 @@ def normalize_text(text: str) -> str:
 _OPTION = re.compile(r"(?:^|\s|\n)\(?([A-J])[).:]\s+(.+?)(?=\s+\(?[A-J][).:]\s|\n|$)")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_options(question: str) -> dict[str, str]:
     """Multiple-choice options written in a question: `(A) text`, `A) text` or `A. text`."""
     return {m.group(1): normalize_text(m.group(2)) for m in _OPTION.finditer(question or "")}
@@ -267,85 +254,188 @@ def to_label(span: str, labels: list[str]) -> str | None:
 
 # ---- the checker ---------------------------------------------------------------------------
 
-class AnswerChecker:
-    """Extracts and compares answers of one kind (see the module docstring)."""
+class AnswerKind:
+    """One way of reading and comparing answers (`task.answer_type`): a class registered under
+    its name (`@ANSWER_KINDS.register`), built for a run with the filter's tolerance and the
+    task's labels. A new kind is one file in this package (see `tests/test_extensions.py`).
 
-    def __init__(self, kind: str = "numeric", extractors: list[str] | None = None,
-                 tolerance: float = 1e-6, labels: list[str] | None = None):
-        ANSWER_KINDS.get(kind)  # an unknown kind says the ones there are
-        self.kind = kind
-        self.order = list(extractors or ANSWER_KINDS.get(kind).order)
+    `order`: the extractors tried, in order, when `filter.extractors` is not set;
+    `numeric`: its answers are numbers (the hinted-trace checks compare them with the
+    rationale's results). The methods take what an extractor found and the question."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[tuple[str, ...]] = ()
+    numeric: ClassVar[bool] = False
+
+    def __init__(self, tolerance: float = 1e-6, labels: list[str] | None = None):
         self.tolerance = tolerance
         self.labels = list(labels or DEFAULT_LABELS)
 
-    def extract(self, text: str, question: str = "") -> Extraction:
-        """The answer as this kind reads it; the extractor is `span` or `span:how`."""
-        if self.kind in ("numeric", "math", "string"):
-            return extract_answer(text, self.order)
-        options = parse_options(question) if self.kind == "choice" else {}
-        for name in self.order:
-            found = EXTRACTOR_REGISTRY.get(name).find(text)
-            if found is None or not found[0].strip():
-                continue
-            if self.kind == "choice":
-                got = to_choice(found[0], options)
-                if got:
-                    return Extraction(got[0], f"{name}:{got[1]}", found[1])
-            else:
-                label = to_label(found[0], self.labels)
-                if label:
-                    return Extraction(label, name, found[1])
-        return Extraction(NO_ANSWER, "none", len(text))
+    def read(self, span: str, question: str) -> tuple[str, str] | None:
+        """(the answer, how it was read: '' or a word recorded after the extractor's name)
+        from the span an extractor found; None when the span holds no answer of this kind
+        (the next extractor is tried)."""
+        return span.strip(), ""
 
-    def gold(self, gold: str, question: str = "") -> str | None:
-        """The gold answer in this kind's terms (a letter for choice, a label for label)."""
-        if gold is None:
-            return None
-        if self.kind == "choice":
-            got = to_choice(str(gold), parse_options(question))
-            return got[0] if got else str(gold).strip().upper()
-        if self.kind == "label":
-            return to_label(str(gold), self.labels) or normalize_text(str(gold))
+    def gold(self, gold: str, question: str) -> str:
+        """The gold answer in this kind's terms."""
         return str(gold)
 
-    def match(self, pred: str, gold: str, question: str = "") -> bool:
-        if pred == NO_ANSWER or gold is None:
-            return False
-        if self.kind == "numeric":
-            return numbers_match(to_number(pred), to_number(gold), self.tolerance)
-        if self.kind == "math":
-            a, b = to_number(pred), to_number(gold)
-            if a is not None and b is not None and _plain_number(pred) and _plain_number(gold):
-                return numbers_match(a, b, self.tolerance)
-            return _math_verify(gold, pred)
-        if self.kind in ("choice", "label"):
-            return pred == self.gold(gold, question)
+    def match(self, pred: str, gold: str, question: str) -> bool:
         return normalize_text(pred) == normalize_text(str(gold))
 
     def canonical(self, pred: str) -> str:
-        """The answer as the student is taught to write it: `1,200.0` -> `1200`."""
-        if self.kind == "numeric":
-            n = to_number(pred)
-            return format_number(n) if n is not None else pred.strip()
+        """The answer as the student is taught to write it."""
         return pred.strip()
 
     def key(self, pred: str) -> str:
         """A key under which equal answers agree (for majority votes)."""
-        if pred == NO_ANSWER:
-            return pred
-        if self.kind in ("numeric", "math"):
-            n = to_number(pred)
-            if n is not None and (self.kind == "numeric" or _plain_number(pred)):
-                return format_number(n)
         return normalize_text(pred)
+
+    def decided_by(self) -> dict:
+        """What besides its name decides how this kind reads answers (in the filter's and
+        eval's fingerprints)."""
+        return {}
+
+
+# "####" and \boxed are only ever written as the final answer, so they go first
+@ANSWER_KINDS.register
+class NumericAnswers(AnswerKind):
+    """A number, with commas, currency, units, percent signs, fractions and decimals,
+    compared with a relative tolerance."""
+
+    name, numeric = "numeric", True
+    order = ("hash", "boxed", "answer_is", "answer_colon", "last_number")
+
+    def match(self, pred: str, gold: str, question: str) -> bool:
+        return numbers_match(to_number(pred), to_number(gold), self.tolerance)
+
+    def canonical(self, pred: str) -> str:  # `1,200.0` -> `1200`
+        n = to_number(pred)
+        return format_number(n) if n is not None else pred.strip()
+
+    def key(self, pred: str) -> str:
+        n = to_number(pred)
+        return format_number(n) if n is not None else normalize_text(pred)
+
+
+@ANSWER_KINDS.register
+class MathAnswers(AnswerKind):
+    """LaTeX or symbolic answers, compared through `math-verify` (plain numbers first)."""
+
+    name, numeric = "math", True
+    order = ("boxed", "hash", "answer_is", "answer_colon", "last_number")
+
+    def match(self, pred: str, gold: str, question: str) -> bool:
+        a, b = to_number(pred), to_number(gold)
+        if a is not None and b is not None and _plain_number(pred) and _plain_number(gold):
+            return numbers_match(a, b, self.tolerance)
+        return _math_verify(gold, pred)
+
+    def key(self, pred: str) -> str:
+        n = to_number(pred)
+        return format_number(n) if n is not None and _plain_number(pred) else normalize_text(pred)
+
+
+@ANSWER_KINDS.register
+class ChoiceAnswers(AnswerKind):
+    """A multiple-choice letter, written as the letter or as the option's text (mapped back
+    to its letter through the options in the question)."""
+
+    name = "choice"
+    order = ("answer_is", "answer_colon", "hash", "boxed", "last_letter")
+
+    def read(self, span: str, question: str) -> tuple[str, str] | None:
+        return to_choice(span, parse_options(question))
+
+    def gold(self, gold: str, question: str) -> str:
+        got = to_choice(str(gold), parse_options(question))
+        return got[0] if got else str(gold).strip().upper()
+
+    def match(self, pred: str, gold: str, question: str) -> bool:
+        return pred == self.gold(gold, question)
+
+
+@ANSWER_KINDS.register
+class LabelAnswers(AnswerKind):
+    """One of the task's class labels (e-SNLI/ANLI by default), also written as a verb form
+    ("entails", "contradicts")."""
+
+    name = "label"
+    order = ("answer_is", "answer_colon", "hash", "boxed", "last_line")
+
+    def read(self, span: str, question: str) -> tuple[str, str] | None:
+        label = to_label(span, self.labels)
+        return (label, "") if label else None
+
+    def gold(self, gold: str, question: str) -> str:
+        return to_label(str(gold), self.labels) or normalize_text(str(gold))
+
+    def match(self, pred: str, gold: str, question: str) -> bool:
+        return pred == self.gold(gold, question)
+
+    def decided_by(self) -> dict:
+        return {"labels": self.labels}
+
+
+@ANSWER_KINDS.register
+class StringAnswers(AnswerKind):
+    """The normalised text."""
+
+    name = "string"
+    order = ("answer_is", "answer_colon", "hash", "boxed", "last_line")
+
+
+class AnswerChecker:
+    """Extracts and compares the answers of one kind: the extractors find the span, the kind
+    (`AnswerKind`) reads and compares it."""
+
+    def __init__(self, kind: str = "numeric", extractors: list[str] | None = None,
+                 tolerance: float = 1e-6, labels: list[str] | None = None):
+        self.answers = ANSWER_KINDS.get(kind)(tolerance, labels)  # unknown: says which exist
+        self.kind = kind
+        self.order = list(extractors or self.answers.order)
+        self.tolerance = tolerance
+        self.labels = self.answers.labels
+
+    def extract(self, text: str, question: str = "") -> Extraction:
+        """The answer as this kind reads it; the extractor is `span` or `span:how`."""
+        for name in self.order:
+            found = EXTRACTOR_REGISTRY.get(name).find(text)
+            if found is None or not found[0].strip():
+                continue
+            got = self.answers.read(found[0], question)
+            if got:
+                return Extraction(got[0], f"{name}:{got[1]}" if got[1] else name, found[1])
+        return Extraction(NO_ANSWER, "none", len(text))
+
+    def gold(self, gold: str, question: str = "") -> str | None:
+        """The gold answer in this kind's terms (a letter for choice, a label for label)."""
+        return None if gold is None else self.answers.gold(gold, question)
+
+    def match(self, pred: str, gold: str, question: str = "") -> bool:
+        if pred == NO_ANSWER or gold is None:
+            return False
+        return self.answers.match(pred, gold, question)
+
+    def canonical(self, pred: str) -> str:
+        """The answer as the student is taught to write it: `1,200.0` -> `1200`."""
+        return self.answers.canonical(pred)
+
+    def key(self, pred: str) -> str:
+        """A key under which equal answers agree (for majority votes)."""
+        return pred if pred == NO_ANSWER else self.answers.key(pred)
+
+    def decided_by(self) -> dict:
+        """What besides the kind's name and the extractors decides how answers are read."""
+        return self.answers.decided_by()
 
 
 def answer_checker(cfg: Config, extractors: list[str] | None = None) -> AnswerChecker:
     """The run's answer checker: the task's answer kind, the filter's tolerance, the task's
     labels; `extractors` in that order (the filter's setting), or the kind's default order."""
-    kind = answer_kind(cfg.task)
-    return AnswerChecker(kind, extractors, cfg.filter.tolerance,
-                         cfg.task.labels if kind == "label" else None)
+    return AnswerChecker(answer_kind(cfg.task), extractors, cfg.filter.tolerance,
+                         cfg.task.labels)
 
 
 _PLAIN = re.compile(r"^\s*-?\$?\s*[\d,]*\.?\d+\s*%?\s*$")

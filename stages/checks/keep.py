@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import FilterConfig
+from stages.checks.settings import FilterConfig
 from pipeline.costs import ledger_lines
 from stages.checks.answers import NO_ANSWER, AnswerChecker, is_marker
 from stages.checks.traces import Trace, count_steps, ordered_checks

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import pyarrow as pa
 
-from pipeline.config import FilterConfig
+from stages.checks.settings import FilterConfig
 from pipeline.registry import Registry
 from stages.checks.answers import NO_ANSWER, AnswerChecker, Extraction
 from stages.checks.arith import check_arithmetic
@@ -148,7 +148,7 @@ def _leak(t: Trace, cfg: FilterConfig) -> str | None:
     if told:
         return f"says it was given the answer: {told.group(0)!r}"
     answer = t.gold if t.gold is not None else t.found.answer
-    if answer is None or answer == NO_ANSWER or t.checker.kind not in ("numeric", "math"):
+    if answer is None or answer == NO_ANSWER or not t.checker.answers.numeric:
         return None
     key = t.checker.key(answer)
     in_question = {t.checker.key(n) for n in _NUMBER.findall(t.row.get("question") or "")}

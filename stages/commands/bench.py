@@ -231,7 +231,7 @@ def bench_filter() -> list[tuple[str, str]]:
     """The full default filter (answers, arithmetic, steps, length, repetition, duplicates) on
     GSM8K's human train solutions taken as teacher traces with their gold answers; one
     process, one thread. Prints the funnel too."""
-    from pipeline.config import FilterConfig
+    from stages.checks.settings import FilterConfig
     from pipeline.schema import traces_table
     from pipeline.stage import Shard
     from stages.backends.base import Generation
@@ -380,7 +380,7 @@ def train_once(variant: str, steps: int) -> dict:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
-    from pipeline.config import TrainConfig
+    from trainer.settings import TrainConfig
     from pipeline.models import load_tokenizer, resolve_model
     from trainer.examples import DSSCollator, build_examples
     from trainer.lora import lora_student

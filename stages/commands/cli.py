@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import SECTION_TYPES, ConfigError, describe, load_config
+from pipeline.config import ConfigError, describe, load_config, section_types
 from pipeline.executors.array import ArrayRole
 from pipeline.log import set_verbosity
 from pipeline.run_folder import RunFolder
@@ -342,7 +342,7 @@ def _iterate(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.keys:
-        for name, section in SECTION_TYPES.items():
+        for name, section in section_types().items():
             print(f"{name}:\n{describe(section)}\n")
     else:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -61,7 +61,7 @@ def validation_explain(cfg, run, force: bool = False) -> float | None:
 
     if load_split(cfg.task, "validation").num_rows == 0:
         return None
-    checked = dataclasses.replace(cfg, eval=dataclasses.replace(
+    checked = cfg.replace(eval=dataclasses.replace(
         cfg.eval, split="validation", systems=["explain"], variants=[""], vote_samples=0,
         n=None))
     evaluate(checked, run, force=force)
@@ -212,8 +212,7 @@ def _with(cfg, systems: list[str]):
     """`cfg` scoring the run's own train/ student in `systems` (checked like any setting)."""
     import dataclasses
 
-    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, systems=systems,
-                                                             variants=[""]))
+    return cfg.replace(eval=dataclasses.replace(cfg.eval, systems=systems, variants=[""]))
 
 
 def _yaml(cfg) -> str:

@@ -33,8 +33,8 @@ def seed_name(seeds: list[int], seed: int) -> str:
 
 def with_settings(cfg, **sections):
     """`cfg` with fields of some sections replaced: `with_settings(cfg, train={"seed": 1})`."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)
-                                       for name, fields in sections.items()})
+    return cfg.replace(**{name: dataclasses.replace(getattr(cfg, name), **fields)
+                          for name, fields in sections.items()})
 
 
 def student_results(run, name: str) -> tuple[dict, dict | None]:

@@ -327,9 +327,8 @@ def plan(cfg: Config, run: RunFolder, models=None) -> Stage:
     if test.num_rows == 0:
         raise ValueError("the held-out split is empty; set task.n_test / task.test_path")
     checker = answer_checker(cfg)
-    common = {"test": _rows_digest(test), "answer_kind": checker.kind, "dtype": e.dtype}
-    if checker.kind == "label":
-        common["labels"] = checker.labels
+    common = {"test": _rows_digest(test), "answer_kind": checker.kind, "dtype": e.dtype,
+              **checker.decided_by()}
     wants_student = any(s in ("predict", "explain") for s in e.systems)
     variants = trained_variants(run, e.variants) if wants_student else []
     if wants_student and not variants:

@@ -152,8 +152,7 @@ def filter_fingerprinted(cfg: Config) -> dict:
     answers are read."""
     checker = answer_checker(cfg, cfg.filter.extractors)
     return {"filter": fingerprinted(cfg.filter), "answer_kind": checker.kind,
-            "extractors": checker.order,
-            "labels": checker.labels if checker.kind == "label" else None}
+            "extractors": checker.order, "labels": None, **checker.decided_by()}
 
 
 def plan(cfg: Config, run: RunFolder) -> Stage:

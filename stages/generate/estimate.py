@@ -83,7 +83,7 @@ def _pilot(cfg: Config, run: RunFolder, shard: Shard) -> dict:
     from stages.generate.rounds import wanted
 
     g = cfg.generate
-    live = dataclasses.replace(cfg, generate=dataclasses.replace(g, transport="live"))
+    live = cfg.replace(generate=dataclasses.replace(g, transport="live"))
     part = shard.load().slice(0, g.pilot_questions)
     teacher = teacher_factory(live, run.stage("generate"))()
     try:

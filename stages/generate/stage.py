@@ -18,7 +18,8 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, GenerateConfig
+from pipeline.config import Config
+from stages.generate.settings import GenerateConfig
 from pipeline.costs import LEDGER_KEYS, Prices, ledger, ledger_lines
 from pipeline.executors import ArrayRole, executor_for, run_stage
 from pipeline.log import log

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Config, ConfigError, TrainConfig, fingerprinted
+from pipeline.config import Config, ConfigError, fingerprinted
+from trainer.settings import TrainConfig
 from pipeline.fingerprints import manifest_digest
 from pipeline.log import log
 from pipeline.run_folder import RunFolder, StageFolder, as_run_folder

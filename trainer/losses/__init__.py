@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.losses.base import TERMS, LossTerm
 
 

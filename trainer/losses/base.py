@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from pipeline.registry import Registry
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.losses.base import LossContext, register
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.losses.base import (LossContext, explain_schedule, register, scheduled,
                                   teacher_rows)
 from trainer.losses.topk_kd import _categoricals

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.losses.base import (LossContext, explain_schedule, predict_schedule, register,
                                   scheduled)
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from pipeline.config import TrainConfig
+from trainer.settings import TrainConfig
 from trainer.losses.base import (LossContext, explain_schedule, register, scheduled,
                                   teacher_rows)
 
