@@ -36,6 +36,7 @@ from pipeline.secrets import remember, scrub
 from pipeline.registry import BACKENDS
 from stages.backends.base import (BackendKind, BudgetReached, Generation, NotJSONAnswer,
                                   SamplingSettings, TeacherUnavailable)
+from stages.backends.openai_client import api_client
 from stages.backends.request_cache import RequestCache, request_key, response_usage
 
 API_TOP_LOGPROBS_LIMIT = 20  # the OpenAI API's maximum for top_logprobs
@@ -301,15 +302,15 @@ class Budget:
 
 
 class OpenAIBackend:
-    """Teacher behind an OpenAI-compatible chat completions or completions endpoint."""
+    """Teacher behind an OpenAI-compatible chat completions or completions endpoint. Its batch
+    transport uses it through `openai_client.PaidRequests` (cfg, cache, budget, worst_case,
+    prompt_bound, usage_of)."""
 
     name = "openai"
     whole_shards = True  # concurrency is bounded by a semaphore, not by our batches
 
     def __init__(self, cfg, cache_path: Path, cache_seed: Path | None = None):
         t0 = time.time()
-        import openai
-
         if cfg.top_k > API_TOP_LOGPROBS_LIMIT:
             raise ValueError(f"generate.top_k={cfg.top_k} is above {API_TOP_LOGPROBS_LIMIT}, "
                              "the most top_logprobs an OpenAI-compatible API returns; lower it "
@@ -323,8 +324,7 @@ class OpenAIBackend:
         # One event loop for the backend's life: the client's pooled keep-alive connections
         # belong to the loop they were opened on, so a fresh loop per shard would break them.
         self.loop = asyncio.new_event_loop()
-        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key or "none",
-                                         max_retries=0, timeout=cfg.request_timeout)
+        self.client = api_client(cfg, asynchronous=True)
         self.cache = RequestCache(cache_path, cache_seed)
         tokenizer = None
         if cfg.tokenizer:  # maps strings to ids, or checks the ids a server sends

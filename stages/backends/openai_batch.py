@@ -33,6 +33,7 @@ from pathlib import Path
 from pipeline.log import log
 from pipeline.secrets import scrub
 from stages.backends.base import BudgetReached, NotJSONAnswer, TeacherUnavailable
+from stages.backends.openai_client import PaidRequests, api_client
 from stages.backends.request_cache import request_key
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
@@ -115,15 +116,10 @@ class BatchTransport:
     """Sends a call's requests as one batch and answers them into the backend's request cache.
     `failed` holds, after `run`, why each request of the call without an answer has none."""
 
-    def __init__(self, backend, folder: Path):
-        import openai
-
-        cfg = backend.cfg
-        self.backend, self.cfg, self.folder = backend, cfg, folder
-        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        # The SDK never retries here by itself: a retried create could submit twice.
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none",
-                                    max_retries=0, timeout=cfg.request_timeout)
+    def __init__(self, paid: PaidRequests, folder: Path):
+        cfg = paid.cfg
+        self.paid, self.cfg, self.folder = paid, cfg, folder
+        self.client = api_client(cfg)  # no retries of its own: a retried create submits twice
         self.url = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
         self.failed: dict[str, str] = {}
         self.fresh: set[str] = set()  # the keys this process's batches answered
@@ -187,7 +183,7 @@ class BatchTransport:
         submitted as a new request set. A request that failed or expired in a batch (the
         provider bills neither) is submitted again only by a later call that asks for it:
         `--retry-failed`, or a rerun of a shard whose failures were never written."""
-        cache = self.backend.cache
+        cache = self.paid.cache
         self.failed = {}
         missing: dict[str, dict] = {}
         for body in bodies:
@@ -211,9 +207,9 @@ class BatchTransport:
                         self.failed[key] = record["failed"][key]
         if not missing:
             return
-        budget = self.backend.budget
+        budget = self.paid.budget
         if budget.on:
-            worst = [self.backend.worst_case(b) for b in missing.values()]
+            worst = [self.paid.worst_case(b) for b in missing.values()]
             cost, tokens = sum(w[0] for w in worst), sum(w[1] for w in worst)
             if not budget.reserve(cost, tokens):
                 raise BudgetReached(budget.stopped(f"batch ({len(missing)} requests)"))
@@ -307,8 +303,8 @@ class BatchTransport:
                 f"{record['request_set']} ({found.status}): resumed, not submitted again")
         if found is None:
             if not record.get("spending_recorded"):  # write-ahead, once per request set
-                self.backend.cache.sending_many([
-                    (item["custom_id"], self.backend.prompt_bound(item["body"]),
+                self.paid.cache.sending_many([
+                    (item["custom_id"], self.paid.prompt_bound(item["body"]),
                      item["body"]["n"] * item["body"]["max_tokens"])
                     for item in self._items(record)])
                 record["spending_recorded"] = True
@@ -368,7 +364,7 @@ class BatchTransport:
     def _download(self, path: Path, record: dict, batch) -> None:
         """The output and error files into the cache; failures recorded per request."""
         requests = {item["custom_id"]: item["body"] for item in self._items(record)}
-        cache, answered, failed = self.backend.cache, set(), {}
+        cache, answered, failed = self.paid.cache, set(), {}
         for attempt in range(DOWNLOAD_TRIES):
             cut = strangers = 0
             for which in ("output_file_id", "error_file_id"):
@@ -390,10 +386,10 @@ class BatchTransport:
                     if (which == "output_file_id" and response.get("status_code") == 200
                             and isinstance(body, dict) and body.get("choices")):
                         if key not in answered:
-                            used = self.backend.usage_of(requests[key], body)
+                            used = self.paid.usage_of(requests[key], body)
                             cache.put(key, body, used, batch=True)
                             cache.settle(key, "answered")
-                            self.backend.budget.spend(*used, True)
+                            self.paid.budget.spend(*used, True)
                             answered.add(key)
                             self.fresh.add(key)
                             failed.pop(key, None)
