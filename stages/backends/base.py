@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -87,9 +87,8 @@ def greedy(max_new_tokens: int, stop: list[str]) -> SamplingSettings:
 class Backend(Protocol):
     """A model that generates (one of the kinds registered in `BACKENDS`, see `BackendKind`).
 
-    Optional attributes: `whole_shards` (True: the engine schedules requests itself and wants
-    a whole shard at once), `stats` (counters such as `engine_s`, `requests`, `retries`),
-    `kd_check` (per-token id checks of API backends), `startup_s`, `close()`, and
+    Optional parts (`Extras` reads them, with their defaults): `whole_shards`, `stats`,
+    `kd_check`, `usage`, `tokenizer`, `render`; besides them `startup_s`, `close()`, and
     `score(prompts, completions, k)` (-> `Scored` per prompt: the model's top-k over given
     token ids, by a forward pass; local engines only).
     """
@@ -103,6 +102,36 @@ class Backend(Protocol):
                  ) -> list[list[Generation] | Exception]:
         """`settings.n` generations for every prompt, in prompt order; a prompt that cannot be
         generated gives its error instead (the others are still answered)."""
+
+
+def _as_is(prompt: str) -> str:
+    return prompt
+
+
+@dataclass
+class Extras:
+    """A backend's optional parts, declared here with what a backend without one means; the
+    dicts are the backend's own, so they show its counts as they grow.
+
+    whole_shards: the engine schedules requests itself and wants a whole shard at once.
+    stats: running counters (`engine_s`; an API backend's `requests`, `retries`, `cache_hits`).
+    kd_check: per-token id checks of an API backend's answers (`kd_*` counters of a shard).
+    usage: the backend's own ledger (prompt and completion tokens, `cost`, ...): an API backend
+        counts what the server billed; None: the stage counts tokens and engine time itself.
+    tokenizer, render: how a local engine's prompts are tokenized (its prompt tokens).
+    """
+
+    whole_shards: bool = False
+    stats: dict = field(default_factory=dict)
+    kd_check: dict = field(default_factory=dict)
+    usage: dict | None = None
+    tokenizer: object = None
+    render: Callable[[str], str] = _as_is
+
+    @classmethod
+    def of(cls, backend) -> "Extras":
+        return cls(**{f.name: getattr(backend, f.name) for f in dataclasses.fields(cls)
+                      if getattr(backend, f.name, None) is not None})
 
 
 def _no_checks(g, errors: list[str]) -> None:

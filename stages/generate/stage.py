@@ -30,7 +30,7 @@ from pipeline.run_folder import RunFolder, StageFolder, as_run_folder
 from pipeline.schema import SCHEMA_VERSION, as_format, shard_format, traces_table
 from pipeline.stage import Progress, Shard, ShardOutput, Stage, no_progress
 from pipeline.tasks import load_split
-from stages.backends.base import (Backend, Generation, Outcome, SamplingSettings,
+from stages.backends.base import (Backend, Extras, Generation, Outcome, SamplingSettings,
                                   generate_in_batches)
 from stages.checks.answers import answer_checker
 from stages.generate.rounds import (Round, Rounds, finished, generate_fingerprinted,  # noqa: F401
@@ -110,28 +110,27 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     sampling = sampling_settings(g, n, temperature)
     seeds = ([request_seed(g.seed, r["id"], r["first"], hinted) for r in rows]
              if settings.later_round else None)
+    extras = Extras.of(teacher)
     # Engines that schedule requests themselves get the whole shard at once.
-    per_batch = (len(rows) if getattr(teacher, "whole_shards", False)
-                 else max(1, g.batch_size // n))
-    kd_before = dict(getattr(teacher, "kd_check", {}))
-    used_before = _used(teacher)
+    per_batch = len(rows) if extras.whole_shards else max(1, g.batch_size // n)
+    kd_before = dict(extras.kd_check)
+    used_before = _used(extras)
     api = {"requests": "requests", "retries": "retries", "cache_hits": "cached"}
-    seen = {k: (getattr(teacher, "stats", None) or {}).get(k, 0) for k in api}
+    seen = {k: extras.stats.get(k, 0) for k in api}
     stats_before = dict(seen)
-    priced = Prices.of(g).priced and "cost" in (getattr(teacher, "usage", None) or {})
-    seen["cost"] = (getattr(teacher, "usage", None) or {}).get("cost", 0.0)
+    priced = Prices.of(g).priced and extras.usage is not None
+    seen["cost"] = (extras.usage or {}).get("cost", 0.0)
 
     def on_batch(outcomes: list[Outcome]) -> None:
         made = [x for o in outcomes if isinstance(o, list) for x in o]
         counts = {"tokens": sum(int(x.token_ids.shape[0]) for x in made),
                   "errors": sum(n for o in outcomes if isinstance(o, str))}
-        stats = getattr(teacher, "stats", None) or {}
-        if "retries" in stats:  # API backends count their requests
+        if "retries" in extras.stats:  # API backends count their requests
             for key, shown in api.items():
-                counts[shown] = stats[key] - seen[key]
-                seen[key] = stats[key]
+                counts[shown] = extras.stats[key] - seen[key]
+                seen[key] = extras.stats[key]
         if priced:  # the ledger's running cost
-            now = teacher.usage["cost"]
+            now = extras.usage["cost"]
             counts["cost"], seen["cost"] = round(now - seen["cost"], 9), now
         progress(len(outcomes), **counts)
 
@@ -157,10 +156,10 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
             counters["traces"] += 1
             counters["tokens"] += int(gen.token_ids.shape[0])
             counters["truncated"] += gen.finish_reason == "length"
-    for key, value in getattr(teacher, "kd_check", {}).items():
+    for key, value in extras.kd_check.items():
         counters[f"kd_{key}"] = value - kd_before.get(key, 0)
-    counters.update(_ledger(teacher, used_before, prompts, counters["tokens"], g))
-    stats = getattr(teacher, "stats", None) or {}
+    counters.update(_ledger(extras, used_before, prompts, counters["tokens"], g))
+    stats = extras.stats
     if "cache_hits" in stats:  # API backends: requests sent (attempts) and answered by the cache
         counters["requests"] = stats["requests"] - stats_before["requests"]
         counters["cached"] = stats["cache_hits"] - stats_before["cache_hits"]
@@ -170,29 +169,27 @@ def generate_shard(settings: GenerateSettings, shard: Shard, teacher: Backend,
     return ShardOutput({"traces": table}, counters, teacher.facts())
 
 
-def _used(teacher) -> dict:
+def _used(extras: Extras) -> dict:
     """What the teacher has used so far: its own ledger (API backends), and its engine time."""
-    return {**getattr(teacher, "usage", {}),
-            "engine_s": (getattr(teacher, "stats", None) or {}).get("engine_s", 0.0)}
+    return {**(extras.usage or {}), "engine_s": extras.stats.get("engine_s", 0.0)}
 
 
-def _ledger(teacher, before: dict, prompts: list[str], tokens: int,
+def _ledger(extras: Extras, before: dict, prompts: list[str], tokens: int,
             g: GenerateConfig) -> dict:
     """A shard's ledger counters (`pipeline.costs`): prompt and completion tokens and cost of
     the responses it used (an API backend counts them from the server's usage, cached ones
     included: the data cost them once); a local engine's prompt tokens by its tokenizer (once
     per prompt, as the engine reads it once for its `n` samples), its generated tokens, its
     engine seconds at `price_hour`."""
-    now = _used(teacher)
-    if "cost" in now:  # an API backend keeps its own ledger
+    now = _used(extras)
+    if extras.usage is not None:  # an API backend keeps its own ledger
         out = {k: now[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
                                                     "batch_tokens", "cost", "usage_estimated",
                                                     "usage_by_bytes")}
         out["cost"] = round(out["cost"], 9)
         return out
     seconds = now["engine_s"] - before.get("engine_s", 0.0)
-    tokenizer = getattr(teacher, "tokenizer", None)
-    render = getattr(teacher, "render", lambda p: p)
+    tokenizer, render = extras.tokenizer, extras.render
     prompt = (sum(len(ids) for ids in tokenizer([render(p) for p in prompts],
                                                 add_special_tokens=False)["input_ids"])
               if tokenizer is not None and prompts else 0)
