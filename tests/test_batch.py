@@ -127,7 +127,7 @@ def _distill(run, url: str, *more: str) -> subprocess.Popen:
         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _wait_for(what, timeout: float = 60.0) -> None:
+def _wait_for(what, timeout: float = 600.0) -> None:
     deadline = time.time() + timeout
     while not what():
         assert time.time() < deadline, "timed out"

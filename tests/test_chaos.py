@@ -201,9 +201,12 @@ def test_every_byte_flip_or_truncation_is_caught_naming_the_file(tmp_path):
 
 def test_two_writers_at_once_one_is_refused_with_the_holder_named(tmp_path):
     with FakeServer(delay=0.2) as server:
-        first = subprocess.Popen(args_for(tmp_path, server.base_url), env=env(),
+        # a timeout no loaded machine reaches: a request answered late but timed out would be
+        # sent (and answered) twice, which is not what this test is about
+        first = subprocess.Popen(args_for(tmp_path, server.base_url, "generate",
+                                          "generate.request_timeout=60"), env=env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
+        deadline = time.time() + 600  # an outer limit: the wait is on the lock file
         while not (tmp_path / "r" / "generate" / "lock.json").exists():
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.05)

@@ -34,7 +34,7 @@ def config(url: str, *more: str):
     return load_config("configs/demo.yaml", [
         "task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=1",
         "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
-        f"generate.base_url={url}", "generate.request_timeout=2", "generate.backoff_max=0.05",
+        f"generate.base_url={url}", "generate.request_timeout=30", "generate.backoff_max=0.05",
         "generate.max_retries=1", "generate.concurrency=4", "generate.top_k=4", *more])
 
 

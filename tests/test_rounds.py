@@ -377,7 +377,7 @@ def test_an_api_teacher_pays_each_round_once_and_its_cache_answers_a_lost_round(
                 "task.n_train=12", "generate.rows_per_shard=4", "generate.n_samples=2",
                 "generate.backend=openai", "generate.server_token_ids=true",
                 "generate.model=fake", f"generate.base_url={server.base_url}",
-                "generate.request_timeout=2", "generate.max_retries=1", "generate.top_k=4",
+                "generate.request_timeout=30", "generate.max_retries=1", "generate.top_k=4",
                 f"generate.max_samples={max_samples}"])
 
         def sent():

@@ -2,7 +2,7 @@
 
 Round 1 is the generate stage as it always was: `generate/`, `n_samples` per question, the same
 fingerprint and files. With `generate.max_samples` above `n_samples`, the filter's own checks
-(answer, steps, length, duplicates: `stages.filter.stage.decide`) then count each question's kept
+(answer, steps, length, duplicates: `stages.checks.keep.decide`) then count each question's kept
 traces, and the questions short of `wanted_per_question` get `round_samples` more in round 2
 (`generate-round-2/`), and so on, until every question has enough or another round would pass
 `max_samples`. With `generate.hint_template`, the questions with a gold answer and still no
