@@ -13,7 +13,8 @@ accuracy of each variant over the seeds:
   `dss+cosine` (the margin cosine rationale loss), `dss+consistency` (consistency
   regularisation, `consistency_lam=0.5`), each one piece on top of `dss`; `explain-only`
   (`train.alpha=0`: the rationale alone), which with `answer-only` is one adapter per prefix
-  (each mode served by the student trained for it alone).
+  (each mode served by the student trained for it alone); `dss+predict-weight` (DSS with
+  `train.alpha=0.8`: the direct answer's loss weighted more).
 
 All three see the same traces, steps, batches and seeds; DSS with and without KD train on the
 same explain targets (the teacher's own tokens), so the difference between them is the loss.
@@ -40,6 +41,9 @@ VARIANTS = {  # after the user's overrides, so these win
     "dss+consistency": ["train.kd_lam=0", "train.consistency_lam=0.5"],
     # the rationale alone (`train.alpha=0`): with answer-only, one adapter per prefix
     "explain-only": ["train.alpha=0.0", "train.kd_lam=0"],
+    # DSS with the direct answer's loss weighted 0.8 (its training loss stays above
+    # answer-only's at alpha 0.5: the predict task gets half the updates' weight)
+    "dss+predict-weight": ["train.alpha=0.8", "train.kd_lam=0"],
 }
 DEFAULT_VARIANTS = ["answer-only", "dss", "dss+kd"]
 
