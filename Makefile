@@ -2,7 +2,8 @@
 # make test                       set up, then run the tests (SLOW=0 skips the slow ones)
 # make filter CONFIG=configs/demo.yaml RUN=demo SET="filter.min_steps=2"
 # make compare                    answer-only SFT vs DSS vs DSS + KD on the run's traces, 3 seeds
-#                                 (VARIANTS="dss dss+answer-kd dss+cosine dss+consistency" for the rest)
+#                                 (VARIANTS="dss dss+answer-kd dss+cosine dss+consistency explain-only
+#                                 dss+predict-weight" for the rest)
 # make sweep                      answer-only vs DSS on 12.5/25/50/100% of the traces (DSS Figure 2)
 # make report                     report.html in the run folder: funnel, losses, accuracy, sweep
 # make coverage                   fixed sampling vs rounds vs + hints vs + gold predict: examples
