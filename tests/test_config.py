@@ -77,3 +77,37 @@ def test_a_binary_config_file_names_the_file_and_the_fix(tmp_path):
         load_config(path)
     text = str(err.value)
     assert str(path) in text and "not UTF-8 text" in text and "configs/demo.yaml" in text
+
+
+def test_a_config_copies_and_pickles_with_the_backends_settings_joined():
+    """The generate section is a class joined at run time from the stage's settings and the
+    backends' (`BackendKind.settings`): copies (Ray ships configs to workers) rebuild it."""
+    import copy
+    import pickle
+
+    cfg = load_config("configs/demo.yaml", ["generate.backend=openai",
+                                            "generate.base_url=http://127.0.0.1:1/v1"])
+    for again in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert again == cfg and type(again.generate) is type(cfg.generate)
+        assert again.generate.base_url == "http://127.0.0.1:1/v1"
+    assert cfg.replace(train=cfg.train).generate is cfg.generate
+
+
+def test_a_backend_setting_that_would_change_other_backends_fingerprints_is_refused():
+    from dataclasses import dataclass
+
+    from pipeline.config import IF_READ, opt
+    from stages.backends.base import BackendKind
+
+    @dataclass
+    class Loose:
+        depth: int = opt(1, "Decides what every backend makes.")  # fingerprint=ALWAYS
+
+    with pytest.raises(TypeError, match=r"its settings \['depth'\] must be declared"):
+        BackendKind("loose", lambda cfg, cache, seed: None, settings=Loose)
+
+    @dataclass
+    class Own:
+        depth: int = opt(1, "Decides what this backend makes.", fingerprint=IF_READ)
+
+    assert "depth" in BackendKind("own", lambda cfg, cache, seed: None, settings=Own).reads

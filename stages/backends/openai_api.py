@@ -32,7 +32,7 @@ from pipeline.config import IF_READ, NEVER, opt
 from pipeline.costs import Prices, money
 from pipeline.kept_aside import BATCHES
 from pipeline.models import tokens_within
-from pipeline.secrets import remember, scrub
+from pipeline.secrets import scrub
 from pipeline.registry import BACKENDS
 from stages.backends.base import (BackendKind, BudgetReached, Generation, NotJSONAnswer,
                                   SamplingSettings, TeacherUnavailable)
@@ -316,7 +316,6 @@ class OpenAIBackend:
                              "the most top_logprobs an OpenAI-compatible API returns; lower it "
                              "or use the hf backend")
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        remember(key)  # scrubbed from every error text from now on
         if cfg.api_key_env and not key and not cfg.base_url:
             raise ValueError(f"environment variable {cfg.api_key_env} is not set; export the "
                              "API key there (it is never written to disk)")
