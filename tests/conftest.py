@@ -29,6 +29,29 @@ def embedded_path():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(embedded_path, tmp_path_factory):
+    """The embedded model's architecture and tokenizer with two narrow layers and random
+    weights (seed 0), saved as a model folder: what transformers, peft and vLLM load like the
+    real one, for tests that check plumbing (resume, locks, folders, executors, counters) and
+    not what a model learns. A string to give as `generate.model` or `train.student`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(embedded_path)
+    config.update({"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "head_dim": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                   "max_position_embeddings": 2048})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    load_tokenizer(embedded_path).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(embedded_path, tmp_path_factory):
     """A tiny randomly initialised T5 (built from a config) with the embedded model's
     tokenizer, saved as a model folder: a seq2seq student without a hub download."""

@@ -366,8 +366,9 @@ def test_a_budget_needs_one_process_on_a_local_run_folder():
         generate.main(cfg, "memory://batch-run")
 
 
-def test_a_local_engine_is_estimated_by_the_engine_time_of_its_pilot(tmp_path, embedded_path):
+def test_a_local_engine_is_estimated_by_the_engine_time_of_its_pilot(tmp_path, tiny_llama):
     over = ["task.n_train=8", "generate.backend=hf", "generate.dtype=float32",
+            f"generate.model={tiny_llama}",
             "generate.max_new_tokens=16", "generate.price_hour=3600"]  # 1 per engine-second
     cfg = load_config("configs/demo.yaml", over)
     e = estimate(cfg, generate.RunFolder(str(tmp_path)))

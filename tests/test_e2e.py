@@ -1,4 +1,9 @@
-"""End to end on the real embedded model, kept small (marked slow; CI runs them)."""
+"""End to end on the real embedded model as the teacher, kept small (marked slow; CI runs them).
+
+The teacher is the real model where a test needs right answers (the filter keeps only those) or
+its real top-k; students train from the tiny random model of the same architecture and tokenizer
+(`tiny_llama`): these tests check the stages' protocol, not what a student learns. Everything
+runs in float32: bfloat16 matrix products are ~25x slower on CPUs without AVX-512 BF16."""
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ pytestmark = pytest.mark.slow
 SMALL = ["generate.backend=hf", "task.n_train=12", "task.n_test=8", "generate.rows_per_shard=4",
          "generate.n_samples=1", "generate.max_new_tokens=32", "generate.batch_size=8", "train.max_steps=2",
          "train.batch_size=4", "train.save_steps=1", "eval.n=8", "eval.max_new_tokens=24",
-         "eval.batch_size=8"]
+         "eval.batch_size=8", "generate.dtype=float32", "train.dtype=float32", "eval.dtype=float32"]
 
 
 def _traces(run_dir):
@@ -45,12 +50,13 @@ class Recording:
         return self.inner.generate(prompts, settings)
 
 
-def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, capsys):
+def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, tiny_llama,
+                                                    capsys):
     import stages.filter.stage as filter_stage
     import stages.generate.stage as generate
     from stages.backends.hf import HFBackend
 
-    cfg = load_config("configs/demo.yaml", SMALL)
+    cfg = load_config("configs/demo.yaml", SMALL + [f"train.student={tiny_llama}"])
     run_dir = tmp_path / "run"
     run_stages(STAGES, cfg, run_dir)
 
@@ -92,7 +98,8 @@ def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, cap
 
     # a changed filter setting re-filters the cached shards, still without the teacher
     before = _manifest(run_dir, "filter")["fingerprint"]
-    cfg2 = load_config("configs/demo.yaml", SMALL + ["filter.min_steps=0"])
+    cfg2 = load_config("configs/demo.yaml", SMALL + [f"train.student={tiny_llama}",
+                                                     "filter.min_steps=0"])
     after = filter_stage.main(cfg2, run_dir)
     assert after["fingerprint"] != before and after["shards_written"] == 3
     assert _manifest(run_dir, "generate")["fingerprint"] == manifest["fingerprint"]
@@ -105,11 +112,12 @@ def test_all_stages_then_caching_and_partial_reruns(tmp_path, embedded_path, cap
     assert _traces(run_dir)[1].column("id").to_pylist() == traces.column("id").to_pylist()
 
 
-def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, embedded_path):
+def test_generate_resumes_after_a_crash_without_duplicates(tmp_path, tiny_llama):
     import stages.generate.stage as generate
     from stages.backends.hf import HFBackend
 
-    cfg = load_config("configs/demo.yaml", SMALL + ["generate.batch_size=2"])
+    cfg = load_config("configs/demo.yaml", SMALL + ["generate.batch_size=2",
+                                                    f"generate.model={tiny_llama}"])
     run_dir = tmp_path / "run"
     hf = HFBackend(cfg.generate.model, cfg.generate.dtype)
     stopping = Recording(hf, stop_at=5)  # the third shard's first batch
@@ -146,13 +154,15 @@ def test_topk_capture_sees_the_raw_logits(embedded_path):
         assert torch.equal(cap.topk_ids[step].long(), ref.indices)
 
 
-def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeypatch):
+def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, tiny_llama,
+                                                 monkeypatch):
     import json
 
     import stages.train.stage as train
     from trainer.dss import JsonlLogCallback
 
-    cfg = load_config("configs/demo.yaml", SMALL + ["train.max_steps=4", "train.save_steps=2",
+    cfg = load_config("configs/demo.yaml", SMALL + [f"train.student={tiny_llama}",
+                                                    "train.max_steps=4", "train.save_steps=2",
                                                     "train.batch_size=2",
                                                     "train.logging_steps=1"])
     run_dir = tmp_path / "run"
@@ -178,8 +188,8 @@ def test_train_resumes_from_its_last_checkpoint(tmp_path, embedded_path, monkeyp
     assert again["fingerprint"] == manifest["fingerprint"]
 
 
-def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
-                                                                      embedded_path):
+def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path, embedded_path,
+                                                                      tiny_llama):
     """On real generated and filtered shards: every explain target token is the teacher's own
     token with its top-k row, the rationale without its answer sentence; three students
     (answer-only, DSS, DSS + KD) train on the same traces into their own folders, and eval
@@ -191,7 +201,8 @@ def test_kd_targets_are_the_teachers_tokens_and_variants_side_by_side(tmp_path,
     from trainer.examples import build_examples
     from trainer.students.causal_lm import CausalLMStudent
 
-    base = SMALL + ["task.n_train=24", "generate.n_samples=2", "filter.min_steps=0"]
+    base = SMALL + ["task.n_train=24", "generate.n_samples=2", "filter.min_steps=0",
+                    f"train.student={tiny_llama}"]
     cfg = load_config("configs/demo.yaml", base + ["train.kd_lam=0.5", "train.name=kd"])
     run_dir = tmp_path / "run"
     run_stages(["generate", "filter"], cfg, run_dir)

@@ -85,6 +85,13 @@ TINY = ["task.n_train=16", "task.n_test=2", "generate.backend=hf", "generate.dty
         "iterate.until_flat=false"]
 
 
+def tiny(model: str) -> list[str]:
+    """TINY with the tiny random model as the teacher that scores and as the student: the
+    loop's bookkeeping does not depend on what a model knows (the teacher's traces are
+    scripted, and so is the student's one right sample)."""
+    return TINY + [f"generate.model={model}", f"train.student={model}"]
+
+
 def _manifests(run: RunFolder) -> dict:
     return {name: run.stage(name).manifest() for name in
             ["generate", "filter", "train", "eval", "student-round-2", "scored-round-2"]
@@ -93,7 +100,8 @@ def _manifests(run: RunFolder) -> dict:
 
 def _teacher(golds: dict, embedded_path):
     """test_rounds' scripted teacher (right on a third of its samples), writing its text in
-    the embedded model's token ids, so the real model can score its traces and the student's."""
+    the embedded model's token ids, so a model of its tokenizer can score its traces and the
+    student's."""
     from test_rounds import GuessingTeacher
 
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
@@ -147,18 +155,19 @@ def _one_right_sample(real, golds: dict, embedded_path):
 
 
 @pytest.mark.slow
-def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, monkeypatch):
+def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, tiny_llama,
+                                                       monkeypatch):
     import stages.generate.stage as generate
     import stages.iterate.stage as iterate_stages
     from pipeline.tasks import load_split
     from stages.commands.iterate import iterate
     from stages.iterate.stage import round_run
 
-    cfg = load_config("configs/demo.yaml", TINY)
+    cfg = load_config("configs/demo.yaml", tiny(tiny_llama))
     run = RunFolder(tmp_path / "loop")
     golds = {r["question"]: r["gold"] for r in load_split(cfg.task, "train").to_pylist()}
     # the teacher's traces come from a scripted teacher (right on a third of its samples);
-    # everything after (its scoring, the students, eval) is the real embedded model
+    # everything after (its scoring, the students, eval) is the tiny model
     generate.main(cfg, run, teacher=lambda: _teacher(golds, embedded_path))
     # a one-step student rarely writes a trace the filter keeps, and not on every CPU: the
     # first sample of each of its batches is made right, so round 2 has a trace to train on
@@ -207,7 +216,7 @@ def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, 
 
     # round 2's temperature changed, and the sampling killed after its first shard: round 1
     # stays as it was; the rerun finishes round 2 from the shard it stopped at
-    hotter = load_config("configs/demo.yaml", TINY + ["iterate.temperatures=[1.3]"])
+    hotter = load_config("configs/demo.yaml", tiny(tiny_llama) + ["iterate.temperatures=[1.3]"])
     calls = []
     real = iterate_stages._EmptyTopK.generate
 
@@ -249,7 +258,7 @@ def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, 
 
 @pytest.mark.slow
 def test_until_flat_reads_the_validation_split_and_a_round_that_kept_nothing_new_stops(
-        tmp_path, embedded_path, capsys):
+        tmp_path, embedded_path, tiny_llama, capsys):
     """The loop judges its rounds on the validation split (cut from the training questions,
     never generated for), never on the held-out one; a round whose student wrote nothing the
     filter keeps stops before training, and says why."""
@@ -257,7 +266,7 @@ def test_until_flat_reads_the_validation_split_and_a_round_that_kept_nothing_new
     from pipeline.tasks import load_split
     from stages.commands.iterate import iterate, table
 
-    settings = TINY + ["task.validation_share=0.25", "iterate.until_flat=true",
+    settings = tiny(tiny_llama) + ["task.validation_share=0.25", "iterate.until_flat=true",
                        "iterate.max_new_tokens=1"]  # a one-token trace: the filter drops it
     cfg = load_config("configs/demo.yaml", settings)
     valid = load_split(cfg.task, "validation").to_pylist()

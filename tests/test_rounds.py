@@ -270,7 +270,7 @@ def test_the_leak_check_on_hand_written_hinted_traces():
 
 
 @pytest.mark.slow
-def test_the_student_trains_on_every_round_with_gold_predict_examples(tmp_path, embedded_path,
+def test_the_student_trains_on_every_round_with_gold_predict_examples(tmp_path, tiny_llama,
                                                                       capsys):
     """Train reads the kept traces of every round (hinted ones too) and, with
     train.predict_on=labelled, makes predict: examples of every labelled question."""
@@ -279,6 +279,7 @@ def test_the_student_trains_on_every_round_with_gold_predict_examples(tmp_path, 
     cfg, teacher = setup(tmp_path, ["generate.max_samples=4",
                                     "generate.hint_template=data/prompts/add_subtract_hint.txt",
                                     "train.predict_on=labelled", "train.dtype=float32",
+                                    f"train.student={tiny_llama}",
                                     "train.max_steps=1", "train.batch_size=2"])
     gen(cfg, tmp_path, teacher)
     f = filter_stage.main(cfg, tmp_path)

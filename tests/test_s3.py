@@ -104,7 +104,9 @@ def test_api_teacher_array_on_s3_merges_worker_caches_and_pays_once(s3, tmp_path
 
 
 @pytest.mark.slow
-def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, embedded_path):
+def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, embedded_path,
+                                                                            tiny_llama):
+    """The real teacher (the filter keeps right answers only), the tiny random student."""
     import s3fs
 
     args = [sys.executable, "-m", "stages.commands.cli", "all", "--config", "configs/demo.yaml",
@@ -112,7 +114,7 @@ def test_all_stages_on_s3_then_up_to_date_and_train_resumes_from_the_store(s3, e
             "task.n_train=16", "task.n_test=4", "generate.rows_per_shard=8",
             "generate.max_new_tokens=40", "filter.min_steps=0", "train.dtype=float32",
             "train.max_steps=2", "train.batch_size=4", "train.save_steps=1", "eval.n=4",
-            "eval.dtype=float32", "eval.max_new_tokens=16"]
+            "eval.dtype=float32", "eval.max_new_tokens=16", f"train.student={tiny_llama}"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     fs = s3fs.S3FileSystem(skip_instance_cache=True)

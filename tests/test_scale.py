@@ -1,6 +1,6 @@
 """Scaling out: the Ray executor on a local cluster and job-array workers in separate processes,
-on a toy stage and on the real embedded teacher (marked slow: each Ray test starts a local
-cluster; CI runs them)."""
+on a toy stage and on a transformers teacher (the tiny random model; marked slow: each Ray
+test starts a local cluster; CI runs them)."""
 
 import os
 import signal
@@ -85,9 +85,9 @@ def test_ray_shard_that_keeps_failing_stops_the_stage_and_keeps_the_rest(tmp_pat
     assert manifest["shards_written"] == 1 and manifest["shards_reused"] == 5
 
 
-# ---------------------------------------------------------------- the real teacher
+# ---------------------------------------------------------------- a transformers teacher
 
-TINY = ["generate.backend=hf", "generate.dtype=float32", "task.n_train=8",
+TEACHER = ["generate.backend=hf", "generate.dtype=float32", "task.n_train=8",
         "generate.rows_per_shard=2", "generate.n_samples=2", "generate.max_new_tokens=16",
         "generate.batch_size=4"]
 COLUMNS = ["id", "sample", "completion", "finish_reason", "token_ids", "topk_ids",
@@ -118,18 +118,21 @@ def _same_rows(a: pa.Table, b: pa.Table) -> None:
             np.testing.assert_allclose(x, y, atol=1e-4)
 
 
-def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path):
+def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, tiny_llama):
     """Ray: the rows of every round (a second round samples the questions still short of a
-    kept trace); a job array: the rows of the first."""
+    kept trace); a job array: the rows of the first. The teacher is the tiny random model: the
+    rows must be the same wherever they are made, whatever they say."""
     import stages.generate.stage as generate
 
+    tiny = TEACHER + [f"generate.model={tiny_llama}"]
+
     rounds = ["generate.max_samples=4"]
-    generate.main(load_config("configs/demo.yaml", TINY + rounds), tmp_path / "local")
+    generate.main(load_config("configs/demo.yaml", tiny + rounds), tmp_path / "local")
     local_manifest, local = _traces(tmp_path / "local")
     _, local_round = _traces(tmp_path / "local", "generate-round-2")
     assert local_round.num_rows > 0
 
-    ray_cfg = load_config("configs/demo.yaml", TINY + rounds + [
+    ray_cfg = load_config("configs/demo.yaml", tiny + rounds + [
         "generate.executor=ray", "generate.workers=2", "ray.local_cpus=2"])
     generate.main(ray_cfg, tmp_path / "ray")
     ray_manifest, on_ray = _traces(tmp_path / "ray")
@@ -141,7 +144,7 @@ def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path
     # two array workers at once, as a scheduler would start them, then --finalize
     cmd = [sys.executable, "-m", "stages.commands.cli", "generate", "--config",
            "configs/demo.yaml", "--runs-dir", str(tmp_path), "--run", "array"]
-    workers = [subprocess.Popen(cmd + ["--num-workers", "2", "--worker-index", str(i)] + TINY,
+    workers = [subprocess.Popen(cmd + ["--num-workers", "2", "--worker-index", str(i)] + tiny,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         errs = [w.communicate(timeout=600)[1] for w in workers]
@@ -152,7 +155,7 @@ def test_ray_and_job_array_write_the_rows_of_a_local_run(tmp_path, embedded_path
     assert [w.returncode for w in workers] == [0, 0], errs
     assert "worker 1 of 2: 2 shard(s) written" in errs[1]
     assert RunFolder(tmp_path / "array").stage("generate").manifest() is None
-    done = subprocess.run(cmd + ["--finalize"] + TINY, stderr=subprocess.PIPE, text=True,
+    done = subprocess.run(cmd + ["--finalize"] + tiny, stderr=subprocess.PIPE, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     array_manifest, on_array = _traces(tmp_path / "array")
@@ -179,23 +182,24 @@ def _distill() -> str:
     return os.path.join(os.path.dirname(sys.executable), "distill")
 
 
-def _train_in_two_processes(launcher, runs_dir, env=None):
+def _train_in_two_processes(launcher, runs_dir, student, env=None):
     cmd = launcher + [_distill(), "--" if "torch.distributed.run" in launcher else "train"]
     if cmd[-1] == "--":
         cmd.append("train")
-    cmd += ["--runs-dir", str(runs_dir), "--run", "r"] + TRAIN
+    cmd += ["--runs-dir", str(runs_dir), "--run", "r"] + TRAIN + [f"train.student={student}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
 
-def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embedded_path):
+def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, tiny_llama):
+    """The student is the tiny random model: what is checked is who trains which step."""
     import json
     import shutil
 
     shutil.copytree(FIXTURE, tmp_path / "r")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2"]
-    done = _train_in_two_processes(torchrun, tmp_path)
+    done = _train_in_two_processes(torchrun, tmp_path, tiny_llama)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = RunFolder(tmp_path / "r").student()
     manifest = folder.manifest()
@@ -210,7 +214,7 @@ def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embe
     folder.drop_manifest()
     shutil.rmtree(tmp_path / "r" / "train" / "adapter")
     shutil.rmtree(tmp_path / "r" / "train" / "checkpoints" / "checkpoint-3")
-    resumed = _train_in_two_processes(torchrun, tmp_path)
+    resumed = _train_in_two_processes(torchrun, tmp_path, tiny_llama)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
     again = folder.manifest()
@@ -223,7 +227,8 @@ def test_torchrun_trains_one_student_in_two_processes_and_resumes(tmp_path, embe
     shutil.copytree(FIXTURE, tmp_path / "acc" / "r")
     accelerate = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
                   "--config_file", "configs/accelerate/ddp.yaml"]
-    launched = _train_in_two_processes(accelerate, tmp_path / "acc", {"ACCELERATE_USE_CPU": "1"})
+    launched = _train_in_two_processes(accelerate, tmp_path / "acc", tiny_llama,
+                                       {"ACCELERATE_USE_CPU": "1"})
     assert launched.returncode == 0, launched.stderr[-3000:]
     other = RunFolder(tmp_path / "acc" / "r").student().manifest()
     assert other["counters"]["train_loss"] == manifest["counters"]["train_loss"]

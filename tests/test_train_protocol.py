@@ -30,9 +30,10 @@ def config(url: str, *more: str):
 
 
 @pytest.fixture
-def filtered(tmp_path):
+def filtered(tmp_path, tiny_llama):
+    """A filtered run whose student is the tiny random model (the protocol, not the learning)."""
     with FakeServer() as server:
-        cfg = config(server.base_url)
+        cfg = config(server.base_url, f"train.student={tiny_llama}")
         generate.main(cfg, tmp_path)
         filter_stage.main(cfg, tmp_path)
     return cfg, tmp_path
@@ -42,8 +43,7 @@ def _no_student(*args, **kwargs):
     raise AssertionError("the student must not be loaded")
 
 
-def test_a_second_train_is_refused_before_it_loads_the_student(filtered, embedded_path,
-                                                               monkeypatch):
+def test_a_second_train_is_refused_before_it_loads_the_student(filtered, monkeypatch):
     cfg, run = filtered
     monkeypatch.setattr("trainer.lora.lora_student", _no_student)
     with StageLock(RunFolder(run).stage("train")):
@@ -68,8 +68,8 @@ def test_the_filter_writes_its_reports_before_its_manifest(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_lost_manifest_or_record_costs_no_training_and_no_extra_step(filtered, embedded_path,
-                                                                      monkeypatch, capsys):
+def test_a_lost_manifest_or_record_costs_no_training_and_no_extra_step(filtered, monkeypatch,
+                                                                      capsys):
     cfg, run = filtered
     first = train.main(cfg, run)
     assert first["counters"]["steps"] == 2

@@ -38,11 +38,13 @@ def test_config_keys_lists_args_and_report_to(capsys):
     assert "\n  train.args = {}" in keys and "\n  train.report_to = ['tensorboard']" in keys
 
 
-def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, capsys):
+def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, tiny_llama,
+                                                                 capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = RunFolder(imported_run)
-    args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent)]
+    args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent),
+            f"train.student={tiny_llama}"]
     # a mistyped field: one line, nothing trained, no traceback
     assert cli(args + SMALL + ["train.args.lr_schedular_type=linear"]) == 2
     err = capsys.readouterr().err
@@ -68,7 +70,7 @@ def test_training_writes_tensorboard_events_and_takes_train_args(imported_run, c
     assert "report_to" not in manifest["settings"]["train"]
 
 
-def test_a_held_out_share_gives_a_held_out_loss_while_training(imported_run):
+def test_a_held_out_share_gives_a_held_out_loss_while_training(imported_run, tiny_llama):
     """`train.heldout_share` keeps whole questions out of training; their loss (every term)
     is computed every eval_steps and logged as eval_loss."""
     from stages.train.stage import hold_out, keep_share
@@ -78,7 +80,8 @@ def test_a_held_out_share_gives_a_held_out_loss_while_training(imported_run):
     assert len(train) + len(held) == 400 and 60 < len(held) < 140
     assert not {r["id"] for r in keep_share(train, 0.5)} & {r["id"] for r in held}
 
-    args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent)]
+    args = ["train", "--run", "r", "--runs-dir", str(imported_run.parent),
+            f"train.student={tiny_llama}"]
     assert cli(args + SMALL + ["train.heldout_share=0.4", "train.eval_steps=2"]) == 0
     log = [json.loads(line) for line in (imported_run / "train" / "log.jsonl").open()]
     evals = [r for r in log if "eval_loss" in r]

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 SMALL = ["task.n_train=16", "task.n_test=8", "generate.rows_per_shard=8", "generate.n_samples=2",
          "generate.max_new_tokens=32", "train.max_steps=2", "train.batch_size=4",
-         "train.save_steps=1"]
+         "train.dtype=float32", "train.save_steps=1"]
 
 
 def distill(tmp_path, run: str, *overrides: str, stage: str = "generate"):
