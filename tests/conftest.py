@@ -31,9 +31,10 @@ def embedded_path():
 @pytest.fixture(scope="session")
 def tiny_llama(embedded_path, tmp_path_factory):
     """The embedded model's architecture and tokenizer with two narrow layers and random
-    weights (seed 0), saved as a model folder: what transformers, peft and vLLM load like the
-    real one, for tests that check plumbing (resume, locks, folders, executors, counters) and
-    not what a model learns. A string to give as `generate.model` or `train.student`."""
+    weights (seed 0), saved as a model folder: what transformers and peft load like the real
+    one (the hf backend, LoRA training, Ray workers, torchrun processes), for tests that check
+    plumbing (resume, locks, folders, executors, counters) and not what a model learns. A
+    string to give as `generate.model` or `train.student`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
