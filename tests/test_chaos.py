@@ -36,7 +36,7 @@ def overrides(url: str, *more: str) -> list[str]:
     return [f"task.n_train={ROWS}", "generate.rows_per_shard=8", "generate.n_samples=1",
             "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
             "generate.top_k=4", f"generate.concurrency={CONCURRENCY}",
-            "generate.request_timeout=1", "generate.backoff_max=0.05", "generate.max_retries=6",
+            "generate.request_timeout=5", "generate.backoff_max=0.05", "generate.max_retries=6",
             "generate.api_key_env=CHAOS_KEY", f"generate.base_url={url}", *more]
 
 
@@ -83,7 +83,9 @@ def test_generate_killed_at_random_points_under_a_faulty_server(tmp_path):
                .to_pylist()[:ROWS]]
     faults = ["429", "500", "503", "drop", "stall", "malformed", "truncated"]
     scripts = {p: rng.sample(faults, rng.randint(0, 2)) + ["ok"] for p in prompts}
-    with FakeServer(scripts, stall_seconds=1.5, delay=0.05) as server:
+    # the timeout far above an answer's time on a loaded machine (an answer the client gave up
+    # on would be sent twice and counted as resent), the stall far above the timeout
+    with FakeServer(scripts, stall_seconds=8.0, delay=0.05) as server:
         args = args_for(tmp_path, server.base_url)
         kills = 0
         for _ in range(4):

@@ -1,6 +1,7 @@
 """Served and scored by others: the student's LoRA adapter served by vLLM's OpenAI-compatible
-server (`--enable-lora --lora-modules`), and the exported student scored by
-lm-evaluation-harness on the held-out set, in agreement with our own eval."""
+server (`--enable-lora`, the adapter added while the run's one server runs, through the loader
+`--lora-modules` uses at start), and the exported student scored by lm-evaluation-harness on
+the held-out set, in agreement with our own eval."""
 
 import json
 import re
@@ -68,30 +69,28 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_vllm_serves_the_students_lora_adapter(student):
+def test_vllm_serves_the_students_lora_adapter(student, vllm_server):
     import urllib.request
 
     from pipeline.tasks import load_split
-    from stages.backends.vllm_server import LocalVLLMServer
     from trainer.examples import task_prompt
 
     questions = [r["question"] for r in load_split(student["cfg"].task, "test").to_pylist()[:8]]
     report = {r["system"]: r for r in student["report"]["results"]}
     assert report["predict"]["accuracy"] > 0.2  # a student that learnt something
-    server = LocalVLLMServer("smollm2-135m-instruct", dtype="float32",
-                             lora_modules={"student": str(student["adapter"])})
-    with server:
-        with urllib.request.urlopen(f"{server.base_url}/models", timeout=30) as resp:
-            served = [m["id"] for m in json.loads(resp.read())["data"]]
-        assert "student" in served and "smollm2-135m-instruct" in served
+    server = vllm_server  # the run's server (float32): the adapter is added while it runs
+    server.load_adapter("served-student", student["adapter"])
+    with urllib.request.urlopen(f"{server.base_url}/models", timeout=30) as resp:
+        served = [m["id"] for m in json.loads(resp.read())["data"]]
+    assert "served-student" in served and "smollm2-135m-instruct" in served
 
-        def answers(model):
-            out = _post(f"{server.base_url}/completions", {
-                "model": model, "prompt": [task_prompt("predict", q) for q in questions],
-                "max_tokens": 8, "temperature": 0})
-            return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+    def answers(model):
+        out = _post(f"{server.base_url}/completions", {
+            "model": model, "prompt": [task_prompt("predict", q) for q in questions],
+            "max_tokens": 8, "temperature": 0})
+        return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
 
-        lora, bare = answers("student"), answers("smollm2-135m-instruct")
+    lora, bare = answers("served-student"), answers("smollm2-135m-instruct")
     ours = {r["id"]: r for r in _predictions(student["run"], "predict")}
     test_ids = [r["id"] for r in load_split(student["cfg"].task, "test").to_pylist()[:8]]
     expected = [ours[i]["output"] for i in test_ids]
@@ -101,6 +100,25 @@ def test_vllm_serves_the_students_lora_adapter(student):
                for a, e in zip(lora, expected))
     assert same >= 7, list(zip(lora, expected))
     assert lora != bare
+
+
+def test_the_server_command_serves_adapters_named_at_start_or_loaded_later(embedded_path,
+                                                                          monkeypatch):
+    from stages.backends.vllm_server import LocalVLLMServer
+
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    named = LocalVLLMServer("smollm2-135m-instruct", lora_modules={"dss": "runs/a/adapter"},
+                            max_lora_rank=32)
+    args = named.command()
+    assert args[args.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in args
+    assert args[args.index("--lora-modules") + 1] == "dss=runs/a/adapter"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in named.environment()
+    with pytest.raises(RuntimeError, match="runtime_lora=True"):
+        named.load_adapter("later", "runs/b/adapter")  # refused before any request is sent
+    later = LocalVLLMServer("smollm2-135m-instruct", runtime_lora=True)
+    assert "--enable-lora" in later.command() and "--lora-modules" not in later.command()
+    assert later.environment()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "--enable-lora" not in LocalVLLMServer("smollm2-135m-instruct").command()
 
 
 def _predictions(run, system: str) -> list[dict]:

@@ -22,7 +22,7 @@ def config(url: str, *more: str):
     return load_config("configs/demo.yaml", [
         "task.n_train=16", "generate.rows_per_shard=8", "generate.n_samples=1",
         "generate.backend=openai", "generate.server_token_ids=true", "generate.model=fake",
-        f"generate.base_url={url}", "generate.request_timeout=2", "generate.backoff_max=0.05",
+        f"generate.base_url={url}", "generate.request_timeout=30", "generate.backoff_max=0.05",
         "generate.max_retries=1", "generate.concurrency=4", "generate.top_k=4",
         "filter.require_answer_marker=false", "filter.min_steps=0", "filter.min_tokens=1",
         "filter.min_words=1", "train.dtype=float32", "train.max_steps=2", "train.batch_size=2",

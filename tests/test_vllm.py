@@ -118,14 +118,6 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     assert outputs["hf"]["predict"] != outputs["hf"]["base"]  # the adapter does change answers
 
 
-@pytest.fixture(scope="module")
-def vllm_server(embedded_path):
-    from stages.backends.vllm_server import local_vllm_server
-
-    with local_vllm_server("smollm2-135m-instruct") as server:
-        yield server
-
-
 @pytest.mark.parametrize("endpoint, ids", [("completions", "server"), ("chat", "tokenizer")])
 def test_openai_backend_against_a_real_vllm_server(tmp_path, vllm_server, embedded_path,
                                                    endpoint, ids):

@@ -31,9 +31,11 @@ class LocalVLLMServer:
     def __init__(self, model: str, *, port: int | None = None, dtype: str = "bfloat16",
                  kv_cache_gb: int = 2, max_logprobs: int = 20, startup_timeout: float = 300.0,
                  log_path: str | Path | None = None, lora_modules: dict[str, str] | None = None,
-                 max_lora_rank: int = 16):
+                 max_lora_rank: int = 16, runtime_lora: bool = False):
         """`lora_modules`: {served name: adapter folder} served beside the base model
-        (`--enable-lora --lora-modules name=path`), adapters of rank up to `max_lora_rank`."""
+        (`--enable-lora --lora-modules name=path`), adapters of rank up to `max_lora_rank`.
+        `runtime_lora`: LoRA enabled with adapters added while it runs (`load_adapter`), so
+        one server started once serves the base model and adapters trained later."""
         from pipeline.models import resolve_model
 
         self.model = model
@@ -48,6 +50,7 @@ class LocalVLLMServer:
             tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
         self.lora_modules = dict(lora_modules or {})
         self.max_lora_rank = max_lora_rank
+        self.runtime_lora = runtime_lora
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
@@ -56,9 +59,10 @@ class LocalVLLMServer:
                 "--model", str(self.path), "--served-model-name", self.model,
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
                 "--enforce-eager", "--max-logprobs", str(self.max_logprobs)]
+        if self.lora_modules or self.runtime_lora:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank)]
         if self.lora_modules:
-            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
-                     "--lora-modules", *(f"{n}={p}" for n, p in self.lora_modules.items())]
+            args += ["--lora-modules", *(f"{n}={p}" for n, p in self.lora_modules.items())]
         import torch
 
         if not torch.cuda.is_available():
@@ -71,6 +75,8 @@ class LocalVLLMServer:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _all_cores())
+        if self.runtime_lora:  # vLLM's /v1/load_lora_adapter answers only with this set
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         return env
 
     def start(self) -> "LocalVLLMServer":
@@ -99,6 +105,27 @@ class LocalVLLMServer:
                                        f"{self.startup_timeout:.0f}s; its log:\n{self.tail()}")
         self.startup_s = time.time() - t0
         return self
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Serve the LoRA adapter in folder `path` as model `name` from now on."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        if not self.runtime_lora:
+            raise RuntimeError("this server was started without runtime_lora=True: it cannot "
+                               "take adapters while it runs; start it with runtime_lora=True "
+                               "or name the adapter in lora_modules")
+        body = json.dumps({"lora_name": name, "lora_path": str(Path(path).resolve())}).encode()
+        req = urllib.request.Request(f"{self.base_url}/load_lora_adapter",
+                                     data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300):
+                return
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"the vLLM server did not load the adapter {name!r} from "
+                               f"{path}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}"
+                               ) from None
 
     def tail(self, lines: int = 30) -> str:
         try:
