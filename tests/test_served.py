@@ -103,22 +103,23 @@ def test_vllm_serves_the_students_lora_adapter(student, vllm_server):
 
 
 def test_the_server_command_serves_adapters_named_at_start_or_loaded_later(embedded_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, tmp_path):
     from stages.backends.vllm_server import LocalVLLMServer
 
     monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    log = {"log_path": tmp_path / "server.log"}  # no log file left in the system's temp folder
     named = LocalVLLMServer("smollm2-135m-instruct", lora_modules={"dss": "runs/a/adapter"},
-                            max_lora_rank=32)
+                            max_lora_rank=32, **log)
     args = named.command()
     assert args[args.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in args
     assert args[args.index("--lora-modules") + 1] == "dss=runs/a/adapter"
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in named.environment()
     with pytest.raises(RuntimeError, match="runtime_lora=True"):
         named.load_adapter("later", "runs/b/adapter")  # refused before any request is sent
-    later = LocalVLLMServer("smollm2-135m-instruct", runtime_lora=True)
+    later = LocalVLLMServer("smollm2-135m-instruct", runtime_lora=True, **log)
     assert "--enable-lora" in later.command() and "--lora-modules" not in later.command()
     assert later.environment()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert "--enable-lora" not in LocalVLLMServer("smollm2-135m-instruct").command()
+    assert "--enable-lora" not in LocalVLLMServer("smollm2-135m-instruct", **log).command()
 
 
 def _predictions(run, system: str) -> list[dict]:
