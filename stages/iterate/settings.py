@@ -19,7 +19,9 @@ class IterateConfig(Section):
 
     rounds: int = opt(3, "Rounds in all: round 1 is the teacher's pipeline, each later round "
                       "samples with the student of the round before.", ge=1, le=20)
-    samples: int = opt(4, "Samples the student draws per question it samples.", ge=1, le=64)
+    samples: list[int] = opt([4], "Samples the student draws per question it samples, in "
+                             "rounds 2, 3, ...; the last one repeats (later rounds face the "
+                             "harder questions: e.g. [4, 4, 8]).", ge=1, le=64)
     temperatures: list[float] = opt([0.7], "The student's sampling temperature in rounds 2, 3, "
                                     "...; the last one repeats.")
     covered_share: float = opt(0.0, "Share of the questions that already have enough kept "
@@ -36,6 +38,8 @@ class IterateConfig(Section):
                           "scoring.", ge=1, fingerprint=NEVER)
 
     def _check(self, errors: list[str]) -> None:
+        if not self.samples:
+            errors.append("iterate.samples: give one or more sample counts, e.g. [4]")
         if not self.temperatures or any(not 0 < t <= 5 for t in self.temperatures):
             errors.append("iterate.temperatures: give one or more temperatures in (0, 5], "
                           "e.g. [0.7]")

@@ -7,7 +7,7 @@ Round 1 of the loop is the run itself (generate with its rounds, filter, train, 
   the student rounds before r, each made in its own round's folder (a copy is replaced when
   its source was remade);
 - `student-round-<r>/`: the previous round's distilled student (its `train/` adapter) samples
-  `iterate.samples` `explain:` rationales for every training question still short of
+  `iterate.samples[r - 2]` `explain:` rationales for every training question still short of
   `wanted_per_question` kept traces (and `iterate.covered_share` of the others), an ordinary
   stage whose shards align with the first round's and whose requests are seeded by question
   and sample index (indices continue after every earlier sample of the question). The
@@ -24,7 +24,7 @@ Round 1 of the loop is the run itself (generate with its rounds, filter, train, 
 
 Every piece is a stage with its fingerprint, so a rerun reuses finished rounds, a killed round
 resumes, and a setting of round r (`iterate.temperatures[r - 2]`) leaves the rounds before it
-alone.
+alone, as do `iterate.samples[r - 2]` and `iterate.rounds`.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def plan_round(cfg: Config, run: RunFolder, number: int) -> Round:
             questions[name] = [{"id": q, "question": first_seen[q]["question"],
                                 "gold": first_seen[q]["gold"], "first": taken[q]}
                                for q in chosen]
-    temps = it.temperatures
-    return Round(number, STUDENT_ROUND.format(number), False, it.samples,
+    temps, samples = it.temperatures, it.samples
+    return Round(number, STUDENT_ROUND.format(number), False,
+                 samples[min(number - 2, len(samples) - 1)],
                  temps[min(number - 2, len(temps) - 1)], StudentPrompt.path, questions)
 
 
