@@ -213,6 +213,14 @@ def test_two_rounds_rerun_kill_and_a_changed_round_two(tmp_path, embedded_path, 
     before = {1: _manifests(run), 2: _manifests(here)}
     assert iterate(cfg, run, 2)["rounds"] == done["rounds"]
     assert {1: _manifests(run), 2: _manifests(here)} == before
+    # samples per round: a later round's count leaves round 2 as it was; round 3 would take
+    # the last one
+    from stages.iterate.stage import plan_round
+
+    more = load_config("configs/demo.yaml", tiny(tiny_llama) + ["iterate.samples=[2,5]"])
+    assert iterate(more, run, 2)["rounds"] == done["rounds"]
+    assert {1: _manifests(run), 2: _manifests(here)} == before
+    assert plan_round(more, run, 2).samples == 2 and plan_round(more, run, 3).samples == 5
 
     # round 2's temperature changed, and the sampling killed after its first shard: round 1
     # stays as it was; the rerun finishes round 2 from the shard it stopped at

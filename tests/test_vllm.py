@@ -5,6 +5,7 @@ Each engine runs in its own process: `distill generate` as a user runs it, or th
 """
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 
@@ -101,21 +102,29 @@ def test_vllm_engine_generates_shards_that_filter_and_train_take(tmp_path, embed
     assert (tmp_path / "v" / "train" / "adapter" / "adapter_config.json").is_file()
 
     # eval scores the teacher with the engine that generated, and the students in a vLLM
-    # engine of the student model with the adapter through vLLM's LoRA support; scored again
-    # through transformers (the adapter merged), the answers agree
+    # engine of the student model, the adapter merged into its weights (vllm.students=auto on
+    # a CPU) or through vLLM's LoRA support; scored again through transformers (the adapter
+    # merged), the answers agree
     over = ["eval.n=8", "eval.max_new_tokens=32", "eval.systems=[teacher,base,predict]"]
     outputs = {}
-    for backend in ("vllm", "hf"):
-        distill(tmp_path, "v", f"generate.backend={backend}", *over, stage="eval")
+    for backend, students, weights in (("vllm", "auto", "adapter merged"),
+                                       ("vllm", "lora", "LoRA adapter"), ("hf", "auto", None)):
+        eval_dir = tmp_path / "v" / "eval"
+        if eval_dir.exists():  # vllm.students is not fingerprinted: the same answers
+            shutil.rmtree(eval_dir)
+        distill(tmp_path, "v", f"generate.backend={backend}", f"vllm.students={students}",
+                *over, stage="eval")
         folder = RunFolder(tmp_path / "v").stage("eval")
         facts = folder.manifest()["facts"]
         assert facts["backend:teacher"] == facts["backend:predict"] == backend
         assert facts["backend:base"] == backend
-        outputs[backend] = {s: folder.read_table(f"{s}.parquet").column("output").to_pylist()
+        assert facts.get("weights:predict") == weights and "weights:base" not in facts
+        outputs[weights] = {s: folder.read_table(f"{s}.parquet").column("output").to_pylist()
                             for s in ("base", "predict")}
-    same = sum(a == b for a, b in zip(outputs["vllm"]["predict"], outputs["hf"]["predict"]))
-    assert same >= 6, outputs
-    assert outputs["hf"]["predict"] != outputs["hf"]["base"]  # the adapter does change answers
+    for served in ("adapter merged", "LoRA adapter"):
+        same = sum(a == b for a, b in zip(outputs[served]["predict"], outputs[None]["predict"]))
+        assert same >= 6, (served, outputs)
+    assert outputs[None]["predict"] != outputs[None]["base"]  # the adapter does change answers
 
 
 @pytest.mark.parametrize("endpoint, ids", [("completions", "server"), ("chat", "tokenizer")])

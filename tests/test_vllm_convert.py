@@ -49,3 +49,80 @@ def test_engine_environment_fills_in_what_the_user_did_not_set(monkeypatch):
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env          # the user's binding wins
     gpu = engine_environment(VLLMConfig(), on_cpu=False)
     assert gpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and "VLLM_CPU_KVCACHE_SPACE" not in gpu
+
+
+def test_students_are_served_merged_on_a_cpu_and_through_lora_on_a_gpu(monkeypatch):
+    import torch
+
+    from stages.backends.vllm_engine import merged_students
+
+    for gpu, auto in ((False, True), (True, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert merged_students(VLLMConfig(students="auto")) is auto
+        assert merged_students(VLLMConfig(students="merged")) is True
+        assert merged_students(VLLMConfig(students="lora")) is False
+
+
+def test_the_merged_student_folder_holds_the_adapter_in_its_weights(tmp_path, tiny_llama,
+                                                                    monkeypatch):
+    """What the merged engine loads: the base weights plus the adapter's product, the
+    tokenizer beside them, the temporary folder gone when the engine closes."""
+    import dataclasses
+    import os
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import stages.backends.vllm_engine as engine
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter: B is no longer zero
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    load_tokenizer(tiny_llama).save_pretrained(adapter)
+    expected = lora.merge_and_unload().state_dict()
+
+    seen = {}
+
+    class Engine:  # stands in for vLLM's engine: what it was started on
+        def __init__(self, gcfg, vcfg, top_k, lora_rank=0):
+            seen["model"], seen["lora_rank"] = gcfg.model, lora_rank
+            merged = AutoModelForCausalLM.from_pretrained(gcfg.model, dtype=torch.float32)
+            seen["weights"] = merged.state_dict()
+            seen["tokenizer"] = load_tokenizer(gcfg.model).vocab_size
+            self.startup_s, self._facts, self.student_weights = 1.0, {}, None
+            self.closed = False
+
+        def facts(self):
+            return dict(self._facts)
+
+        def close(self):
+            self.closed = True
+
+    cfg = load_config("configs/demo.yaml", ["eval.dtype=float32"])
+    g = dataclasses.replace(cfg.generate, model=tiny_llama, dtype="float32")
+    from trainer.lora import save_merged
+    from trainer.students import student_for
+
+    served = engine.MergedStudents(g, cfg.vllm, lambda a, out: save_merged(
+        tiny_llama, a, "float32", student_for(tiny_llama), out))
+    monkeypatch.setattr(engine, "VLLMBackend", Engine)
+    served.use_adapter("s", str(adapter))
+    folder = seen["model"]
+    assert seen["lora_rank"] == 0 and folder != tiny_llama
+    assert seen["tokenizer"] == load_tokenizer(tiny_llama).vocab_size
+    for name, value in expected.items():
+        torch.testing.assert_close(seen["weights"][name], value, rtol=1e-5, atol=1e-5)
+    assert served.student_weights == "adapter merged"
+    assert served.facts() == {"teacher": tiny_llama, "adapter": "s"}
+    first = served.engine
+    served.use_adapter("s", str(adapter))  # the same adapter: the same engine
+    assert served.engine is first
+    served.close()
+    assert first.closed and not os.path.exists(folder)

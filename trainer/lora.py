@@ -39,3 +39,16 @@ def load_distilled(base_path: str, adapter_dir: str, dtype: str, student: Studen
     base = student.load(base_path, "float32")  # merge in float32, then cast
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return model.to(torch_dtype(dtype)).eval()
+
+
+def save_merged(base_path: str, adapter_dir: str, dtype: str, student: Student, out: str) -> None:
+    """The base student with the adapter merged in (`load_distilled`) saved to folder `out`
+    with the adapter's tokenizer: a plain model folder an inference engine loads."""
+    import torch
+
+    from pipeline.models import load_tokenizer
+
+    model = load_distilled(base_path, adapter_dir, dtype, student)
+    with torch.no_grad():
+        model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(adapter_dir).save_pretrained(out)

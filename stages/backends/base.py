@@ -166,9 +166,10 @@ class BackendKind:
     eval_teacher: `eval_teacher(cfg, cache)` -> the backend that scores the teacher in eval.
     eval_spec: `eval_spec(cfg)` -> what, besides the model and the prompt, decides the
         teacher's eval answers (so a change redoes the teacher's eval alone).
-    student_engine: `student_engine(cfg, model, lora_rank)` -> an engine that also scores the
-        run's students (base and LoRA adapters, `use_adapter`), or None to score them with
-        transformers.
+    student_engine: `student_engine(cfg, model, lora_rank, merge)` -> an engine that also
+        scores the run's students (base and LoRA adapters, `use_adapter`; `merge(adapter_dir,
+        out_dir)` saves the student with an adapter merged in, for an engine that serves it
+        so), or None to score them with transformers.
     scores (`bool`): its backend has `score` (the teacher's top-k over a student's trace by a
         forward pass, for `distill iterate`); API teachers cannot.
     """

@@ -94,6 +94,7 @@ class VLLMBackend:
             kwargs.update(enable_lora=True, max_loras=1,
                           max_lora_rank=min(r for r in _LORA_RANKS if r >= lora_rank))
         self.lora = None  # the adapter every request carries (None: the bare model)
+        self.student_weights: str | None = None  # eval's facts: how a student is served
         if on_cpu:
             # A prefill split over two engine steps discards a sampled token, which rewinds the
             # request's generator; CPU generators cannot rewind ("CPU Generator does not use
@@ -125,10 +126,11 @@ class VLLMBackend:
         """Generate through the LoRA adapter in folder `path` from now on (None: the bare
         model); the engine must have been built with `lora_rank`."""
         if path is None:
-            self.lora = None
+            self.lora = self.student_weights = None
             return
         from vllm.lora.request import LoRARequest
 
+        self.student_weights = "LoRA adapter"
         ids = self.__dict__.setdefault("_lora_ids", {})
         self.lora = LoRARequest(name or "adapter", ids.setdefault(str(path), len(ids) + 1),
                                 str(path))
@@ -320,31 +322,33 @@ def merged_students(vcfg) -> bool:
     return not torch.cuda.is_available()
 
 
-def _student_engine(cfg, model: str, lora_rank: int):
+def _student_engine(cfg, model: str, lora_rank: int, merge):
     """An engine for the student model that serves the base model and each distilled
     student (`use_adapter`): one engine with vLLM's LoRA support, or, with merged students
-    (`vllm.students`), an engine per student on its merged weights."""
+    (`vllm.students`), an engine per student on its weights with the adapter merged in by
+    `merge(adapter_dir, out_dir)`."""
     import dataclasses
 
     g = dataclasses.replace(cfg.generate, model=model, chat_template=False,
                             dtype=cfg.eval.dtype)
     if merged_students(cfg.vllm):
-        return MergedStudents(g, cfg.vllm)
+        return MergedStudents(g, cfg.vllm, merge)
     return VLLMBackend(g, cfg.vllm, 0, lora_rank=lora_rank)
 
 
 class MergedStudents:
     """The student model in vLLM's engine, each adapter merged into the weights: `use_adapter`
-    merges the adapter into the base model (float32, then the engine's dtype), saves it to a
-    temporary folder and starts an engine on it, in place of the engine before. The same
+    has `merge(adapter_dir, out_dir)` save the student with the adapter merged in (float32,
+    then the engine's dtype) to a temporary folder and starts an engine on it, in place of the
+    engine before. The same
     model as the LoRA engine's up to rounding, at 4.5x its tokens a second on a CPU (README,
     "Served by vLLM"): vLLM's CPU LoRA kernels cost more than the model."""
 
     name = "vllm"
     whole_shards = True
 
-    def __init__(self, gcfg, vcfg):
-        self.gcfg, self.vcfg = gcfg, vcfg
+    def __init__(self, gcfg, vcfg, merge):
+        self.gcfg, self.vcfg, self.merge = gcfg, vcfg, merge
         self.engine: VLLMBackend | None = None
         self.serving: tuple | None = None  # (adapter path or None) of the engine
         self._folder = None  # the merged weights' temporary folder
@@ -359,24 +363,16 @@ class MergedStudents:
         self.close()
         model = self.gcfg.model
         if path is not None:
-            from pipeline.models import load_tokenizer, resolve_model
-            from trainer.lora import load_distilled
-            from trainer.students import student_for
-
-            base = resolve_model(self.gcfg.model)
             t0 = time.time()
-            weights = load_distilled(base, path, self.gcfg.dtype, student_for(base))
             self._folder = tempfile.TemporaryDirectory(prefix="distill-merged-student-")
-            weights.save_pretrained(self._folder.name)
-            load_tokenizer(path).save_pretrained(self._folder.name)
-            del weights
+            self.merge(path, self._folder.name)
             model = self._folder.name
             merge_s = time.time() - t0
         engine = VLLMBackend(dataclasses.replace(self.gcfg, model=model), self.vcfg, 0)
         if path is not None:
             engine.startup_s += merge_s
-            engine._facts.update(teacher=self.gcfg.model, adapter=name,
-                                 student_weights="adapter merged")
+            engine._facts.update(teacher=self.gcfg.model, adapter=name)
+            engine.student_weights = "adapter merged"
         self.engine, self.serving, self.startup_s = engine, (path,), engine.startup_s
 
     def __getattr__(self, attr: str):

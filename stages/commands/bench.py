@@ -23,6 +23,10 @@
 - score: the teacher scoring traces (what `distill iterate` asks of it for a student's
   traces) on vLLM, with every prompt read in full and with the few-shot prefix read from the
   engine's prefix cache: seconds each, and that the two give the same numbers;
+- students: the loop's sampling, a distilled student (the embedded model with an adapter of
+  the training's rank) sampling `explain:` rationales in vLLM, served through vLLM's LoRA
+  support and with the adapter merged into the weights (`vllm.students`): tokens/s of each,
+  and how many samples the two make alike;
 - train: seconds per optimizer step and peak memory of the embedded student with LoRA (same
   traces, batch and sequence length): DSS (predict + explain) without KD, DSS with KD from
   stored top-20 rows, and TRL's GKDTrainer, which runs the teacher at every step (the online
@@ -847,6 +851,90 @@ def bench_score(rows: int, dtype: str) -> list[tuple[str, str]]:
          f"{100 * r['same_ids']:.1f}%")]
 
 
+def students_once(mode: str, rows: int, dtype: str, adapter: str) -> dict:
+    """The loop's sampling (`distill iterate`): the embedded student with a LoRA adapter
+    samples 4 `explain:` rationales for each of `rows` demo questions in vLLM's engine, served
+    as `mode` (`vllm.students`: `lora` or `merged`), after a warm-up."""
+    from pipeline.config import load_config
+    from pipeline.models import resolve_model
+    from pipeline.tasks import load_split
+    from stages.backends.base import SamplingSettings
+    from stages.backends.vllm_engine import _student_engine
+    from trainer.examples import EXPLAIN, task_prompt
+    from trainer.lora import save_merged
+    from trainer.students import student_for
+
+    cfg = load_config("configs/demo.yaml", [f"task.n_train={rows}", f"eval.dtype={dtype}",
+                                            f"vllm.students={mode}"])
+    path = resolve_model(cfg.train.student)
+    t = time.perf_counter()
+    engine = _student_engine(cfg, cfg.train.student, cfg.train.lora_r, lambda a, out: save_merged(
+        path, a, dtype, student_for(path), out))
+    engine.use_adapter("bench", adapter)
+    prompts = [task_prompt(EXPLAIN, q) for q in load_split(cfg.task, "train").column(
+        "question").to_pylist()]
+    # no stop string: the untrained adapter would often stop at once; each sample runs to its
+    # end of sequence or max_new_tokens, as long as a trained student's rationale or longer
+    settings = SamplingSettings(n=4, temperature=0.7, top_p=cfg.generate.top_p,
+                                max_new_tokens=cfg.eval.max_new_tokens, top_k=0, seed=0,
+                                stop=[])
+    engine.generate(prompts[:4], settings)  # warm-up (the LoRA engine loads the adapter here)
+    ready = time.perf_counter() - t
+    t = time.perf_counter()
+    made = engine.generate(prompts, settings)
+    seconds = time.perf_counter() - t
+    engine.close()
+    return {"mode": mode, "ready_s": ready, "seconds": seconds, "traces": 4 * len(prompts),
+            "tokens": int(sum(len(x.token_ids) for row in made for x in row)),
+            "texts": [x.text for row in made for x in row]}
+
+
+def bench_students(rows: int, dtype: str) -> list[tuple[str, str]]:
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        return [("students", "skipped: vllm is not installed")]
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, resolve_model
+    from trainer.lora import lora_targets
+    from trainer.students import student_for
+
+    cfg = load_config("configs/demo.yaml")
+    path = resolve_model(cfg.train.student)
+    student = student_for(path)
+    with tempfile.TemporaryDirectory(prefix="bench-adapter-") as adapter:
+        # an adapter of the training's shape and rank whose B is not zero (a trained one's
+        # values do not change the cost)
+        model = get_peft_model(student.load(path, "float32"), LoraConfig(
+            r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
+            target_modules=lora_targets(cfg.train, student), task_type=student.task_type))
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.002)
+        model.save_pretrained(adapter)
+        load_tokenizer(path).save_pretrained(adapter)
+        del model
+        r = {m: _in_child(["--one-students", m, "--student-rows", str(rows), "--capture-dtype",
+                           dtype, "--student-adapter", adapter], f"vLLM student ({m})")
+             for m in ("lora", "merged")}
+    same = np.mean([a == b for a, b in zip(r["lora"]["texts"], r["merged"]["texts"])])
+    rate = {m: r[m]["tokens"] / r[m]["seconds"] for m in r}
+    return [
+        (f"students: the embedded student with a rank-{cfg.train.lora_r} adapter samples "
+         f"{r['lora']['traces']} explain: rationales in vLLM, {dtype}",
+         "; ".join(f"{m}: {rate[m]:.0f} tokens/s ({r[m]['seconds']:.1f}s, ready in "
+                   f"{r[m]['ready_s']:.1f}s)" for m in ("lora", "merged"))
+         + f"; merged {rate['merged'] / rate['lora']:.2f}x the tokens a second"),
+        ("students: merged and LoRA give the same samples",
+         f"{100 * same:.0f}% of the {len(r['lora']['texts'])} samples identical (the same seeds; "
+         "rounding alone differs)")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="prompts in the generate batch")
@@ -863,7 +951,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=8,
                         help="timed optimizer steps per training variant (after one warm-up)")
     parser.add_argument("--only", choices=["filter", "generate", "backends", "scale", "train",
-                                           "shards", "capture", "score"],
+                                           "shards", "capture", "score", "students"],
                         help="run one part of the benchmark")
     parser.add_argument("--shard-run", default="data/runs/demo",
                         help="the run whose generate shards the shards part measures")
@@ -878,7 +966,16 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=128,
                         help="demo rows (2 traces each) the teacher scores in the score part")
     parser.add_argument("--one-score", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--student-rows", type=int, default=16,
+                        help="demo rows (4 samples each) the student samples in the students "
+                        "part")
+    parser.add_argument("--one-students", help=argparse.SUPPRESS)
+    parser.add_argument("--student-adapter", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_students:
+        print(json.dumps(students_once(args.one_students, args.student_rows, args.capture_dtype,
+                                       args.student_adapter)))
+        return
     if args.one_train:
         print(json.dumps(train_once(args.one_train, args.train_steps)))
         return
@@ -911,6 +1008,8 @@ def main() -> None:
         rows += bench_capture(args.capture_rows, args.capture_dtype)
     if part in (None, "score"):
         rows += bench_score(args.score_rows, args.capture_dtype)
+    if part in (None, "students"):
+        rows += bench_students(args.student_rows, args.capture_dtype)
     if part in (None, "train"):
         rows += bench_train(args.train_steps)
     width = max(len(r[0]) for r in rows)

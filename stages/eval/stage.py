@@ -192,7 +192,9 @@ def eval_shard(settings: EvalSettings, shard: Shard, models: "Models",
     if job.system in ("teacher", "explain"):  # reasoning modes: answers without any step
         counters["no_steps"] = sum(1 for r in records if count_steps(r["output"]) == 0)
     return ShardOutput({"predictions": pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA)},
-                       counters, {f"backend:{job.key}": getattr(backend, "name", "")})
+                       counters, {f"backend:{job.key}": getattr(backend, "name", ""),
+                                  **({f"weights:{job.key}": backend.student_weights}
+                                     if getattr(backend, "student_weights", None) else {})})
 
 
 class Models:
@@ -235,7 +237,8 @@ class Models:
                 "train", {}).get("lora_r", 0) for n in self.run.students()]
             log("eval", f"student {job.model} in the {kind.name} engine, adapters through its "
                 "LoRA support")
-            self.backend = kind.student_engine(self.cfg, job.model, max(ranks + [8]))
+            self.backend = kind.student_engine(self.cfg, job.model, max(ranks + [8]),
+                                               self._merger(job.model))
             self.key = key
         if job.adapter_from is None:
             self.backend.use_adapter(None)
@@ -243,6 +246,18 @@ class Models:
             self.backend.use_adapter(job.adapter_from.name,
                                      str(job.adapter_from.local.copy_of("adapter")))
         return self.backend
+
+    def _merger(self, model: str):
+        """`merge(adapter_dir, out_dir)`: the student `model` with the adapter merged in, saved
+        as a model folder (for an engine that serves students merged)."""
+        from pipeline.models import resolve_model
+        from trainer.lora import save_merged
+
+        def merge(adapter_dir: str, out_dir: str) -> None:
+            save_merged(resolve_model(model), adapter_dir, self.cfg.eval.dtype,
+                        self._student(model), out_dir)
+
+        return merge
 
     def _load(self, job: Job, kind) -> Backend:
         from pipeline.models import load_tokenizer, resolve_model
