@@ -59,6 +59,7 @@ class VLLMBackend:
 
     name = "vllm"
     whole_shards = True  # the engine schedules a whole shard better than our batches would
+    serves_students = "adapters through its LoRA support"
 
     def __init__(self, gcfg, vcfg, top_k: int, lora_rank: int = 0):
         """`lora_rank` > 0: the engine also serves LoRA adapters of up to that rank (a
@@ -341,11 +342,12 @@ class MergedStudents:
     has `merge(adapter_dir, out_dir)` save the student with the adapter merged in (float32,
     then the engine's dtype) to a temporary folder and starts an engine on it, in place of the
     engine before. The same
-    model as the LoRA engine's up to rounding, at 4.5x its tokens a second on a CPU (README,
-    "Served by vLLM"): vLLM's CPU LoRA kernels cost more than the model."""
+    model as the LoRA engine's up to rounding, at about 4x its tokens a second on a CPU (`make
+    bench ONLY=students`): vLLM's CPU LoRA kernels cost more than the model."""
 
     name = "vllm"
     whole_shards = True
+    serves_students = "each adapter merged into its weights (vllm.students)"
 
     def __init__(self, gcfg, vcfg, merge):
         self.gcfg, self.vcfg, self.merge = gcfg, vcfg, merge
@@ -424,7 +426,7 @@ class VLLMConfig(Section):
     students: str = opt("auto", "How the engine serves distilled students (eval, the loop's "
                         "sampling): `lora` (one engine, each adapter through vLLM's LoRA "
                         "support), `merged` (each adapter merged into the weights, an engine "
-                        "per student: 4.5x the tokens a second on a CPU), `auto` (merged on a "
+                        "per student: about 4x the tokens a second on a CPU), `auto` (merged on a "
                         "CPU, LoRA on a GPU). The same model up to rounding.",
                         choices=["auto", "lora", "merged"], fingerprint=NEVER)
     cpu_threads: str = opt("all", "CPU only: the cores the engine binds its threads to "

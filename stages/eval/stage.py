@@ -228,17 +228,17 @@ class Models:
 
     def _engine_student(self, job: Job, kind) -> Backend:
         """Students of a run whose backend can serve them (vLLM) are scored by that engine
-        too: one engine for the student model, serving the base model and each distilled
-        student's LoRA adapter."""
+        too: an engine of the student model, serving the base model and each distilled
+        student (its LoRA adapter, or the adapter merged into the weights)."""
         key = f"{kind.name}:{job.model}"
         if key != self.key:
             self.close()
             ranks = [(self.run.student(n).manifest() or {}).get("settings", {}).get(
                 "train", {}).get("lora_r", 0) for n in self.run.students()]
-            log("eval", f"student {job.model} in the {kind.name} engine, adapters through its "
-                "LoRA support")
             self.backend = kind.student_engine(self.cfg, job.model, max(ranks + [8]),
                                                self._merger(job.model))
+            log("eval", f"student {job.model} in the {kind.name} engine, "
+                f"{getattr(self.backend, 'serves_students', 'adapters through its loader')}")
             self.key = key
         if job.adapter_from is None:
             self.backend.use_adapter(None)
