@@ -341,9 +341,9 @@ class MergedStudents:
     """The student model in vLLM's engine, each adapter merged into the weights: `use_adapter`
     has `merge(adapter_dir, out_dir)` save the student with the adapter merged in (float32,
     then the engine's dtype) to a temporary folder and starts an engine on it, in place of the
-    engine before. The same
-    model as the LoRA engine's up to rounding, at about 4x its tokens a second on a CPU (`make
-    bench ONLY=students`): vLLM's CPU LoRA kernels cost more than the model."""
+    engine before. The same model as the LoRA engine's up to rounding, at about 4x its tokens
+    a second on a CPU (`make bench ONLY=students`): vLLM's CPU LoRA kernels cost more than the
+    model."""
 
     name = "vllm"
     whole_shards = True
@@ -352,12 +352,12 @@ class MergedStudents:
     def __init__(self, gcfg, vcfg, merge):
         self.gcfg, self.vcfg, self.merge = gcfg, vcfg, merge
         self.engine: VLLMBackend | None = None
-        self.serving: tuple | None = None  # (adapter path or None) of the engine
+        self.serving: str | None = None  # the engine's adapter folder (None: the base model)
         self._folder = None  # the merged weights' temporary folder
         self.startup_s = 0.0
 
     def use_adapter(self, name: str | None, path: str | None = None) -> None:
-        if self.engine is not None and self.serving == (path,):
+        if self.engine is not None and self.serving == path:
             return
         import dataclasses
         import tempfile
@@ -375,7 +375,7 @@ class MergedStudents:
             engine.startup_s += merge_s
             engine._facts.update(teacher=self.gcfg.model, adapter=name)
             engine.student_weights = "adapter merged"
-        self.engine, self.serving, self.startup_s = engine, (path,), engine.startup_s
+        self.engine, self.serving, self.startup_s = engine, path, engine.startup_s
 
     def __getattr__(self, attr: str):
         engine = self.__dict__.get("engine")
